@@ -1,0 +1,60 @@
+//! Sync diesel driver. Kept apart from the diesel-async one: both `RunQueryDsl` traits in one
+//! scope make `execute` ambiguous.
+
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, Bytea, Double, Jsonb, Nullable, Text, Timestamptz, Uuid};
+
+use crate::sql::{looks_unmigrated, Columns, INSERT_MESSAGES};
+use crate::{Error, Message, MessageId, Outbox};
+
+pub(crate) fn map_err(e: diesel::result::Error) -> Error {
+    if looks_unmigrated(&e.to_string()) {
+        Error::NotMigrated(Box::new(e))
+    } else {
+        Error::Database(Box::new(e))
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        map_err(e)
+    }
+}
+
+impl Outbox {
+    /// Writes one message in the caller's transaction over sync diesel; returns its id.
+    ///
+    /// Call it inside `conn.transaction(|conn| ...)` together with the business writes.
+    pub fn enqueue<C>(&self, conn: &mut C, msg: &Message) -> Result<MessageId, Error>
+    where
+        C: Connection<Backend = Pg>,
+    {
+        let ids = self.enqueue_batch(conn, std::slice::from_ref(msg))?;
+        Ok(ids[0])
+    }
+
+    /// Writes a batch of messages in ONE statement; returns their ids in order.
+    /// Every message is checked before anything is written.
+    pub fn enqueue_batch<C>(&self, conn: &mut C, msgs: &[Message]) -> Result<Vec<MessageId>, Error>
+    where
+        C: Connection<Backend = Pg>,
+    {
+        let (cols, ids) = Columns::build(&self.config, msgs)?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        diesel::sql_query(INSERT_MESSAGES)
+            .bind::<Array<Uuid>, _>(cols.ids)
+            .bind::<Array<Text>, _>(cols.topics)
+            .bind::<Array<Nullable<Text>>, _>(cols.keys)
+            .bind::<Array<Nullable<Text>>, _>(cols.biz_ids)
+            .bind::<Array<Bytea>, _>(cols.payloads)
+            .bind::<Array<Jsonb>, _>(cols.headers)
+            .bind::<Array<Nullable<Timestamptz>>, _>(cols.deliver_at)
+            .bind::<Array<Double>, _>(cols.delays)
+            .execute(conn)
+            .map_err(map_err)?;
+        Ok(ids)
+    }
+}

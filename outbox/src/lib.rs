@@ -1,0 +1,63 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod envelope;
+mod error;
+mod message;
+mod sql;
+
+#[cfg(feature = "diesel-async")]
+mod diesel_async;
+#[cfg(feature = "diesel")]
+mod diesel_sync;
+#[cfg(feature = "tokio-postgres")]
+mod postgres;
+
+pub use error::Error;
+pub use message::{validate_topic, Message, MessageId, MAX_TOPIC_LEN};
+
+/// Outbox settings. Build with struct update syntax over `Default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxConfig {
+    /// Largest payload accepted, in bytes. Keep it at or below the broker's limit (NATS:
+    /// `max_payload`, 1 MiB by default), or the relay will dead-letter the message.
+    /// Defaults to 1 MiB (1,048,576).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Writes messages into the outbox inside the caller's transaction.
+///
+/// Cheap to clone. Each driver has its own pair of methods, behind its cargo feature:
+/// `enqueue`/`enqueue_batch` (sync diesel), `enqueue_async`/`enqueue_batch_async` (diesel-async),
+/// `enqueue_pg`/`enqueue_batch_pg` (tokio-postgres and deadpool-postgres).
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    config: OutboxConfig,
+}
+
+impl Outbox {
+    /// An outbox with the given settings, checked once here.
+    pub fn new(config: OutboxConfig) -> Result<Self, Error> {
+        if config.max_payload_bytes == 0 {
+            return Err(Error::Config("max_payload_bytes must be greater than 0"));
+        }
+        // PostgreSQL's bytea tops out at 1 GiB; brokers far earlier.
+        if config.max_payload_bytes > 256 * 1024 * 1024 {
+            return Err(Error::Config("max_payload_bytes must be at most 256 MiB"));
+        }
+        Ok(Outbox { config })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &OutboxConfig {
+        &self.config
+    }
+}

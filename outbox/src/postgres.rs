@@ -1,0 +1,72 @@
+//! tokio-postgres driver (also deadpool-postgres, whose objects deref to tokio-postgres types).
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::GenericClient;
+
+use crate::sql::{Columns, INSERT_MESSAGES};
+use crate::{Error, Message, MessageId, Outbox};
+
+fn map_err(e: tokio_postgres::Error) -> Error {
+    match e.code() {
+        Some(c)
+            if *c == SqlState::UNDEFINED_TABLE
+                || *c == SqlState::INVALID_SCHEMA_NAME
+                || *c == SqlState::UNDEFINED_FUNCTION =>
+        {
+            Error::NotMigrated(Box::new(e))
+        }
+        _ => Error::Database(Box::new(e)),
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        map_err(e)
+    }
+}
+
+impl Outbox {
+    /// Writes one message through a tokio-postgres `Transaction` (or `Client`, which then
+    /// commits it on its own); returns its id. With deadpool-postgres pass `&*tx` or `&**client`.
+    pub async fn enqueue_pg<C>(&self, client: &C, msg: &Message) -> Result<MessageId, Error>
+    where
+        C: GenericClient + Sync,
+    {
+        let ids = self
+            .enqueue_batch_pg(client, std::slice::from_ref(msg))
+            .await?;
+        Ok(ids[0])
+    }
+
+    /// Writes a batch of messages in ONE statement and one round trip (typed parameters, no
+    /// separate prepare); returns their ids in order. Every message is checked first.
+    pub async fn enqueue_batch_pg<C>(
+        &self,
+        client: &C,
+        msgs: &[Message],
+    ) -> Result<Vec<MessageId>, Error>
+    where
+        C: GenericClient + Sync,
+    {
+        let (c, ids) = Columns::build(&self.config, msgs)?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        let params: [(&(dyn ToSql + Sync), Type); 8] = [
+            (&c.ids, Type::UUID_ARRAY),
+            (&c.topics, Type::TEXT_ARRAY),
+            (&c.keys, Type::TEXT_ARRAY),
+            (&c.biz_ids, Type::TEXT_ARRAY),
+            (&c.payloads, Type::BYTEA_ARRAY),
+            (&c.headers, Type::JSONB_ARRAY),
+            (&c.deliver_at, Type::TIMESTAMPTZ_ARRAY),
+            (&c.delays, Type::FLOAT8_ARRAY),
+        ];
+        client
+            .query_typed(INSERT_MESSAGES, &params)
+            .await
+            .map_err(map_err)?;
+        Ok(ids)
+    }
+}

@@ -1,0 +1,1 @@
+//! The Tidings relay (in progress).

@@ -1,0 +1,485 @@
+//! The outbox write path, for every driver: committed messages are visible with every field,
+//! rolled-back ones leave nothing, batches are one statement, bad input writes nothing.
+
+use std::time::Duration;
+
+use diesel::Connection as _;
+use diesel_async::AsyncConnection as _;
+use serde_json::json;
+use tidings_outbox::{Error, Message, MessageId, Outbox, OutboxConfig};
+use tidings_tests::TestDb;
+use tokio_postgres::Client;
+
+#[derive(Debug, PartialEq)]
+struct Row {
+    id: uuid::Uuid,
+    topic: String,
+    key: Option<String>,
+    biz_id: Option<String>,
+    payload: Vec<u8>,
+    headers: serde_json::Value,
+    delayed: bool,
+    attempts: i32,
+}
+
+async fn rows(c: &Client) -> Vec<Row> {
+    c.query(
+        "SELECT id, topic, ordering_key, biz_id, payload, headers, deliver_at > now() + interval '1 minute', attempts
+           FROM tidings.outbox ORDER BY seq",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| Row {
+        id: r.get(0),
+        topic: r.get(1),
+        key: r.get(2),
+        biz_id: r.get(3),
+        payload: r.get(4),
+        headers: r.get(5),
+        delayed: r.get(6),
+        attempts: r.get(7),
+    })
+    .collect()
+}
+
+fn sample() -> Message {
+    Message::json(
+        "payment.succeeded",
+        &json!({"payment_id": "pay_1", "cents": 4200}),
+    )
+    .unwrap()
+    .biz_id("pay_1")
+    .key("customer_7")
+    .header(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+}
+
+fn assert_sample(rows: &[Row], id: MessageId) {
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(r.id, id.as_uuid());
+    assert_eq!(r.id.get_version_num(), 7, "ids are UUIDv7");
+    assert_eq!(r.topic, "payment.succeeded");
+    assert_eq!(r.key.as_deref(), Some("customer_7"));
+    assert_eq!(r.biz_id.as_deref(), Some("pay_1"));
+    let payload: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(payload, json!({"payment_id": "pay_1", "cents": 4200}));
+    assert_eq!(
+        r.headers,
+        json!({"content-type": "application/json",
+               "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    );
+    assert!(!r.delayed);
+    assert_eq!(r.attempts, 0);
+}
+
+/// Counts INSERT statements on the outbox with a statement-level trigger, to prove a batch is
+/// one statement rather than one round trip per message.
+async fn count_statements(c: &Client) {
+    c.batch_execute(
+        "CREATE TABLE stmt_count (n int NOT NULL); INSERT INTO stmt_count VALUES (0);
+         CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN UPDATE stmt_count SET n = n + 1; RETURN NULL; END$$;
+         CREATE TRIGGER bump AFTER INSERT ON tidings.outbox FOR EACH STATEMENT EXECUTE FUNCTION bump();",
+    )
+    .await
+    .unwrap();
+}
+
+async fn statements(c: &Client) -> i32 {
+    c.query_one("SELECT n FROM stmt_count", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn batch(n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| {
+            Message::new("orders.created", format!("{i}"))
+                .key(format!("k{}", i % 10))
+                .biz_id(format!("order-{i}"))
+        })
+        .collect()
+}
+
+async fn assert_batch(c: &Client, ids: &[MessageId]) {
+    let rows = rows(c).await;
+    assert_eq!(rows.len(), ids.len());
+    for (i, (row, id)) in rows.iter().zip(ids).enumerate() {
+        assert_eq!(row.id, id.as_uuid(), "row {i} keeps batch order");
+        assert_eq!(row.payload, format!("{i}").into_bytes());
+    }
+    assert_eq!(
+        statements(c).await,
+        1,
+        "a batch of {} is one statement",
+        ids.len()
+    );
+}
+
+// ---------------------------------------------------------------- tokio-postgres
+
+#[tokio::test]
+async fn tokio_postgres_committed_message_is_visible_with_every_field() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let id = Outbox::default().enqueue_pg(&tx, &sample()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_sample(&rows(&c).await, id);
+}
+
+#[tokio::test]
+async fn tokio_postgres_rolled_back_message_leaves_no_row() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute("CREATE TABLE payments (id text)")
+        .await
+        .unwrap();
+    Outbox::default().enqueue_pg(&tx, &sample()).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert!(rows(&c).await.is_empty());
+}
+
+#[tokio::test]
+async fn tokio_postgres_batch_of_1000_is_one_statement() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    count_statements(&c).await;
+    let tx = c.transaction().await.unwrap();
+    let ids = Outbox::default()
+        .enqueue_batch_pg(&tx, &batch(1000))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_batch(&c, &ids).await;
+}
+
+#[tokio::test]
+async fn deadpool_postgres_objects_enqueue_in_their_transaction() {
+    let db = TestDb::migrated().await;
+    let mut cfg = deadpool_postgres::Config::new();
+    cfg.url = Some(db.url.clone());
+    let pool = cfg
+        .create_pool(
+            Some(deadpool_postgres::Runtime::Tokio1),
+            tokio_postgres::NoTls,
+        )
+        .unwrap();
+    let mut obj = pool.get().await.unwrap();
+    let tx = obj.transaction().await.unwrap();
+    let id = Outbox::default().enqueue_pg(&*tx, &sample()).await.unwrap();
+    tx.commit().await.unwrap();
+    // A pooled client outside a transaction: the statement commits on its own.
+    Outbox::default()
+        .enqueue_pg(&**obj, &Message::new("x", "y"))
+        .await
+        .unwrap();
+    let r = rows(&db.client().await).await;
+    assert_eq!(r.len(), 2);
+    assert_sample(&r[..1], id);
+}
+
+// ---------------------------------------------------------------- diesel sync
+
+fn diesel_conn(db: &TestDb) -> diesel::PgConnection {
+    diesel::PgConnection::establish(&db.url).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diesel_committed_message_is_visible_with_every_field() {
+    let db = TestDb::migrated().await;
+    let url_db = db.url.clone();
+    let id = tokio::task::spawn_blocking(move || {
+        let mut conn = diesel::PgConnection::establish(&url_db).unwrap();
+        conn.transaction::<_, Error, _>(|conn| Outbox::default().enqueue(conn, &sample()))
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_sample(&rows(&db.client().await).await, id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diesel_rolled_back_message_leaves_no_row() {
+    let db = TestDb::migrated().await;
+    let mut conn = diesel_conn(&db);
+    let res = conn.transaction::<(), Error, _>(|conn| {
+        Outbox::default().enqueue(conn, &sample())?;
+        Err(Error::Config("business rule failed"))
+    });
+    assert!(res.is_err());
+    assert!(rows(&db.client().await).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diesel_batch_of_1000_is_one_statement() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    count_statements(&c).await;
+    let mut conn = diesel_conn(&db);
+    let ids = conn
+        .transaction::<_, Error, _>(|conn| Outbox::default().enqueue_batch(conn, &batch(1000)))
+        .unwrap();
+    assert_batch(&c, &ids).await;
+}
+
+// ---------------------------------------------------------------- diesel-async
+
+#[tokio::test]
+async fn diesel_async_committed_message_is_visible_with_every_field() {
+    let db = TestDb::migrated().await;
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    let id = conn
+        .transaction::<_, Error, _>(async |conn| {
+            Outbox::default().enqueue_async(conn, &sample()).await
+        })
+        .await
+        .unwrap();
+    assert_sample(&rows(&db.client().await).await, id);
+}
+
+#[tokio::test]
+async fn diesel_async_rolled_back_message_leaves_no_row() {
+    let db = TestDb::migrated().await;
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    let res = conn
+        .transaction::<(), Error, _>(async |conn| {
+            Outbox::default().enqueue_async(conn, &sample()).await?;
+            Err(Error::Config("business rule failed"))
+        })
+        .await;
+    assert!(res.is_err());
+    assert!(rows(&db.client().await).await.is_empty());
+}
+
+#[tokio::test]
+async fn diesel_async_pooled_batch_of_1000_is_one_statement() {
+    use diesel_async::pooled_connection::deadpool::Pool;
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    count_statements(&c).await;
+    let pool = Pool::builder(AsyncDieselConnectionManager::<
+        diesel_async::AsyncPgConnection,
+    >::new(&db.url))
+    .build()
+    .unwrap();
+    let mut obj = pool.get().await.unwrap();
+    let ids = obj
+        .transaction::<_, Error, _>(async |conn| {
+            Outbox::default()
+                .enqueue_batch_async(conn, &batch(1000))
+                .await
+        })
+        .await
+        .unwrap();
+    assert_batch(&c, &ids).await;
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_written() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let outbox = Outbox::new(OutboxConfig {
+        max_payload_bytes: 16,
+    })
+    .unwrap();
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::new("", "x"), "invalid topic \"\": it is empty"),
+        (
+            Message::new("orders..created", "x"),
+            "invalid topic \"orders..created\": it has an empty segment",
+        ),
+        (
+            Message::new("orders created", "x"),
+            "invalid topic \"orders created\": only",
+        ),
+        (
+            Message::new("t", vec![0u8; 17]),
+            "payload is 17 bytes, over the maximum of 16",
+        ),
+        (
+            Message::new("t", "x").headers_json(&json!({"retries": 3})),
+            "header \"retries\" is not a string",
+        ),
+        (
+            Message::new("t", "x").biz_id(""),
+            "invalid biz-id: it is empty",
+        ),
+        (
+            Message::new("t", "x").header("Tidings-Biz-Id", "spoof"),
+            "invalid header \"Tidings-Biz-Id\"",
+        ),
+    ];
+    for (msg, want) in cases {
+        let err = outbox.enqueue_pg(&c, &msg).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with(want),
+            "{err} should start with {want}"
+        );
+    }
+    let mut msgs = batch(3);
+    msgs.push(Message::new("bad topic", "x"));
+    let err = outbox.enqueue_batch_pg(&c, &msgs).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("message 3 of the batch: invalid topic"),
+        "{err}"
+    );
+    assert!(rows(&c).await.is_empty(), "nothing was written");
+    assert!(Outbox::new(OutboxConfig {
+        max_payload_bytes: 0
+    })
+    .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unmigrated_database_error_names_the_migrate_command_for_every_driver() {
+    let db = TestDb::empty().await;
+    let want = "run `tidings migrate up`";
+    let outbox = Outbox::default();
+
+    let c = db.client().await;
+    let err = outbox.enqueue_pg(&c, &sample()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotMigrated(_)) && err.to_string().contains(want),
+        "{err}"
+    );
+
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    let err = outbox
+        .enqueue_async(&mut conn, &sample())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotMigrated(_)) && err.to_string().contains(want),
+        "{err}"
+    );
+
+    let url = db.url.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        Outbox::default().enqueue(&mut conn, &sample()).unwrap_err()
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(err, Error::NotMigrated(_)) && err.to_string().contains(want),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn delayed_and_scheduled_messages_carry_their_delivery_time() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    Outbox::default()
+        .enqueue_batch_pg(
+            &c,
+            &[
+                Message::new("a", "1").delay(Duration::from_secs(3600)),
+                Message::new("a", "2").deliver_at(later),
+                Message::new("a", "3"),
+            ],
+        )
+        .await
+        .unwrap();
+    let delayed: Vec<bool> = rows(&c).await.iter().map(|r| r.delayed).collect();
+    assert_eq!(delayed, [true, true, false]);
+}
+
+// ---------------------------------------------------------------- SQL function
+
+#[tokio::test]
+async fn sql_enqueue_function_writes_a_v7_message_in_the_callers_transaction() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let id: uuid::Uuid = tx
+        .query_one(
+            "SELECT tidings.enqueue('payment.succeeded', '{\"payment_id\":\"pay_1\",\"cents\":4200}',
+                     biz_id => 'pay_1', key => 'customer_7',
+                     headers => '{\"traceparent\":\"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\"}')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let id2: uuid::Uuid = tx
+        .query_one("SELECT tidings.enqueue('a', '1')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    assert_eq!(id.get_version_num(), 7);
+    assert!(id2 > id, "UUIDv7 from SQL are time-ordered");
+    let r = rows(&c).await;
+    assert_sample(&r[..1], MessageId::from_uuid(id));
+
+    let tx = c.transaction().await.unwrap();
+    tx.query_one("SELECT tidings.enqueue('b', '1')", &[])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        rows(&c).await.len(),
+        2,
+        "rolled back SQL enqueue leaves nothing"
+    );
+}
+
+#[tokio::test]
+async fn sql_enqueue_function_refuses_bad_input_by_name() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    for (sql, want) in [
+        (
+            "SELECT tidings.enqueue('a..b', '1')",
+            "invalid topic 'a..b'",
+        ),
+        (
+            "SELECT tidings.enqueue('a', '1', headers => '{\"n\": 1}')",
+            "header 'n' is not a string",
+        ),
+        (
+            "SELECT tidings.enqueue('a', '1', biz_id => '')",
+            "biz_id must not be empty",
+        ),
+        (
+            "SET tidings.max_payload_bytes = 4; SELECT tidings.enqueue('a', '\"hello\"')",
+            "payload is 7 bytes, over the maximum of 4",
+        ),
+    ] {
+        let err = c.batch_execute(sql).await.unwrap_err();
+        let msg = err.as_db_error().unwrap().message();
+        assert!(msg.contains(want), "{msg} should contain {want}");
+    }
+    assert!(rows(&c).await.is_empty());
+    // Direct INSERTs are held to the topic rule by a CHECK constraint too.
+    let err = c
+        .batch_execute(
+            "INSERT INTO tidings.outbox (id, topic, payload) VALUES (gen_random_uuid(), 'a b', '')",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error().unwrap().message().contains("topic_check"),
+        "{err:?}"
+    );
+}

@@ -1,0 +1,201 @@
+//! Test support: every test gets its own PostgreSQL database, cloned from a migrated template,
+//! so tests run in parallel and LISTEN channels never collide.
+//!
+//! The server is the local one (`postgres://postgres@127.0.0.1:5432`, trust auth); set
+//! `TIDINGS_TEST_PG` to point elsewhere on 127.0.0.1.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::{Client, NoTls};
+
+/// Server URL without a database name.
+pub fn server_url() -> String {
+    std::env::var("TIDINGS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Opens a tokio-postgres connection and drives it on the current runtime.
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+fn admin_url() -> String {
+    format!("{}/postgres", server_url())
+}
+
+/// Key of the session advisory lock that serialises template creation across test processes.
+const TEMPLATE_LOCK: i64 = 0x7469_6474_6573_7473;
+/// Test databases older than this are left-overs of crashed runs and are dropped.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Name of the template for the migrations embedded in this build.
+fn template_name() -> String {
+    let mut h = Sha256::new();
+    for m in tidings_migrations::migrations() {
+        h.update(m.version);
+        h.update(m.up);
+        h.update(m.down);
+    }
+    let hex: String = h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("tidings_tmpl_{hex}")
+}
+
+static SWEPT: OnceLock<()> = OnceLock::new();
+
+/// Creates the migrated template if missing (under a lock, once per server), and on the first
+/// call in this process drops stale test databases.
+async fn ensure_template(admin: &Client) -> String {
+    let tmpl = template_name();
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .unwrap();
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&tmpl])
+        .await
+        .unwrap()
+        .is_some();
+    if SWEPT.set(()).is_ok() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let rows = admin
+            .query(
+                "SELECT datname FROM pg_database WHERE datname LIKE 't\\_%\\_%' OR (datname LIKE 'tidings\\_tmpl\\_%' AND datname <> $1)",
+                &[&tmpl],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            let name: String = row.get(0);
+            let stale = match name.strip_prefix("t_").and_then(|r| r.split('_').next()) {
+                Some(ts) => ts
+                    .parse::<u64>()
+                    .map(|ts| now.saturating_sub(ts) > STALE_AFTER.as_secs())
+                    .unwrap_or(false),
+                None => true, // a template for other migrations, or a half-built one
+            };
+            if stale {
+                // Names come from pg_database and match the patterns above; quoted as identifiers.
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+    if !exists {
+        let building = format!("{tmpl}_building");
+        // Separate statements: a multi-statement string runs as one transaction block, which
+        // CREATE/DROP DATABASE refuse.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            admin.batch_execute(&sql).await.unwrap();
+        }
+        {
+            let url = format!("{}/{building}", server_url());
+            let (mut c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            let driver = tokio::spawn(conn);
+            tidings_migrations::postgres::up(&mut c).await.unwrap();
+            // The session must be gone before the rename and before any clone: dropping the
+            // client makes the driver send Terminate and finish.
+            drop(c);
+            let _ = driver.await;
+        }
+        for sql in [
+            format!("ALTER DATABASE {building} RENAME TO {tmpl}"),
+            format!("ALTER DATABASE {tmpl} IS_TEMPLATE true"),
+        ] {
+            admin.batch_execute(&sql).await.unwrap();
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .unwrap();
+    tmpl
+}
+
+/// A database of one test's own, dropped (with FORCE) when the value is dropped.
+pub struct TestDb {
+    /// Database name, `t_<unix seconds>_<random>`.
+    pub name: String,
+    /// Connection URL.
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh database with every Tidings migration applied.
+    pub async fn migrated() -> TestDb {
+        let admin = connect(&admin_url()).await;
+        let tmpl = ensure_template(&admin).await;
+        Self::create(&admin, Some(&tmpl)).await
+    }
+
+    /// A fresh empty database (no Tidings schema).
+    pub async fn empty() -> TestDb {
+        let admin = connect(&admin_url()).await;
+        Self::create(&admin, None).await
+    }
+
+    async fn create(admin: &Client, template: Option<&str>) -> TestDb {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let name = format!(
+            "t_{now}_{}",
+            &uuid::Uuid::now_v7().simple().to_string()[22..]
+        );
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
+        // Cloning fails while another session is connected to the template; only the brief
+        // build above ever connects, so a retry loop is not needed.
+        admin.batch_execute(&sql).await.unwrap();
+        TestDb {
+            url: format!("{}/{name}", server_url()),
+            name,
+        }
+    }
+
+    /// A new tokio-postgres connection to this database.
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside a runtime; a plain thread with its own runtime avoids blocking it.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((c, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
