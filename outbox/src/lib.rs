@@ -1,5 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
+// Without a driver feature only the types are compiled; the write path is unused.
+#![cfg_attr(
+    not(any(
+        feature = "diesel",
+        feature = "diesel-async",
+        feature = "tokio-postgres"
+    )),
+    allow(dead_code)
+)]
 
 pub mod envelope;
 mod error;

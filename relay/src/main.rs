@@ -1,1 +1,496 @@
-fn main() {}
+//! `tidings`: the relay daemon and the admin tool. Parses flags and environment, installs the
+//! tracing subscriber, builds pools, calls the library, and maps errors to exit codes:
+//! 0 ok, 1 failure at run time, 2 bad configuration or usage.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tidings_relay::{redact_url, sink, ErrorChain, Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Transactional outbox relay and tooling for PostgreSQL"
+)]
+struct Cli {
+    /// PostgreSQL URL (postgres://user:password@host:port/db?sslmode=...). Passwords are never logged.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    /// Log format.
+    #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply, revert or inspect the Tidings schema (schema `tidings`, ledger `tidings.schema_migrations`).
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Run the relay: deliver committed outbox rows to a broker until SIGTERM/SIGINT.
+    Relay(Box<RelayArgs>),
+    /// Show backlog, oldest waiting message, dead letters and relay heartbeats.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, replay or purge dead-lettered messages.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration (safe to run from several processes at once).
+    Up,
+    /// Revert the newest migration (or more with --steps, or all with --all).
+    Down {
+        /// How many migrations to revert.
+        #[arg(long, default_value_t = 1, conflicts_with = "all")]
+        steps: usize,
+        /// Revert every migration.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show each migration and whether it is applied.
+    Status,
+    /// Print the full SQL (every migration plus ledger rows) to vendor into another tool.
+    Sql,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List the newest dead letters.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Move dead letters back into the outbox (same message id, attempts reset).
+    Replay {
+        /// Message ids to replay.
+        ids: Vec<uuid::Uuid>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Message ids to delete.
+        ids: Vec<uuid::Uuid>,
+        /// Delete every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SinkKind {
+    /// JSON lines on standard output.
+    Stdout,
+    /// NATS JetStream.
+    Nats,
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// Where to deliver messages.
+    #[arg(long, env = "TIDINGS_SINK", value_enum, default_value_t = SinkKind::Stdout)]
+    sink: SinkKind,
+    /// Instance name shown in `tidings status` [default: <host>-<pid>].
+    #[arg(long, env = "TIDINGS_RELAY_NAME")]
+    name: Option<String>,
+    /// Rows claimed and published per batch.
+    #[arg(long, env = "TIDINGS_BATCH_SIZE", default_value_t = 500)]
+    batch_size: usize,
+    /// Polling interval when no notification arrives (e.g. 500ms, 2s).
+    #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "500ms")]
+    poll_interval: Duration,
+    /// Do not LISTEN for producers' notifications; find work by polling only (PgBouncer in
+    /// transaction mode).
+    #[arg(long, env = "TIDINGS_NO_LISTEN")]
+    no_listen: bool,
+    /// Longest a relay may hold claimed rows while silent; bounds failover of a hung relay.
+    #[arg(long, env = "TIDINGS_CLAIM_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    claim_timeout: Duration,
+    /// Longest wait for one broker acknowledgement (below --claim-timeout).
+    #[arg(long, env = "TIDINGS_PUBLISH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    publish_timeout: Duration,
+    /// Attempts before a message is dead-lettered.
+    #[arg(long, env = "TIDINGS_MAX_ATTEMPTS", default_value_t = 10)]
+    max_attempts: i32,
+    /// First retry backoff; doubles per attempt, with jitter.
+    #[arg(long, env = "TIDINGS_BACKOFF_BASE", value_parser = parse_duration, default_value = "1s")]
+    backoff_base: Duration,
+    /// Longest retry backoff.
+    #[arg(long, env = "TIDINGS_BACKOFF_MAX", value_parser = parse_duration, default_value = "5m")]
+    backoff_max: Duration,
+    /// Database connections in the relay's pool (the LISTEN connection is extra).
+    #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
+    pool_size: usize,
+    /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    shutdown_timeout: Duration,
+    /// NATS server URL(s), comma-separated; credentials in the URL are never logged.
+    #[arg(
+        long,
+        env = "TIDINGS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
+    nats_url: String,
+    /// Subject prefix: topic `t` is published on `<prefix>.t`.
+    #[arg(long, env = "TIDINGS_NATS_SUBJECT_PREFIX", default_value = "tidings")]
+    nats_subject_prefix: String,
+    /// Stream to create when none captures `<prefix>.>` (with --nats-create-stream).
+    #[arg(long, env = "TIDINGS_NATS_STREAM", default_value = "TIDINGS")]
+    nats_stream: String,
+    /// Create the stream if missing (true), or require an existing one and fail clearly (false).
+    #[arg(long, env = "TIDINGS_NATS_CREATE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    nats_create_stream: bool,
+    /// Duplicate window of a created stream: re-sends within it are dropped by message id.
+    #[arg(long, env = "TIDINGS_NATS_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
+    nats_duplicate_window: Duration,
+    /// Require TLS to NATS.
+    #[arg(long, env = "TIDINGS_NATS_TLS")]
+    nats_tls: bool,
+    /// Extra CA certificate (PEM) for NATS TLS.
+    #[arg(long, env = "TIDINGS_NATS_TLS_CA")]
+    nats_tls_ca: Option<std::path::PathBuf>,
+    /// NATS credentials file (JWT + nkey).
+    #[arg(long, env = "TIDINGS_NATS_CREDS")]
+    nats_creds: Option<std::path::PathBuf>,
+}
+
+/// Parses `250ms`, `15s`, `5m`, `1h` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. 500ms, 15s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+impl<E: std::error::Error + 'static> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            message: ErrorChain(&e).to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDINGS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Checks and parses DATABASE_URL; the message never shows the password.
+fn pg_config(url: Option<&str>) -> Result<tokio_postgres::Config, Failure> {
+    let url = url.ok_or_else(|| usage("no database: set DATABASE_URL or pass --database-url"))?;
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|e| usage(format!("invalid database URL {}: {e}", redact_url(url))))
+}
+
+async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, Failure> {
+    let (client, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot connect to the database: {}", ErrorChain(&e)),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let pg = pg_config(cli.database_url.as_deref());
+    match cli.command {
+        Command::Migrate {
+            action: MigrateAction::Sql,
+        } => {
+            print!("{}", tidings_migrations::script());
+            Ok(())
+        }
+        Command::Migrate { action } => migrate(&pg?, action).await,
+        Command::Status { json } => status(&pg?, json).await,
+        Command::Dlq { action } => dlq(&pg?, action).await,
+        Command::Relay(args) => relay(pg?, *args).await,
+    }
+}
+
+async fn migrate(pg: &tokio_postgres::Config, action: MigrateAction) -> Result<(), Failure> {
+    let mut client = connect(pg).await?;
+    use tidings_migrations::postgres as m;
+    match action {
+        MigrateAction::Up => {
+            let done = m::up(&mut client).await?;
+            for mig in &done {
+                println!("applied {} {}", mig.version, mig.name);
+            }
+            if done.is_empty() {
+                println!("schema is current; nothing to apply");
+            }
+        }
+        MigrateAction::Down { steps, all } => {
+            let done = m::down(&mut client, if all { usize::MAX } else { steps }).await?;
+            for mig in &done {
+                println!("reverted {} {}", mig.version, mig.name);
+            }
+            if done.is_empty() {
+                println!("nothing to revert");
+            }
+        }
+        MigrateAction::Status => {
+            let s = m::status(&client).await?;
+            for (mig, state) in &s.migrations {
+                let state = match state {
+                    tidings_migrations::MigrationState::Pending => "pending".to_owned(),
+                    tidings_migrations::MigrationState::Applied(t) => format!("applied {t}"),
+                    tidings_migrations::MigrationState::Modified(t) => {
+                        format!("applied {t}, but CHANGED since (checksum mismatch)")
+                    }
+                };
+                println!("{} {:<24} {state}", mig.version, mig.name);
+            }
+            for v in &s.unknown {
+                println!("{v} (unknown to this build: applied by a newer tidings)");
+            }
+        }
+        MigrateAction::Sql => unreachable!("handled without a database"),
+    }
+    Ok(())
+}
+
+async fn status(pg: &tokio_postgres::Config, json: bool) -> Result<(), Failure> {
+    let client = connect(pg).await?;
+    tidings_migrations::postgres::ensure_current(&client).await?;
+    let s = tidings_relay::status(&client).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        return Ok(());
+    }
+    println!("backlog:          {}", s.backlog);
+    println!("ready now:        {}", s.ready);
+    println!("retrying:         {}", s.retrying);
+    match s.oldest_ready_age_secs {
+        Some(a) => println!("oldest ready age: {a:.1}s"),
+        None => println!("oldest ready age: -"),
+    }
+    println!("dead letters:     {}", s.dead_letters);
+    println!("relays:           {}", s.relays.len());
+    for r in &s.relays {
+        println!(
+            "  {} ({}@{} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}",
+            r.name, r.name, r.host, r.pid, r.sink, r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered
+        );
+    }
+    Ok(())
+}
+
+async fn dlq(pg: &tokio_postgres::Config, action: DlqAction) -> Result<(), Failure> {
+    let client = connect(pg).await?;
+    tidings_migrations::postgres::ensure_current(&client).await?;
+    let pick = |ids: &[uuid::Uuid], all: bool| -> Result<Option<Vec<uuid::Uuid>>, Failure> {
+        match (all, ids.is_empty()) {
+            (true, _) => Ok(None),
+            (false, false) => Ok(Some(ids.to_vec())),
+            (false, true) => Err(usage("name message ids, or pass --all")),
+        }
+    };
+    match action {
+        DlqAction::List { limit } => {
+            for d in tidings_relay::dlq_list(&client, limit).await? {
+                println!(
+                    "{} {} key={} biz_id={} attempts={} {} at {}: {}",
+                    d.id,
+                    d.topic,
+                    d.key.as_deref().unwrap_or("-"),
+                    d.biz_id.as_deref().unwrap_or("-"),
+                    d.attempts,
+                    d.reason,
+                    d.dead_at,
+                    d.last_error
+                );
+            }
+        }
+        DlqAction::Replay { ids, all } => {
+            let ids = pick(&ids, all)?;
+            let n = tidings_relay::dlq_replay(&client, ids.as_deref()).await?;
+            println!("replayed {n} messages");
+        }
+        DlqAction::Purge { ids, all } => {
+            let ids = pick(&ids, all)?;
+            let n = tidings_relay::dlq_purge(&client, ids.as_deref()).await?;
+            println!("purged {n} messages");
+        }
+    }
+    Ok(())
+}
+
+async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failure> {
+    let mut config = RelayConfig {
+        batch_size: args.batch_size,
+        poll_interval: args.poll_interval,
+        listen: !args.no_listen,
+        claim_timeout: args.claim_timeout,
+        publish_timeout: args.publish_timeout,
+        max_attempts: args.max_attempts,
+        backoff_base: args.backoff_base,
+        backoff_max: args.backoff_max,
+        ..Default::default()
+    };
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    if args.pool_size == 0 {
+        return Err(usage("--pool-size must be at least 1"));
+    }
+    let manager = deadpool_postgres::Manager::from_config(
+        pg.clone(),
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(args.pool_size)
+        .build()
+        .map_err(|e| usage(format!("cannot build the database pool: {e}")))?;
+
+    let sink: Arc<dyn tidings_relay::Sink> = match args.sink {
+        SinkKind::Stdout => Arc::new(sink::StdoutSink::default()),
+        SinkKind::Nats => {
+            let cfg = sink::NatsSinkConfig {
+                url: args.nats_url,
+                subject_prefix: args.nats_subject_prefix,
+                stream: if args.nats_create_stream {
+                    sink::StreamSetup::Create {
+                        name: args.nats_stream,
+                        duplicate_window: args.nats_duplicate_window,
+                    }
+                } else {
+                    sink::StreamSetup::Existing
+                },
+                ack_timeout: args.publish_timeout,
+                tls_required: args.nats_tls,
+                tls_ca_file: args.nats_tls_ca,
+                credentials_file: args.nats_creds,
+                ..Default::default()
+            };
+            Arc::new(sink::NatsSink::connect(cfg).await.map_err(|e| match e {
+                tidings_relay::Error::Config(m) => usage(m),
+                other => Failure::from(other),
+            })?)
+        }
+    };
+    let relay = Relay::new(pool, sink, config)
+        .map_err(|e| usage(e.to_string()))?
+        .with_listener(pg, tokio_postgres::NoTls);
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing the batch in flight");
+        signals.cancel();
+    });
+    let run = relay.run(shutdown.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => r.map_err(Failure::from),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(args.shutdown_timeout).await } => {
+            // Rows of an unfinished batch are released when the process exits and its
+            // connections close; they are delivered again later (the broker drops duplicates).
+            Err(Failure { code: 1, message: format!("in-flight work did not finish within {:?}", args.shutdown_timeout) })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

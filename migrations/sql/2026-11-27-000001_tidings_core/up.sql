@@ -59,12 +59,11 @@ CREATE TABLE tidings.outbox (
     autovacuum_vacuum_cost_delay = 0
 );
 
--- Matches the relay's claim query exactly (relay/src/sql/claim_batch.sql):
---   WHERE deliver_at <= now() ORDER BY deliver_at, seq LIMIT $n FOR UPDATE SKIP LOCKED
--- a range scan that stops after $n live rows and never visits messages scheduled for later.
-CREATE INDEX outbox_claim_idx ON tidings.outbox (deliver_at, seq);
+-- The relay's claim (relay/src/sql/claim_batch.sql) walks the primary key in seq order:
+--   WHERE deliver_at <= now() ... ORDER BY seq LIMIT $n FOR UPDATE SKIP LOCKED
+-- so no extra index serves it; every index here costs every producer an insert.
 
--- Matches the per-key order check of the claim query:
+-- Matches the two per-key order checks of the claim query:
 --   EXISTS (SELECT 1 FROM tidings.outbox e WHERE e.ordering_key = c.ordering_key AND e.seq < c.seq ...)
 -- Partial: messages without a key (the common case) pay nothing for it.
 CREATE INDEX outbox_key_idx ON tidings.outbox (ordering_key, seq) WHERE ordering_key IS NOT NULL;

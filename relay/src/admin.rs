@@ -1,0 +1,146 @@
+//! Read and repair: the queries behind `tidings status` and `tidings dlq`.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::Error;
+
+const STATUS: &str = include_str!("sql/status.sql");
+const RELAYS: &str = "SELECT name, host, pid, sink, started_at, \
+     extract(epoch FROM now() - heartbeat_at)::float8, delivered, failed, dead_lettered \
+     FROM tidings.relays ORDER BY name";
+const DLQ_LIST: &str = "SELECT id, topic, ordering_key, biz_id, attempts, last_error, reason, \
+     created_at, dead_at FROM tidings.dead_letters ORDER BY dead_at DESC LIMIT $1";
+const DLQ_REPLAY: &str = include_str!("sql/dlq_replay.sql");
+/// dlq_purge: $1 uuid[] ids, $2 bool all.
+const DLQ_PURGE: &str = "DELETE FROM tidings.dead_letters WHERE $2 OR id = ANY($1::uuid[])";
+
+/// Every admin statement, for the test that prepares them all.
+pub const ADMIN_STATEMENTS: &[&str] = &[STATUS, RELAYS, DLQ_LIST, DLQ_REPLAY, DLQ_PURGE];
+
+/// Health of the outbox and its relays.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Messages not yet delivered.
+    pub backlog: i64,
+    /// Of those, due now.
+    pub ready: i64,
+    /// Of those, with at least one failed attempt.
+    pub retrying: i64,
+    /// Seconds the oldest due message has waited; alert when it grows.
+    pub oldest_ready_age_secs: Option<f64>,
+    /// Messages in the dead-letter store.
+    pub dead_letters: i64,
+    /// Relay instances and their heartbeats.
+    pub relays: Vec<RelayInfo>,
+}
+
+/// One relay instance's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayInfo {
+    /// Instance name.
+    pub name: String,
+    /// Host it runs on.
+    pub host: String,
+    /// Process id.
+    pub pid: i32,
+    /// Sink name.
+    pub sink: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Seconds since its last heartbeat; a large value means it is dead or stuck.
+    pub heartbeat_age_secs: f64,
+    /// Messages it delivered.
+    pub delivered: i64,
+    /// Failed attempts it recorded.
+    pub failed: i64,
+    /// Messages it dead-lettered.
+    pub dead_lettered: i64,
+}
+
+/// A dead-lettered message (without its payload).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Message id.
+    pub id: Uuid,
+    /// Topic.
+    pub topic: String,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Business id.
+    pub biz_id: Option<String>,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: String,
+    /// `max_attempts` or `permanent`.
+    pub reason: String,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When it was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+}
+
+/// Reads the liveness signals.
+pub async fn status(client: &impl GenericClient) -> Result<Status, Error> {
+    let row = client.query_one(STATUS, &[]).await?;
+    let relays = client
+        .query(RELAYS, &[])
+        .await?
+        .iter()
+        .map(|r| RelayInfo {
+            name: r.get(0),
+            host: r.get(1),
+            pid: r.get(2),
+            sink: r.get(3),
+            started_at: r.get(4),
+            heartbeat_age_secs: r.get(5),
+            delivered: r.get(6),
+            failed: r.get(7),
+            dead_lettered: r.get(8),
+        })
+        .collect();
+    Ok(Status {
+        backlog: row.get("backlog"),
+        ready: row.get("ready"),
+        retrying: row.get("retrying"),
+        oldest_ready_age_secs: row.get("oldest_ready_age"),
+        dead_letters: row.get("dead_letters"),
+        relays,
+    })
+}
+
+/// The newest `limit` dead letters.
+pub async fn dlq_list(client: &impl GenericClient, limit: i64) -> Result<Vec<DeadLetter>, Error> {
+    Ok(client
+        .query(DLQ_LIST, &[&limit])
+        .await?
+        .iter()
+        .map(|r| DeadLetter {
+            id: r.get(0),
+            topic: r.get(1),
+            key: r.get(2),
+            biz_id: r.get(3),
+            attempts: r.get(4),
+            last_error: r.get(5),
+            reason: r.get(6),
+            created_at: r.get(7),
+            dead_at: r.get(8),
+        })
+        .collect())
+}
+
+/// Moves dead letters back into the outbox (same id, attempts reset); `None` means all.
+/// Returns how many were moved.
+pub async fn dlq_replay(client: &impl GenericClient, ids: Option<&[Uuid]>) -> Result<u64, Error> {
+    let (ids, all) = (ids.unwrap_or(&[]), ids.is_none());
+    Ok(client.execute(DLQ_REPLAY, &[&ids, &all]).await?)
+}
+
+/// Deletes dead letters for good; `None` means all. Returns how many were deleted.
+pub async fn dlq_purge(client: &impl GenericClient, ids: Option<&[Uuid]>) -> Result<u64, Error> {
+    let (ids, all) = (ids.unwrap_or(&[]), ids.is_none());
+    Ok(client.execute(DLQ_PURGE, &[&ids, &all]).await?)
+}

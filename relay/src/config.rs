@@ -1,0 +1,142 @@
+use std::time::Duration;
+
+use crate::Error;
+
+/// Relay settings. Build with struct update syntax over `Default`; checked by `Relay::new`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Instance name shown in `tidings status`. Defaults to `<host>-<pid>`.
+    pub name: String,
+    /// Rows claimed and published per batch. Defaults to 500.
+    pub batch_size: usize,
+    /// How often to look for work when no notification arrives (the fallback that keeps the relay
+    /// correct when LISTEN/NOTIFY is unavailable, e.g. behind PgBouncer in transaction mode); also
+    /// the resolution of delayed messages and retries. Defaults to 500 ms.
+    pub poll_interval: Duration,
+    /// Wake up on NOTIFY from producers' commits (a dedicated LISTEN connection). Defaults to true.
+    pub listen: bool,
+    /// Longest a relay may hold claimed rows while silent: PostgreSQL ends a claim transaction that
+    /// is idle (or a statement that runs) longer than this, releasing its rows to other relays.
+    /// Bounds failover of a hung relay. Defaults to 15 seconds.
+    pub claim_timeout: Duration,
+    /// Longest wait for one broker acknowledgement; must be below `claim_timeout`.
+    /// Defaults to 5 seconds.
+    pub publish_timeout: Duration,
+    /// Attempts before a message is dead-lettered. Defaults to 10.
+    pub max_attempts: i32,
+    /// Backoff before the first retry; doubles per attempt, with jitter. Defaults to 1 second.
+    pub backoff_base: Duration,
+    /// Longest backoff between retries of a message. Defaults to 5 minutes.
+    pub backoff_max: Duration,
+    /// Longest pause while the broker is unavailable (released messages are not counted as
+    /// attempts). Defaults to 30 seconds.
+    pub unavailable_backoff_max: Duration,
+    /// How often the relay refreshes its row in `tidings.relays`. Defaults to 5 seconds.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let host = hostname();
+        RelayConfig {
+            name: format!("{host}-{}", std::process::id()),
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+            listen: true,
+            claim_timeout: Duration::from_secs(15),
+            publish_timeout: Duration::from_secs(5),
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            unavailable_backoff_max: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl RelayConfig {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Config(m.to_owned()));
+        if !(1..=10_000).contains(&self.batch_size) {
+            return bad("batch_size must be between 1 and 10000");
+        }
+        if self.poll_interval.is_zero() {
+            return bad("poll_interval must be greater than 0");
+        }
+        if self.claim_timeout < Duration::from_secs(1) {
+            return bad("claim_timeout must be at least 1 second");
+        }
+        if self.publish_timeout.is_zero() || self.publish_timeout >= self.claim_timeout {
+            return bad("publish_timeout must be greater than 0 and less than claim_timeout");
+        }
+        if self.max_attempts < 1 {
+            return bad("max_attempts must be at least 1");
+        }
+        if self.backoff_base.is_zero() || self.backoff_base > self.backoff_max {
+            return bad("backoff_base must be greater than 0 and at most backoff_max");
+        }
+        if self.unavailable_backoff_max.is_zero() || self.heartbeat_interval.is_zero() {
+            return bad("unavailable_backoff_max and heartbeat_interval must be greater than 0");
+        }
+        if self.name.is_empty() {
+            return bad("name must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Backoff before retry number `attempt` (1 = first retry): base * 2^(attempt-1), capped,
+    /// then "equal jitter" (half fixed, half random) so failed messages do not retry in lockstep.
+    pub(crate) fn backoff(&self, attempt: i32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << (attempt - 1).clamp(0, 30) as u32);
+        jitter(exp.min(self.backoff_max))
+    }
+}
+
+/// Half of `d` plus a random part of the other half.
+pub(crate) fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let c = RelayConfig {
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            ..Default::default()
+        };
+        for (attempt, full) in [(1, 1), (2, 2), (3, 4), (7, 60), (40, 60)] {
+            let b = c.backoff(attempt);
+            let full = Duration::from_secs(full);
+            assert!(b >= full / 2 && b <= full, "attempt {attempt}: {b:?}");
+        }
+    }
+
+    #[test]
+    fn publish_timeout_must_stay_below_claim_timeout() {
+        let c = RelayConfig {
+            publish_timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("publish_timeout"));
+        assert!(RelayConfig::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,495 @@
+//! The relay: claim a batch, publish it, record the outcome, repeat.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tidings_outbox::MessageId;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::config::{hostname, jitter};
+use crate::sink::{Envelope, Sink, SinkError};
+use crate::{Error, RelayConfig};
+
+const CLAIM_BATCH: &str = include_str!("sql/claim_batch.sql");
+const FINISH_BATCH: &str = include_str!("sql/finish_batch.sql");
+const HEARTBEAT: &str = include_str!("sql/heartbeat.sql");
+const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
+
+/// Every statement the relay runs, for a test that prepares them against a migrated database.
+pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER];
+
+/// What one [`Relay::tick`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// Rows locked by the claim.
+    pub claimed: usize,
+    /// Published and acknowledged, and removed from the outbox.
+    pub delivered: usize,
+    /// Of those, how many the broker reported as duplicates of an earlier send.
+    pub duplicates: usize,
+    /// Failed and scheduled for a retry with backoff.
+    pub retried: usize,
+    /// Moved to the dead-letter store.
+    pub dead_lettered: usize,
+    /// Claimed but not publishable yet: an older message of the same key is pending.
+    pub held_back: usize,
+    /// Released untouched: the broker was unavailable, or an older message of the same key
+    /// failed in this batch.
+    pub released: usize,
+    /// The broker was unavailable; the relay backs off before the next claim.
+    pub sink_unavailable: bool,
+}
+
+type ListenerFactory =
+    Box<dyn Fn(Arc<Notify>, CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>;
+
+#[derive(Default)]
+struct Counters {
+    delivered: i64,
+    failed: i64,
+    dead: i64,
+}
+
+struct State {
+    counters: Counters,
+    last_heartbeat: Option<Instant>,
+    /// Consecutive ticks that found the broker unavailable.
+    unavailable_streak: u32,
+    unavailable_since_log: Option<Instant>,
+}
+
+/// Delivers committed outbox rows to a [`Sink`], at least once.
+///
+/// Drive it with [`Relay::run`] (the daemon loop) or one step at a time with [`Relay::tick`].
+/// Any number of relays may run against one database.
+pub struct Relay {
+    pool: deadpool_postgres::Pool,
+    sink: Arc<dyn Sink>,
+    config: RelayConfig,
+    id: Uuid,
+    listener: Option<ListenerFactory>,
+    state: Mutex<State>,
+}
+
+enum Outcome {
+    Delivered {
+        duplicate: bool,
+    },
+    Failed(SinkError),
+    /// Not attempted: an older message of its key failed earlier in this batch.
+    Skipped,
+}
+
+impl Relay {
+    /// A relay claiming through `pool` and publishing to `sink`. Checks the config.
+    /// Without [`Relay::with_listener`] it finds work by polling only.
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        sink: Arc<dyn Sink>,
+        config: RelayConfig,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Relay {
+            pool,
+            sink,
+            config,
+            id: Uuid::now_v7(),
+            listener: None,
+            state: Mutex::new(State {
+                counters: Counters::default(),
+                last_heartbeat: None,
+                unavailable_streak: 0,
+                unavailable_since_log: None,
+            }),
+        })
+    }
+
+    /// Wakes the relay on producers' commits through LISTEN on a dedicated connection (never a
+    /// pooled one) made from `pg` and `tls`. Ignored when `config.listen` is false.
+    pub fn with_listener<T>(mut self, pg: tokio_postgres::Config, tls: T) -> Self
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        if self.config.listen {
+            self.listener = Some(Box::new(move |notify, stop| {
+                Box::pin(crate::listener::listen(
+                    pg.clone(),
+                    tls.clone(),
+                    notify,
+                    stop,
+                ))
+            }));
+        }
+        self
+    }
+
+    /// This instance's id (its row in `tidings.relays`).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Fails with an error naming `tidings migrate up` unless the schema is current.
+    pub async fn check_schema(&self) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        tidings_migrations::postgres::ensure_current(&client).await?;
+        Ok(())
+    }
+
+    /// Runs until `shutdown` is cancelled: refuses to start on a schema with pending migrations,
+    /// then ticks whenever notified, when the poll interval passes, or at once while batches come
+    /// back full. An in-flight batch is finished before returning. Database errors are logged
+    /// and retried with backoff; they do not end the loop.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.check_schema().await?;
+        let wake = Arc::new(Notify::new());
+        let listener_stop = shutdown.child_token();
+        let listener = self
+            .listener
+            .as_ref()
+            .map(|f| tokio::spawn(f(wake.clone(), listener_stop.clone())));
+        tracing::info!(relay = %self.config.name, id = %self.id, sink = self.sink.name(),
+            listen = listener.is_some(), "relay started");
+        let mut db_errors = 0u32;
+        while !shutdown.is_cancelled() {
+            let wait = match self.tick().await {
+                Ok(r) if r.sink_unavailable => self.unavailable_pause(),
+                Ok(r) => {
+                    db_errors = 0;
+                    if r.claimed >= self.config.batch_size {
+                        continue; // more is waiting
+                    }
+                    self.config.poll_interval
+                }
+                Err(e) => {
+                    db_errors += 1;
+                    let pause = jitter(
+                        (Duration::from_millis(250) * 2u32.pow(db_errors.min(7)))
+                            .min(Duration::from_secs(30)),
+                    );
+                    tracing::error!(error = %crate::ErrorChain(&e), retry_in = ?pause, "relay tick failed");
+                    pause
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        listener_stop.cancel();
+        if let Some(l) = listener {
+            let _ = l.await;
+        }
+        if let Ok(client) = self.pool.get().await {
+            let _ = client.execute(DEREGISTER, &[&self.id]).await;
+        }
+        tracing::info!(relay = %self.config.name, "relay stopped");
+        Ok(())
+    }
+
+    fn unavailable_pause(&self) -> Duration {
+        jitter(self.sink_backoff().unwrap_or(self.config.poll_interval))
+    }
+
+    /// While the broker is unavailable, how long the run loop pauses before claiming again
+    /// (before jitter): 500 ms doubling per consecutive unavailable tick, capped by
+    /// `unavailable_backoff_max`. None while the broker is fine.
+    pub fn sink_backoff(&self) -> Option<Duration> {
+        let streak = self.state.lock().map(|s| s.unavailable_streak).unwrap_or(0);
+        if streak == 0 {
+            return None;
+        }
+        let exp =
+            Duration::from_millis(500).saturating_mul(2u32.saturating_pow((streak - 1).min(16)));
+        Some(exp.min(self.config.unavailable_backoff_max))
+    }
+
+    /// One step: claim a batch, publish it, record the outcome, commit. Per-message failures are
+    /// data in the report (and on the rows), not errors; an error means the database failed, and
+    /// then every claimed row is released by the rollback.
+    pub async fn tick(&self) -> Result<TickReport, Error> {
+        let span = tracing::info_span!("relay_batch", relay = %self.config.name,
+            claimed = tracing::field::Empty, delivered = tracing::field::Empty,
+            retried = tracing::field::Empty, dead = tracing::field::Empty,
+            held_back = tracing::field::Empty, ms = tracing::field::Empty);
+        let started = Instant::now();
+        let report = self.tick_inner().instrument(span.clone()).await?;
+        if report.claimed > 0 {
+            span.record("claimed", report.claimed);
+            span.record("delivered", report.delivered);
+            span.record("retried", report.retried);
+            span.record("dead", report.dead_lettered);
+            span.record("held_back", report.held_back);
+            span.record("ms", started.elapsed().as_secs_f64() * 1e3);
+            span.in_scope(|| tracing::debug!("batch done"));
+        }
+        self.after_tick(&report).await;
+        Ok(report)
+    }
+
+    async fn tick_inner(&self) -> Result<TickReport, Error> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // Bound how long this transaction may hold its rows if this process hangs: PostgreSQL
+        // then ends the session and another relay takes the rows (failover). Sent in the same
+        // pipeline as the claim.
+        let timeout_ms = self.config.claim_timeout.as_millis().to_string();
+        let set_local = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; SET LOCAL statement_timeout = {timeout_ms}"
+        );
+        let limit = self.config.batch_size as i64;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
+        let (set, rows) =
+            tokio::join!(tx.batch_execute(&set_local), tx.query(CLAIM_BATCH, &params));
+        set?;
+        let rows = rows?;
+        let mut report = TickReport {
+            claimed: rows.len(),
+            ..Default::default()
+        };
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(report);
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if !row.get::<_, bool>("eligible") {
+                report.held_back += 1;
+                continue;
+            }
+            let headers: serde_json::Value = row.get("headers");
+            let headers = headers
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            batch.push(Envelope {
+                id: MessageId::from_uuid(row.get("id")),
+                seq: row.get("seq"),
+                topic: row.get("topic"),
+                key: row.get("ordering_key"),
+                biz_id: row.get("biz_id"),
+                payload: Bytes::from(row.get::<_, Vec<u8>>("payload")),
+                headers,
+                created_at: row.get("created_at"),
+                attempts: row.get("attempts"),
+            });
+        }
+        let outcomes = self.publish_all(&batch).await;
+
+        let mut delivered = Vec::new();
+        let (mut f_seq, mut f_err, mut f_backoff, mut f_dead) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::<Option<&str>>::new(),
+        );
+        for (msg, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Delivered { duplicate } => {
+                    delivered.push(msg.seq);
+                    report.duplicates += usize::from(duplicate);
+                }
+                Outcome::Skipped => report.released += 1,
+                Outcome::Failed(SinkError::Unavailable(e)) => {
+                    report.released += 1;
+                    if !report.sink_unavailable {
+                        report.sink_unavailable = true;
+                        self.log_unavailable(&*e);
+                    }
+                }
+                Outcome::Failed(e) => {
+                    let attempt = msg.attempts + 1;
+                    let dead = match e {
+                        SinkError::Permanent(_) => Some("permanent"),
+                        _ if attempt >= self.config.max_attempts => Some("max_attempts"),
+                        _ => None,
+                    };
+                    let backoff = self.config.backoff(attempt);
+                    if dead.is_some() {
+                        report.dead_lettered += 1;
+                        tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, reason = dead, "message dead-lettered");
+                    } else {
+                        report.retried += 1;
+                        tracing::debug!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?backoff, "publish failed, will retry");
+                    }
+                    f_seq.push(msg.seq);
+                    f_err.push(e.to_string());
+                    f_backoff.push(backoff.as_secs_f64());
+                    f_dead.push(dead);
+                }
+            }
+        }
+        report.delivered = delivered.len();
+        if !delivered.is_empty() || !f_seq.is_empty() {
+            tx.execute(
+                FINISH_BATCH,
+                &[&delivered, &f_seq, &f_err, &f_backoff, &f_dead],
+            )
+            .await?;
+        }
+        // If this commit is lost (crash, network), the rows stay and are published again later
+        // with the same message id, which the broker drops as a duplicate.
+        tx.commit().await?;
+        if report.retried > 0 {
+            tracing::warn!(
+                retried = report.retried,
+                "messages failed and will be retried with backoff"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Publishes a batch concurrently: messages without a key all at once, messages of one key
+    /// one after the other in seq order (stopping at the first failure of that key).
+    async fn publish_all(&self, batch: &[Envelope]) -> Vec<Outcome> {
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        let mut by_key: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, m) in batch.iter().enumerate() {
+            match &m.key {
+                None => chains.push(vec![i]),
+                Some(k) => match by_key.get(k.as_str()) {
+                    Some(&c) => chains[c].push(i),
+                    None => {
+                        by_key.insert(k, chains.len());
+                        chains.push(vec![i]);
+                    }
+                },
+            }
+        }
+        let results = futures::future::join_all(chains.into_iter().map(|chain| async move {
+            let mut out = Vec::with_capacity(chain.len());
+            let mut failed = false;
+            for i in chain {
+                let outcome = if failed {
+                    Outcome::Skipped
+                } else {
+                    self.publish_one(&batch[i]).await
+                };
+                failed |= !matches!(outcome, Outcome::Delivered { .. });
+                out.push((i, outcome));
+            }
+            out
+        }))
+        .await;
+        let mut outcomes: Vec<Option<Outcome>> = (0..batch.len()).map(|_| None).collect();
+        for (i, o) in results.into_iter().flatten() {
+            outcomes[i] = Some(o);
+        }
+        // Every index belongs to exactly one chain, so every slot is filled.
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Skipped))
+            .collect()
+    }
+
+    async fn publish_one(&self, msg: &Envelope) -> Outcome {
+        match tokio::time::timeout(self.config.publish_timeout, self.sink.publish(msg)).await {
+            Ok(Ok(d)) => Outcome::Delivered {
+                duplicate: d.duplicate,
+            },
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(_) => Outcome::Failed(SinkError::Retryable(
+                format!(
+                    "no acknowledgement within {:?}",
+                    self.config.publish_timeout
+                )
+                .into(),
+            )),
+        }
+    }
+
+    fn log_unavailable(&self, e: &(dyn std::error::Error + Send + Sync)) {
+        let Ok(mut s) = self.state.lock() else { return };
+        // One warning when the outage starts, then one a minute: no log flood.
+        let due = s
+            .unavailable_since_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            tracing::warn!(sink = self.sink.name(), error = %e, "broker unavailable; messages released, backing off");
+            s.unavailable_since_log = Some(Instant::now());
+        }
+    }
+
+    async fn after_tick(&self, r: &TickReport) {
+        let due = {
+            let Ok(mut s) = self.state.lock() else { return };
+            if r.sink_unavailable {
+                s.unavailable_streak += 1;
+            } else if r.claimed > 0 && s.unavailable_streak > 0 {
+                tracing::info!(sink = self.sink.name(), "broker available again");
+                s.unavailable_streak = 0;
+                s.unavailable_since_log = None;
+            }
+            s.counters.delivered += r.delivered as i64;
+            s.counters.failed += r.retried as i64;
+            s.counters.dead += r.dead_lettered as i64;
+            s.last_heartbeat
+                .is_none_or(|t| t.elapsed() >= self.config.heartbeat_interval)
+        };
+        if due {
+            if let Err(e) = self.heartbeat().await {
+                tracing::warn!(error = %crate::ErrorChain(&e), "relay heartbeat failed");
+            }
+        }
+    }
+
+    /// Registers this relay or refreshes its row in `tidings.relays`, with its counters.
+    pub async fn heartbeat(&self) -> Result<(), Error> {
+        let c = {
+            let Ok(mut s) = self.state.lock() else {
+                return Ok(());
+            };
+            s.last_heartbeat = Some(Instant::now());
+            std::mem::take(&mut s.counters)
+        };
+        let client = self.pool.get().await?;
+        let pid = std::process::id() as i32;
+        let res = client
+            .execute(
+                HEARTBEAT,
+                &[
+                    &self.id,
+                    &self.config.name,
+                    &hostname(),
+                    &pid,
+                    &self.sink.name(),
+                    &c.delivered,
+                    &c.failed,
+                    &c.dead,
+                ],
+            )
+            .await;
+        if res.is_err() {
+            // Keep the counts for the next heartbeat.
+            if let Ok(mut s) = self.state.lock() {
+                s.counters.delivered += c.delivered;
+                s.counters.failed += c.failed;
+                s.counters.dead += c.dead;
+            }
+        }
+        res?;
+        Ok(())
+    }
+}

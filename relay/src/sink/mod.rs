@@ -1,0 +1,133 @@
+//! The seam between the relay and a broker: one `publish` per message, with failure classes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use tidings_outbox::envelope;
+use tidings_outbox::MessageId;
+
+#[cfg(feature = "nats")]
+mod nats;
+mod stdout;
+
+#[cfg(feature = "nats")]
+pub use nats::{NatsSink, NatsSinkConfig, StreamSetup};
+pub use stdout::StdoutSink;
+
+/// One outbox row on its way to a broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// Internal message id; sinks send it as the broker's dedup id.
+    pub id: MessageId,
+    /// Position in the outbox (database-assigned insertion order).
+    pub seq: i64,
+    /// Topic the producer wrote.
+    pub topic: String,
+    /// Ordering key, if any.
+    pub key: Option<String>,
+    /// Business id, if any.
+    pub biz_id: Option<String>,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// Producer headers (string map; `traceparent` lives here).
+    pub headers: BTreeMap<String, String>,
+    /// When the producer enqueued it.
+    pub created_at: DateTime<Utc>,
+    /// Attempts already made before this one (0 on the first).
+    pub attempts: i32,
+}
+
+impl Envelope {
+    /// Producer headers plus the `Tidings-*` headers every sink should carry.
+    pub fn wire_headers(&self) -> Vec<(&str, String)> {
+        let mut h: Vec<(&str, String)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        h.push((envelope::HEADER_MESSAGE_ID, self.id.to_string()));
+        h.push((envelope::HEADER_TOPIC, self.topic.clone()));
+        h.push((
+            envelope::HEADER_CREATED_AT,
+            self.created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ));
+        h.push((envelope::HEADER_ATTEMPT, self.attempts.to_string()));
+        if let Some(b) = &self.biz_id {
+            h.push((envelope::HEADER_BIZ_ID, b.clone()));
+        }
+        if let Some(k) = &self.key {
+            h.push((envelope::HEADER_KEY, k.clone()));
+        }
+        h
+    }
+}
+
+/// What a broker said about a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Delivery {
+    /// The broker recognised the dedup id and dropped the message as a re-send.
+    pub duplicate: bool,
+}
+
+/// Why a publish failed. The class decides what the relay does next.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// This message failed but may succeed later: retried with backoff, counted as an attempt.
+    Retryable(Box<dyn std::error::Error + Send + Sync>),
+    /// This message can never be delivered (too large, refused): dead-lettered at once.
+    Permanent(Box<dyn std::error::Error + Send + Sync>),
+    /// The broker as a whole is unreachable or misconfigured: the message is released untouched
+    /// (no attempt counted) and the relay backs off before claiming again.
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SinkError {
+    /// The cause.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            SinkError::Retryable(e) | SinkError::Permanent(e) | SinkError::Unavailable(e) => {
+                e.as_ref()
+            }
+        }
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let class = match self {
+            SinkError::Retryable(_) => "retryable",
+            SinkError::Permanent(_) => "permanent",
+            SinkError::Unavailable(_) => "broker unavailable",
+        };
+        // The whole source chain, so what is stored as last_error keeps the cause.
+        write!(f, "{class}: {}", self.cause())?;
+        let mut src = self.cause().source();
+        while let Some(s) = src {
+            write!(f, ": {s}")?;
+            src = s.source();
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.cause())
+    }
+}
+
+/// A broker the relay publishes to. Implementations must be safe to call concurrently: the relay
+/// publishes a batch at once (messages of one ordering key one after the other) and success
+/// means the broker has durably accepted the message (e.g. the JetStream PubAck).
+pub trait Sink: Send + Sync + 'static {
+    /// Short name for logs and `tidings status`, e.g. `nats`.
+    fn name(&self) -> &'static str;
+
+    /// Publishes one message and waits for the broker's acknowledgement.
+    fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>>;
+}

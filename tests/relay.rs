@@ -1,0 +1,726 @@
+//! The relay against real PostgreSQL and a real nats-server (each test starts its own), driven
+//! one `tick()` at a time unless the run loop itself is under test.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use tidings_outbox::{Message, Outbox};
+use tidings_relay::sink::{NatsSink, NatsSinkConfig};
+use tidings_relay::{Delivery, Envelope, Relay, RelayConfig, Sink, SinkError, TickReport};
+use tidings_tests::{eventually, pool, NatsServer, TestDb};
+use tokio_util::sync::CancellationToken;
+
+fn fast_config() -> RelayConfig {
+    RelayConfig {
+        batch_size: 200,
+        poll_interval: Duration::from_millis(50),
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(40),
+        claim_timeout: Duration::from_secs(5),
+        publish_timeout: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+async fn nats_sink(nats: &NatsServer) -> Arc<NatsSink> {
+    Arc::new(
+        NatsSink::connect(NatsSinkConfig {
+            url: nats.url.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+}
+
+async fn enqueue(db: &TestDb, msgs: Vec<Message>) {
+    let c = db.client().await;
+    for chunk in msgs.chunks(1000) {
+        Outbox::default().enqueue_batch_pg(&c, chunk).await.unwrap();
+    }
+}
+
+async fn outbox_count(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("SELECT count(*) FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Ticks until the outbox is empty; returns the summed reports.
+async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
+    let mut total = TickReport::default();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = relay.tick().await.unwrap();
+        add(&mut total, &r);
+        if r.claimed == 0 && outbox_count(db).await == 0 {
+            return total;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "outbox did not drain: {total:?}"
+        );
+        if r.claimed == 0 {
+            // Only rows waiting for their retry time are left: let the (millisecond) backoff pass.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn add(total: &mut TickReport, r: &TickReport) {
+    total.claimed += r.claimed;
+    total.delivered += r.delivered;
+    total.duplicates += r.duplicates;
+    total.retried += r.retried;
+    total.dead_lettered += r.dead_lettered;
+    total.held_back += r.held_back;
+    total.released += r.released;
+}
+
+/// Every message in the TIDINGS stream, in stream order: (message id header, key header, payload).
+async fn read_stream(url: &str) -> Vec<(String, Option<String>, String)> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream("TIDINGS").await.unwrap();
+    let n = stream.info().await.unwrap().state.messages as usize;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n);
+    let mut out = Vec::with_capacity(n);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+        .await
+        .expect("stream read stalled")
+    {
+        let m = m.unwrap();
+        let h = m.headers.clone().unwrap_or_default();
+        out.push((
+            h.get("Nats-Msg-Id").unwrap().to_string(),
+            h.get("Tidings-Key").map(|v| v.to_string()),
+            String::from_utf8(m.payload.to_vec()).unwrap(),
+        ));
+    }
+    out
+}
+
+/// Wraps a real sink, counts publishes, and injects failures chosen by `fail`.
+struct Faulty<S> {
+    inner: Arc<S>,
+    publishes: AtomicUsize,
+    fail: Box<dyn Fn(&Envelope) -> Option<Fault> + Send + Sync>,
+}
+
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Fails before sending.
+    Before,
+    /// Sends, then reports a failure (a lost ack): the re-send is a duplicate.
+    LostAck,
+    Permanent,
+}
+
+impl<S: Sink> Faulty<S> {
+    fn new(
+        inner: Arc<S>,
+        fail: impl Fn(&Envelope) -> Option<Fault> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Faulty {
+            inner,
+            publishes: AtomicUsize::new(0),
+            fail: Box::new(fail),
+        })
+    }
+}
+
+impl<S: Sink> Sink for Faulty<S> {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+    fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        Box::pin(async move {
+            self.publishes.fetch_add(1, Ordering::SeqCst);
+            match (self.fail)(msg) {
+                Some(Fault::Before) => Err(SinkError::Retryable("injected failure".into())),
+                Some(Fault::Permanent) => Err(SinkError::Permanent("injected rejection".into())),
+                Some(Fault::LostAck) => {
+                    self.inner.publish(msg).await?;
+                    Err(SinkError::Retryable("injected lost ack".into()))
+                }
+                None => self.inner.publish(msg).await,
+            }
+        })
+    }
+}
+
+fn numbered(n: usize, keys: Option<usize>) -> Vec<Message> {
+    (0..n)
+        .map(|i| {
+            let m = Message::new("orders.created", format!("{i}")).biz_id(format!("order-{i}"));
+            match keys {
+                Some(k) => m.key(format!("k{}", i % k)),
+                None => m,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn n_messages_are_delivered_exactly_once_with_their_envelope() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    enqueue(&db, numbered(2000, None)).await;
+    let c = db.client().await;
+    Outbox::default()
+        .enqueue_pg(
+            &c,
+            &Message::new("payment.succeeded", "{}")
+                .biz_id("pay_1")
+                .key("cust_1")
+                .header(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+        )
+        .await
+        .unwrap();
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    let total = drain(&relay, &db).await;
+    assert_eq!(
+        (total.delivered, total.duplicates, total.retried),
+        (2001, 0, 0)
+    );
+
+    let got = read_stream(&nats.url).await;
+    assert_eq!(got.len(), 2001);
+    let ids: HashSet<_> = got.iter().map(|g| g.0.clone()).collect();
+    assert_eq!(ids.len(), 2001, "every message once");
+    // The envelope: subject, Nats-Msg-Id, Tidings-* headers and traceparent.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let stream = jetstream::new(client).get_stream("TIDINGS").await.unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject("tidings.payment.succeeded")
+        .await
+        .unwrap();
+    let h = last.headers;
+    assert_eq!(h.get("Tidings-Biz-Id").unwrap().as_str(), "pay_1");
+    assert_eq!(h.get("Tidings-Key").unwrap().as_str(), "cust_1");
+    assert_eq!(
+        h.get("Tidings-Topic").unwrap().as_str(),
+        "payment.succeeded"
+    );
+    assert_eq!(
+        h.get("Nats-Msg-Id").unwrap().as_str(),
+        h.get("Tidings-Message-Id").unwrap().as_str()
+    );
+    assert!(h
+        .get("traceparent")
+        .unwrap()
+        .as_str()
+        .starts_with("00-4bf92f35"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolled_back_messages_are_never_delivered() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    Outbox::default()
+        .enqueue_batch_pg(&tx, &numbered(10, None))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    // An open (uncommitted) transaction's rows are invisible too.
+    let open = c.transaction().await.unwrap();
+    Outbox::default()
+        .enqueue_pg(&open, &Message::new("late", "x"))
+        .await
+        .unwrap();
+    let mut other = db.client().await;
+    let tx2 = other.transaction().await.unwrap();
+    Outbox::default()
+        .enqueue_pg(&tx2, &Message::new("kept", "1"))
+        .await
+        .unwrap();
+    tx2.commit().await.unwrap();
+
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.claimed, r.delivered), (1, 1));
+    open.rollback().await.unwrap();
+    assert_eq!(relay.tick().await.unwrap().claimed, 0);
+    let got = read_stream(&nats.url).await;
+    assert_eq!(got.iter().map(|g| g.2.as_str()).collect::<Vec<_>>(), ["1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delayed_messages_are_not_delivered_before_their_time() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    enqueue(
+        &db,
+        vec![
+            Message::new("later", "a").delay(Duration::from_secs(3600)),
+            Message::new("later", "b").deliver_at(chrono::Utc::now() + chrono::Duration::hours(2)),
+            Message::new("now", "c"),
+        ],
+    )
+    .await;
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.claimed, r.delivered), (1, 1));
+    assert_eq!(
+        relay.tick().await.unwrap().claimed,
+        0,
+        "not before their time"
+    );
+    // Let the clock "pass" the first one's time without sleeping: move it into the past.
+    db.client()
+        .await
+        .execute("UPDATE tidings.outbox SET deliver_at = now() - interval '1 second' WHERE payload = 'a'", &[])
+        .await
+        .unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.claimed, r.delivered), (1, 1));
+    assert_eq!(outbox_count(&db).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_down_then_up_backs_off_then_delivers_the_backlog() {
+    let (db, mut nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    enqueue(&db, numbered(300, Some(7))).await;
+    nats.stop();
+    let sink_down = |r: &TickReport| r.sink_unavailable && r.delivered == 0;
+    let mut pauses = Vec::new();
+    for _ in 0..4 {
+        let r = relay.tick().await.unwrap();
+        assert!(sink_down(&r), "{r:?}");
+        pauses.push(relay.sink_backoff().unwrap());
+    }
+    assert_eq!(
+        pauses,
+        [500, 1000, 2000, 4000].map(Duration::from_millis),
+        "the relay backs off, doubling, while the broker is down"
+    );
+    // An outage is not the messages' fault: no attempts are burnt, nothing dead-lettered.
+    let c = db.client().await;
+    let attempts: i64 = c
+        .query_one("SELECT coalesce(sum(attempts), 0) FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 0);
+
+    nats.restart().await;
+    let delivered = AtomicUsize::new(0);
+    eventually(
+        "the backlog to be delivered after NATS restarts",
+        Duration::from_secs(30),
+        || async {
+            delivered.fetch_add(relay.tick().await.unwrap().delivered, Ordering::SeqCst);
+            outbox_count(&db).await == 0
+        },
+    )
+    .await;
+    assert_eq!(delivered.load(Ordering::SeqCst), 300);
+    assert_eq!(relay.sink_backoff(), None);
+    assert_eq!(read_stream(&nats.url).await.len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_message_is_retried_with_backoff_then_dead_lettered() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let sink = Faulty::new(nats_sink(&nats).await, |m| match m.topic.as_str() {
+        "poison" => Some(Fault::Before),
+        "rejected" => Some(Fault::Permanent),
+        _ => None,
+    });
+    let config = RelayConfig {
+        max_attempts: 3,
+        backoff_base: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(600),
+        ..fast_config()
+    };
+    let relay = Relay::new(pool(&db, 2), sink, config).unwrap();
+    enqueue(
+        &db,
+        vec![
+            Message::new("poison", "p").key("k"),
+            Message::new("fine", "after-poison").key("k"),
+            Message::new("rejected", "r"),
+            Message::new("fine", "f"),
+        ],
+    )
+    .await;
+    let c = db.client().await;
+    let r = relay.tick().await.unwrap();
+    assert_eq!(
+        (r.delivered, r.retried, r.dead_lettered, r.released),
+        (1, 1, 1, 1),
+        "{r:?}"
+    );
+    let row = c
+        .query_one(
+            "SELECT attempts, last_error, extract(epoch FROM deliver_at - now())::float8 FROM tidings.outbox WHERE topic = 'poison'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    assert!(row.get::<_, String>(1).contains("injected failure"));
+    let wait: f64 = row.get(2);
+    assert!(
+        (29.0..=61.0).contains(&wait),
+        "first retry in 30-60 s, got {wait}"
+    );
+    assert_eq!(
+        relay.tick().await.unwrap().claimed,
+        0,
+        "nothing due before the backoff; the key's next message waits behind its failed head"
+    );
+
+    for expected_attempts in [2, 3] {
+        c.execute(
+            "UPDATE tidings.outbox SET deliver_at = now() WHERE topic = 'poison'",
+            &[],
+        )
+        .await
+        .unwrap();
+        let r = relay.tick().await.unwrap();
+        assert_eq!(r.claimed, 2, "{r:?}");
+        assert_eq!(
+            r.released, 1,
+            "the key's later message is not sent after its head failed"
+        );
+        if expected_attempts == 3 {
+            assert_eq!(r.dead_lettered, 1);
+        }
+    }
+    let dead = tidings_relay::dlq_list(&c, 10).await.unwrap();
+    let by_topic: BTreeMap<_, _> = dead.iter().map(|d| (d.topic.as_str(), d)).collect();
+    assert_eq!(by_topic["poison"].reason, "max_attempts");
+    assert_eq!(by_topic["poison"].attempts, 3);
+    assert!(by_topic["poison"].last_error.contains("injected failure"));
+    assert_eq!(by_topic["rejected"].reason, "permanent");
+    assert_eq!(by_topic["rejected"].attempts, 1);
+    // With the poison message out of the way, its key flows again.
+    let r = relay.tick().await.unwrap();
+    assert_eq!(r.delivered, 1);
+    assert_eq!(outbox_count(&db).await, 0);
+
+    // Replay puts it back with the same id; purge removes the other.
+    let poison_id = by_topic["poison"].id;
+    assert_eq!(
+        tidings_relay::dlq_replay(&c, Some(&[poison_id]))
+            .await
+            .unwrap(),
+        1
+    );
+    let back: uuid::Uuid = c
+        .query_one("SELECT id FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(back, poison_id);
+    assert_eq!(tidings_relay::dlq_purge(&c, None).await.unwrap(), 1);
+    let s = tidings_relay::status(&c).await.unwrap();
+    assert_eq!((s.backlog, s.dead_letters), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_payload_for_the_broker_is_dead_lettered_at_once() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    // nats-server's default max_payload is 1 MiB; the outbox allows up to 4 MiB here.
+    let outbox = Outbox::new(tidings_outbox::OutboxConfig {
+        max_payload_bytes: 4 << 20,
+    })
+    .unwrap();
+    let c = db.client().await;
+    outbox
+        .enqueue_pg(&c, &Message::new("big", vec![b'x'; 2 << 20]))
+        .await
+        .unwrap();
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!(r.dead_lettered, 1, "{r:?}");
+    let d = &tidings_relay::dlq_list(&c, 1).await.unwrap()[0];
+    assert_eq!(d.reason, "permanent");
+    assert!(d.last_error.contains("max payload"), "{}", d.last_error);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_at_once_never_publish_a_message_twice() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    enqueue(&db, numbered(4000, None)).await;
+    let sink = Faulty::new(nats_sink(&nats).await, |_| None);
+    let a = Relay::new(pool(&db, 2), sink.clone(), fast_config()).unwrap();
+    let b = Relay::new(pool(&db, 2), sink.clone(), fast_config()).unwrap();
+    let (ra, rb) = tokio::join!(drain(&a, &db), drain(&b, &db));
+    assert!(
+        ra.delivered > 0 && rb.delivered > 0,
+        "both relays worked: {ra:?} {rb:?}"
+    );
+    assert_eq!(ra.delivered + rb.delivered, 4000);
+    assert_eq!(
+        sink.publishes.load(Ordering::SeqCst),
+        4000,
+        "no message was published twice"
+    );
+    assert_eq!(ra.duplicates + rb.duplicates, 0);
+    assert_eq!(read_stream(&nats.url).await.len(), 4000);
+}
+
+/// A crash after publishing but before recording delivery: the batch is re-sent, and JetStream
+/// recognises every re-send by its Nats-Msg-Id.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_publish_resends_and_jetstream_drops_the_duplicates() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    enqueue(&db, numbered(100, Some(10))).await;
+    let published = Arc::new(tokio::sync::Notify::new());
+    let inner = nats_sink(&nats).await;
+    let count = Arc::new(AtomicUsize::new(0));
+    let (p2, c2) = (published.clone(), count.clone());
+    let sink = Faulty::new(inner, move |_| {
+        if c2.fetch_add(1, Ordering::SeqCst) + 1 == 100 {
+            p2.notify_one();
+        }
+        None
+    });
+    let relay = Relay::new(
+        pool(&db, 2),
+        sink,
+        RelayConfig {
+            batch_size: 100,
+            ..fast_config()
+        },
+    )
+    .unwrap();
+    // Abandon the tick the moment all 100 are published: its transaction never commits.
+    tokio::select! {
+        r = relay.tick() => panic!("the tick should have been cut off: {r:?}"),
+        _ = published.notified() => {}
+    }
+    assert_eq!(
+        outbox_count(&db).await,
+        100,
+        "nothing was recorded as delivered"
+    );
+    let fresh = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    let total = drain(&fresh, &db).await;
+    assert_eq!(
+        (total.delivered, total.duplicates),
+        (100, 100),
+        "every re-send was a duplicate"
+    );
+    assert_eq!(read_stream(&nats.url).await.len(), 100);
+}
+
+/// Per-key order with two relays, 100 keys and injected failures (before send and lost acks).
+#[tokio::test(flavor = "multi_thread")]
+async fn per_key_order_holds_with_two_relays_100_keys_and_failures() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let n = 3000;
+    // Payload "<key>:<index within key>".
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| {
+            Message::new("orders.updated", format!("k{}:{}", i % 100, i / 100))
+                .key(format!("k{}", i % 100))
+        })
+        .collect();
+    // Two producers interleave their commits.
+    let (first, second) = msgs.split_at(n / 2);
+    enqueue(&db, first.to_vec()).await;
+    let inner = nats_sink(&nats).await;
+    let sink = Faulty::new(inner, |_| match rand::random::<u8>() % 20 {
+        0 => Some(Fault::Before),
+        1 => Some(Fault::LostAck),
+        _ => None,
+    });
+    let config = RelayConfig {
+        batch_size: 150,
+        ..fast_config()
+    };
+    let a = Relay::new(pool(&db, 2), sink.clone(), config.clone()).unwrap();
+    let b = Relay::new(pool(&db, 2), sink.clone(), config).unwrap();
+    let produce = async {
+        for chunk in second.chunks(100) {
+            Outbox::default()
+                .enqueue_batch_pg(&db.client().await, chunk)
+                .await
+                .unwrap();
+        }
+    };
+    let (ra, rb, ()) = tokio::join!(drain(&a, &db), drain(&b, &db), produce);
+    let (ra, rb) = if outbox_count(&db).await > 0 {
+        // The producer may have finished after both drains saw an empty outbox.
+        (drain(&a, &db).await, rb)
+    } else {
+        (ra, rb)
+    };
+    assert!(ra.retried + rb.retried > 0, "failures were injected");
+    let got = read_stream(&nats.url).await;
+    assert_eq!(got.len(), n, "each message exactly once in the stream");
+    let mut next: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, key, payload) in &got {
+        let (k, idx) = payload.split_once(':').unwrap();
+        assert_eq!(key.as_deref(), Some(k));
+        let idx: usize = idx.parse().unwrap();
+        let want = next.entry(k.to_owned()).or_insert(0);
+        assert_eq!(idx, *want, "key {k} out of order");
+        *want += 1;
+    }
+    assert_eq!(next.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_loop_wakes_on_notify_without_polling() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let config = RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        ..fast_config()
+    };
+    let pg: tokio_postgres::Config = db.url.parse().unwrap();
+    let relay = Arc::new(
+        Relay::new(pool(&db, 2), nats_sink(&nats).await, config)
+            .unwrap()
+            .with_listener(pg, tokio_postgres::NoTls),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    // The run loop ticks once at start; a message committed afterwards is only found through
+    // NOTIFY, since the poll interval is an hour.
+    eventually("the relay to register", Duration::from_secs(10), || async {
+        tidings_relay::status(&db.client().await)
+            .await
+            .unwrap()
+            .relays
+            .len()
+            == 1
+    })
+    .await;
+    enqueue(&db, numbered(5, None)).await;
+    eventually(
+        "delivery woken by NOTIFY",
+        Duration::from_secs(10),
+        || async { outbox_count(&db).await == 0 },
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        tidings_relay::status(&db.client().await)
+            .await
+            .unwrap()
+            .relays
+            .is_empty(),
+        "deregistered on shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_loop_without_notifications_delivers_by_polling() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let config = RelayConfig {
+        listen: false,
+        poll_interval: Duration::from_millis(100),
+        ..fast_config()
+    };
+    let pg: tokio_postgres::Config = db.url.parse().unwrap();
+    let relay = Arc::new(
+        Relay::new(pool(&db, 2), nats_sink(&nats).await, config)
+            .unwrap()
+            .with_listener(pg, tokio_postgres::NoTls),
+    );
+    // Producers also switch their NOTIFY off: nothing would arrive anyway.
+    let c = db.client().await;
+    c.batch_execute("SET tidings.notify = off").await.unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    Outbox::default()
+        .enqueue_batch_pg(&c, &numbered(5, None))
+        .await
+        .unwrap();
+    eventually("delivery by polling", Duration::from_secs(10), || async {
+        outbox_count(&db).await == 0
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_refuses_to_start_on_an_unmigrated_database() {
+    let db = TestDb::empty().await;
+    let relay = Relay::new(
+        pool(&db, 1),
+        Arc::new(tidings_relay::sink::StdoutSink::default()),
+        fast_config(),
+    )
+    .unwrap();
+    let err = relay.run(CancellationToken::new()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("run `tidings migrate up`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn every_relay_statement_prepares_against_the_schema() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    for sql in tidings_relay::STATEMENTS
+        .iter()
+        .chain(tidings_relay::ADMIN_STATEMENTS)
+    {
+        c.prepare(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{sql}"));
+    }
+}
+
+#[tokio::test]
+async fn missing_stream_is_a_clear_error_not_a_hang() {
+    let nats = NatsServer::start().await;
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        NatsSink::connect(NatsSinkConfig {
+            url: nats.url.clone(),
+            stream: tidings_relay::sink::StreamSetup::Existing,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("no hang");
+    let err = res.err().unwrap().to_string();
+    assert!(
+        err.contains("no JetStream stream captures subjects tidings.>"),
+        "{err}"
+    );
+}
