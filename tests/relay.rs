@@ -118,11 +118,13 @@ async fn read_stream(url: &str) -> Vec<(String, Option<String>, String)> {
     out
 }
 
+type FaultRule = Box<dyn Fn(&Envelope) -> Option<Fault> + Send + Sync>;
+
 /// Wraps a real sink, counts publishes, and injects failures chosen by `fail`.
 struct Faulty<S> {
     inner: Arc<S>,
     publishes: AtomicUsize,
-    fail: Box<dyn Fn(&Envelope) -> Option<Fault> + Send + Sync>,
+    fail: FaultRule,
 }
 
 #[derive(Clone, Copy)]
