@@ -92,6 +92,7 @@ impl Columns {
 /// Whether a database error means the Tidings schema is not there (SQLSTATE 42P01 undefined
 /// table, 3F000 undefined schema, 42883 undefined function) as judged from the message, for
 /// drivers that do not expose SQLSTATE.
+#[cfg(any(feature = "diesel", feature = "diesel-async"))]
 pub(crate) fn looks_unmigrated(message: &str) -> bool {
     message.contains("tidings") && message.contains("does not exist")
 }
