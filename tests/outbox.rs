@@ -483,3 +483,39 @@ async fn sql_enqueue_function_refuses_bad_input_by_name() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_driver_refuses_bad_input_and_writes_nothing() {
+    let db = TestDb::migrated().await;
+    let bad = vec![Message::new("ok", "1"), Message::new("not ok", "2")];
+    let want = "message 1 of the batch: invalid topic \"not ok\"";
+
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    let err = Outbox::default()
+        .enqueue_batch_async(&mut conn, &bad)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with(want), "{err}");
+
+    let url = db.url.clone();
+    let (bad2, want2) = (bad.clone(), want.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        let err = Outbox::default()
+            .enqueue_batch(&mut conn, &bad2)
+            .unwrap_err();
+        assert!(err.to_string().starts_with(&want2), "{err}");
+    })
+    .await
+    .unwrap();
+
+    let c = db.client().await;
+    let err = Outbox::default()
+        .enqueue_batch_pg(&c, &bad)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with(want), "{err}");
+    assert!(rows(&c).await.is_empty());
+}
