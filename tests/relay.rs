@@ -616,7 +616,16 @@ async fn run_loop_wakes_on_notify_without_polling() {
             == 1
     })
     .await;
-    enqueue(&db, numbered(5, None)).await;
+    // Producers opt in to NOTIFY (off by default: it costs producers throughput).
+    let producer = db.client().await;
+    producer
+        .batch_execute("SET tidings.notify = on")
+        .await
+        .unwrap();
+    Outbox::default()
+        .enqueue_batch_pg(&producer, &numbered(5, None))
+        .await
+        .unwrap();
     eventually(
         "delivery woken by NOTIFY",
         Duration::from_secs(10),
@@ -653,9 +662,8 @@ async fn run_loop_without_notifications_delivers_by_polling() {
             .unwrap()
             .with_listener(pg, tokio_postgres::NoTls),
     );
-    // Producers also switch their NOTIFY off: nothing would arrive anyway.
+    // Producers' NOTIFY is off (the default): nothing would arrive anyway.
     let c = db.client().await;
-    c.batch_execute("SET tidings.notify = off").await.unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (relay, stop) = (relay.clone(), stop.clone());

@@ -38,9 +38,9 @@ struct Args {
 enum Mode {
     /// The business INSERT only.
     Baseline,
-    /// Plus one outbox message, NOTIFY on (the default).
+    /// Plus one outbox message, with `SET tidings.notify = on`.
     OutboxNotify,
-    /// Plus one outbox message, `SET tidings.notify = off`.
+    /// Plus one outbox message, NOTIFY off (the default).
     OutboxQuiet,
 }
 
@@ -62,8 +62,8 @@ async fn run(url: &str, mode: Mode, clients: usize, secs: f64) -> Result<f64, Bo
         let url = url.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut client = connect(&url).await?;
-            if mode == Mode::OutboxQuiet {
-                client.batch_execute("SET tidings.notify = off").await?;
+            if mode == Mode::OutboxNotify {
+                client.batch_execute("SET tidings.notify = on").await?;
             }
             let outbox = Outbox::default();
             let insert = client

@@ -5,7 +5,7 @@ use diesel::pg::Pg;
 use diesel::sql_types::{Array, Bytea, Double, Jsonb, Nullable, Text, Timestamptz, Uuid};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use crate::sql::{looks_unmigrated, Columns, INSERT_MESSAGES};
+use crate::sql::{looks_unmigrated, Columns, INSERT_MESSAGE, INSERT_MESSAGES};
 use crate::{Error, Message, MessageId, Outbox};
 
 fn map_err(e: diesel::result::Error) -> Error {
@@ -42,6 +42,22 @@ impl Outbox {
     {
         let (cols, ids) = Columns::build(&self.config, msgs)?;
         if ids.is_empty() {
+            return Ok(ids);
+        }
+        if ids.len() == 1 {
+            let mut c = cols;
+            diesel::sql_query(INSERT_MESSAGE)
+                .bind::<Uuid, _>(c.ids[0])
+                .bind::<Text, _>(c.topics.swap_remove(0))
+                .bind::<Nullable<Text>, _>(c.keys.swap_remove(0))
+                .bind::<Nullable<Text>, _>(c.biz_ids.swap_remove(0))
+                .bind::<Bytea, _>(c.payloads.swap_remove(0))
+                .bind::<Jsonb, _>(c.headers.swap_remove(0))
+                .bind::<Nullable<Timestamptz>, _>(c.deliver_at[0])
+                .bind::<Double, _>(c.delays[0])
+                .execute(conn)
+                .await
+                .map_err(map_err)?;
             return Ok(ids);
         }
         diesel::sql_query(INSERT_MESSAGES)

@@ -4,7 +4,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::GenericClient;
 
-use crate::sql::{Columns, INSERT_MESSAGES};
+use crate::sql::{Columns, INSERT_MESSAGE, INSERT_MESSAGES};
 use crate::{Error, Message, MessageId, Outbox};
 
 fn map_err(e: tokio_postgres::Error) -> Error {
@@ -51,6 +51,23 @@ impl Outbox {
     {
         let (c, ids) = Columns::build(&self.config, msgs)?;
         if ids.is_empty() {
+            return Ok(ids);
+        }
+        if ids.len() == 1 {
+            let params: [(&(dyn ToSql + Sync), Type); 8] = [
+                (&c.ids[0], Type::UUID),
+                (&c.topics[0], Type::TEXT),
+                (&c.keys[0], Type::TEXT),
+                (&c.biz_ids[0], Type::TEXT),
+                (&c.payloads[0], Type::BYTEA),
+                (&c.headers[0], Type::JSONB),
+                (&c.deliver_at[0], Type::TIMESTAMPTZ),
+                (&c.delays[0], Type::FLOAT8),
+            ];
+            client
+                .query_typed(INSERT_MESSAGE, &params)
+                .await
+                .map_err(map_err)?;
             return Ok(ids);
         }
         let params: [(&(dyn ToSql + Sync), Type); 8] = [

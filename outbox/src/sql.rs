@@ -24,6 +24,15 @@ SELECT m.id, m.topic, m.ordering_key, m.biz_id, m.payload, m.headers,
        WITH ORDINALITY AS m(id, topic, ordering_key, biz_id, payload, headers, deliver_at, delay, n)
  ORDER BY m.n";
 
+/// insert_message: writes ONE message; the common case, planned more cheaply than the unnest.
+///
+/// Parameters: $1 uuid id, $2 text topic, $3 text ordering key (NULL = none), $4 text biz-id
+/// (NULL = none), $5 bytea payload, $6 jsonb headers, $7 timestamptz deliver-at (NULL = now),
+/// $8 float8 delay in seconds from now(). Same visibility and trigger as `INSERT_MESSAGES`.
+pub(crate) const INSERT_MESSAGE: &str = "\
+INSERT INTO tidings.outbox (id, topic, ordering_key, biz_id, payload, headers, deliver_at)
+VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now() + $8 * interval '1 second'))";
+
 /// A checked batch, split into the parallel arrays `INSERT_MESSAGES` binds.
 pub(crate) struct Columns {
     pub ids: Vec<Uuid>,

@@ -11,7 +11,7 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// How often to look for work when no notification arrives (the fallback that keeps the relay
     /// correct when LISTEN/NOTIFY is unavailable, e.g. behind PgBouncer in transaction mode); also
-    /// the resolution of delayed messages and retries. Defaults to 500 ms.
+    /// the resolution of delayed messages and retries. Defaults to 100 ms.
     pub poll_interval: Duration,
     /// Wake up on NOTIFY from producers' commits (a dedicated LISTEN connection). Defaults to true.
     pub listen: bool,
@@ -41,7 +41,7 @@ impl Default for RelayConfig {
         RelayConfig {
             name: format!("{host}-{}", std::process::id()),
             batch_size: 500,
-            poll_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(100),
             listen: true,
             claim_timeout: Duration::from_secs(15),
             publish_timeout: Duration::from_secs(5),

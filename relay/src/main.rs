@@ -120,7 +120,7 @@ struct RelayArgs {
     #[arg(long, env = "TIDINGS_BATCH_SIZE", default_value_t = 500)]
     batch_size: usize,
     /// Polling interval when no notification arrives (e.g. 500ms, 2s).
-    #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "500ms")]
+    #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
     poll_interval: Duration,
     /// Do not LISTEN for producers' notifications; find work by polling only (PgBouncer in
     /// transaction mode).
