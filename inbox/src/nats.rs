@@ -1,0 +1,419 @@
+//! A NATS JetStream consumer that runs a handler inside the inbox transaction and acks only after
+//! that transaction commits.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use tidings_outbox::{envelope, MessageId};
+use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::postgres::map_err;
+use crate::{DedupKey, Error, Inbox, Recorded};
+
+/// A message as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// The producer's message id (`Tidings-Message-Id`, else `Nats-Msg-Id`).
+    pub message_id: MessageId,
+    /// The producer's biz-id, if any.
+    pub biz_id: Option<String>,
+    /// The ordering key, if any.
+    pub key: Option<String>,
+    /// The producer's topic (`Tidings-Topic`), else the subject.
+    pub topic: String,
+    /// The NATS subject.
+    pub subject: String,
+    /// All headers (first value of each).
+    pub headers: BTreeMap<String, String>,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// Which delivery this is (1 = first).
+    pub delivery: i64,
+}
+
+/// A handler failure: the transaction is rolled back and the message retried (nak with delay)
+/// until `max_deliveries`, then parked.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The consumer's business logic, run inside the inbox transaction.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs the effect of a first delivery, in `tx` (committed by the runner on `Ok`).
+    fn handle<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        msg: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// Called in the same transaction when the inbox recognises a redelivery, e.g. to count it.
+    /// The default does nothing.
+    fn duplicate<'a>(
+        &'a self,
+        _tx: &'a Transaction<'a>,
+        _msg: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Consumer runner settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// Inbox consumer name, also the JetStream durable consumer name (letters, digits, `-`, `_`).
+    /// Defaults to `tidings-consumer`.
+    pub name: String,
+    /// JetStream stream to consume. Defaults to `TIDINGS`.
+    pub stream: String,
+    /// Subject filter, e.g. `tidings.payment.succeeded`. Defaults to `tidings.>`.
+    pub filter_subject: String,
+    /// Messages handled at once. Defaults to 16.
+    pub concurrency: usize,
+    /// Deliveries before a failing message is parked in `tidings.inbox_dead_letters` and acked.
+    /// Defaults to 5.
+    pub max_deliveries: i64,
+    /// How long JetStream waits for an ack before redelivering. Defaults to 30 seconds.
+    pub ack_wait: Duration,
+    /// Delay of the first retry after a failure (nak); doubles per delivery. Defaults to 1 second.
+    pub backoff_base: Duration,
+    /// Longest retry delay. Defaults to 1 minute.
+    pub backoff_max: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            name: "tidings-consumer".into(),
+            stream: "TIDINGS".into(),
+            filter_subject: "tidings.>".into(),
+            concurrency: 16,
+            max_deliveries: 5,
+            ack_wait: Duration::from_secs(30),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters of one runner (since it started).
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Effects committed.
+    pub processed: AtomicU64,
+    /// Redeliveries the inbox recognised (effect skipped).
+    pub duplicates: AtomicU64,
+    /// Failed handler runs (rolled back, retried).
+    pub failed: AtomicU64,
+    /// Messages parked after `max_deliveries`.
+    pub parked: AtomicU64,
+}
+
+/// park_message: keep a message the consumer gave up on, with its error.
+const PARK: &str = "\
+INSERT INTO tidings.inbox_dead_letters
+       (consumer, message_id, biz_id, topic, payload, headers, deliveries, last_error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (consumer, message_id) DO UPDATE
+   SET deliveries = excluded.deliveries, last_error = excluded.last_error, dead_at = now()";
+
+/// Consumes a JetStream stream through the inbox.
+pub struct NatsConsumer {
+    pool: deadpool_postgres::Pool,
+    consumer: PullConsumer,
+    inbox: Inbox,
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+    stats: Arc<ConsumerStats>,
+}
+
+enum Step {
+    Processed,
+    Duplicate,
+    Failed(HandlerError),
+}
+
+impl NatsConsumer {
+    /// Checks the config and finds or creates the durable pull consumer.
+    pub async fn new(
+        pool: deadpool_postgres::Pool,
+        client: async_nats::Client,
+        config: ConsumerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Self, Error> {
+        let bad = |reason| {
+            Err(Error::Invalid {
+                what: "consumer config",
+                reason,
+            })
+        };
+        if config.name.is_empty()
+            || !config
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return bad("name must be letters, digits, '-' or '_' (a JetStream durable name)");
+        }
+        if config.concurrency == 0 || config.max_deliveries < 1 || config.ack_wait.is_zero() {
+            return bad("concurrency and max_deliveries must be at least 1, ack_wait above 0");
+        }
+        let inbox = Inbox::new(config.name.clone())?;
+        let js = jetstream::new(client);
+        let nats_err = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Database(format!("{what} {:?}: {e}", config.stream).into())
+        };
+        let stream = js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|e| nats_err("cannot find JetStream stream", &e))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &config.name,
+                pull::Config {
+                    durable_name: Some(config.name.clone()),
+                    filter_subject: config.filter_subject.clone(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: config.ack_wait,
+                    // The runner counts deliveries and parks; the server never gives up on its own.
+                    max_deliver: -1,
+                    max_ack_pending: (config.concurrency * 8) as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| nats_err("cannot create durable consumer on stream", &e))?;
+        Ok(NatsConsumer {
+            pool,
+            consumer,
+            inbox,
+            config,
+            handler,
+            stats: Arc::new(ConsumerStats::default()),
+        })
+    }
+
+    /// The runner's counters.
+    pub fn stats(&self) -> &ConsumerStats {
+        &self.stats
+    }
+
+    /// The underlying JetStream pull consumer.
+    pub fn pull_consumer(&self) -> &PullConsumer {
+        &self.consumer
+    }
+
+    /// Consumes until `shutdown` is cancelled; messages in flight are finished (committed and
+    /// acked, or rolled back and left for redelivery) before it returns.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let messages = match self.consumer.messages().await {
+                Ok(m) => {
+                    failures = 0;
+                    m
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "cannot read from JetStream; retrying");
+                    let pause = (Duration::from_millis(200) * 2u32.pow(failures.min(7)))
+                        .min(Duration::from_secs(30));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            };
+            messages
+                .take_until(shutdown.cancelled())
+                .for_each_concurrent(self.config.concurrency, |m| async move {
+                    match m {
+                        Ok(m) => self.handle(m).await,
+                        Err(e) => tracing::warn!(error = %e, "JetStream message stream error"),
+                    }
+                })
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, msg: jetstream::Message) {
+        let delivered = match parse(&msg) {
+            Some(d) => d,
+            None => {
+                tracing::error!(subject = %msg.subject, "message without Tidings-Message-Id or Nats-Msg-Id; terminating it");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let traceparent = delivered
+            .headers
+            .get(envelope::HEADER_TRACEPARENT)
+            .cloned()
+            .unwrap_or_default();
+        // W3C traceparent: version-traceid-parentid-flags; the span carries the producer's trace.
+        let mut parts = traceparent.split('-');
+        let (trace_id, parent_id) = (parts.nth(1).unwrap_or(""), parts.next().unwrap_or(""));
+        let span = tracing::info_span!("tidings_consume", consumer = %self.config.name,
+            message_id = %delivered.message_id, biz_id = delivered.biz_id.as_deref().unwrap_or(""),
+            delivery = delivered.delivery, trace_id, parent_span_id = parent_id);
+        async {
+            let step = self.transact(&delivered).await;
+            match step {
+                Ok(Step::Processed) | Ok(Step::Duplicate) => {
+                    if matches!(step, Ok(Step::Processed)) {
+                        self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("redelivery recognised by the inbox; effect skipped");
+                    }
+                    // Acked only now, after the commit. A lost ack means a redelivery, which the
+                    // inbox recognises.
+                    if let Err(e) = msg.ack().await {
+                        tracing::warn!(error = %e, "ack failed; the redelivery will be recognised");
+                    }
+                }
+                Ok(Step::Failed(e)) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    self.retry_or_park(&msg, &delivered, &*e).await;
+                }
+                Err(e) => {
+                    // The database failed, not the message: retry without counting toward parking
+                    // beyond JetStream's own delivery count.
+                    tracing::warn!(error = %e, "inbox transaction failed; message will be redelivered");
+                    let _ = msg.ack_with(AckKind::Nak(Some(self.backoff(delivered.delivery)))).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One transaction: record the key, run the handler on a first delivery, commit.
+    async fn transact(&self, d: &Delivered) -> Result<Step, Error> {
+        let mut obj = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Database(Box::new(e)))?;
+        let client: &mut tokio_postgres::Client = &mut obj;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let key = DedupKey::for_message(d.biz_id.as_deref(), d.message_id);
+        match self.inbox.record_pg(&tx, &key).await? {
+            Recorded::Duplicate => {
+                if let Err(e) = self.handler.duplicate(&tx, d).await {
+                    tracing::warn!(error = %e, "duplicate hook failed");
+                }
+                tx.commit().await.map_err(map_err)?;
+                Ok(Step::Duplicate)
+            }
+            Recorded::First => match self.handler.handle(&tx, d).await {
+                Ok(()) => {
+                    tx.commit().await.map_err(map_err)?;
+                    Ok(Step::Processed)
+                }
+                Err(e) => {
+                    tx.rollback().await.map_err(map_err)?;
+                    Ok(Step::Failed(e))
+                }
+            },
+        }
+    }
+
+    fn backoff(&self, delivery: i64) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << (delivery - 1).clamp(0, 20) as u32);
+        exp.min(self.config.backoff_max)
+    }
+
+    async fn retry_or_park(
+        &self,
+        msg: &jetstream::Message,
+        d: &Delivered,
+        e: &(dyn std::error::Error + Send + Sync),
+    ) {
+        if d.delivery < self.config.max_deliveries {
+            let delay = self.backoff(d.delivery);
+            tracing::warn!(error = %e, retry_in = ?delay, "handler failed; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            return;
+        }
+        let headers = serde_json::Value::Object(
+            d.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
+        );
+        let parked = async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| Error::Database(Box::new(e)))?;
+            client
+                .execute(
+                    PARK,
+                    &[
+                        &self.config.name,
+                        &d.message_id.as_uuid(),
+                        &d.biz_id,
+                        &d.topic,
+                        &d.payload.to_vec(),
+                        &headers,
+                        &(d.delivery as i32),
+                        &e.to_string(),
+                    ],
+                )
+                .await
+                .map_err(map_err)
+        }
+        .await;
+        match parked {
+            Ok(_) => {
+                self.stats.parked.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, deliveries = d.delivery, "message parked in tidings.inbox_dead_letters");
+                let _ = msg.ack().await;
+            }
+            Err(pe) => {
+                tracing::error!(error = %pe, "cannot park message; will retry");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(self.config.backoff_max)))
+                    .await;
+            }
+        }
+    }
+}
+
+fn parse(msg: &jetstream::Message) -> Option<Delivered> {
+    let headers: BTreeMap<String, String> = msg
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
+        .collect();
+    let id = headers
+        .get(envelope::HEADER_MESSAGE_ID)
+        .or_else(|| headers.get("Nats-Msg-Id"))?
+        .parse::<MessageId>()
+        .ok()?;
+    Some(Delivered {
+        message_id: id,
+        biz_id: headers.get(envelope::HEADER_BIZ_ID).cloned(),
+        key: headers.get(envelope::HEADER_KEY).cloned(),
+        topic: headers
+            .get(envelope::HEADER_TOPIC)
+            .cloned()
+            .unwrap_or_else(|| msg.subject.to_string()),
+        subject: msg.subject.to_string(),
+        delivery: msg.info().map(|i| i.delivered).unwrap_or(1),
+        headers,
+        payload: msg.payload.clone(),
+    })
+}

@@ -1,0 +1,451 @@
+//! The inbox: one effect per (consumer, key) for every driver, under real concurrency; the
+//! JetStream consumer runner; retention.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::Connection as _;
+use diesel_async::AsyncConnection as _;
+use futures::future::BoxFuture;
+use tidings_inbox::nats::{ConsumerConfig, Delivered, Handler, HandlerError, NatsConsumer};
+use tidings_inbox::{DedupKey, Inbox, Outcome, Recorded};
+use tidings_outbox::MessageId;
+use tidings_relay::sink::{NatsSink, NatsSinkConfig};
+use tidings_relay::{Envelope, Sink};
+use tidings_tests::{eventually, pool, NatsServer, TestDb};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn setup() -> (TestDb, Client) {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE cards (id bigserial PRIMARY KEY, payment_id text NOT NULL)")
+        .await
+        .unwrap();
+    (db, c)
+}
+
+async fn cards(c: &Client, payment: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM cards WHERE payment_id = $1",
+        &[&payment],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn issue_pg(
+    inbox: &Inbox,
+    c: &mut Client,
+    payment: &str,
+    fail: bool,
+) -> Result<Outcome<()>, BoxError> {
+    let mut tx = c.transaction().await?;
+    let out = inbox
+        .process_pg(&mut tx, &DedupKey::biz_id(payment), async |tx| {
+            tx.execute("INSERT INTO cards (payment_id) VALUES ($1)", &[&payment])
+                .await?;
+            if fail {
+                return Err::<(), BoxError>("card printer jammed".into());
+            }
+            Ok(())
+        })
+        .await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn tokio_postgres_redelivery_is_recognised_and_failed_effects_leave_nothing() {
+    let (db, _) = setup().await;
+    let mut c = db.client().await;
+    let inbox = Inbox::new("card-service").unwrap();
+    let err = issue_pg(&inbox, &mut c, "pay_1", true).await.unwrap_err();
+    assert_eq!(err.to_string(), "card printer jammed");
+    assert_eq!(
+        cards(&c, "pay_1").await,
+        0,
+        "the failed effect left nothing"
+    );
+    let recorded: i64 = c
+        .query_one("SELECT count(*) FROM tidings.inbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        recorded, 0,
+        "nor the inbox record: the message can be retried"
+    );
+    assert_eq!(
+        issue_pg(&inbox, &mut c, "pay_1", false).await.unwrap(),
+        Outcome::Processed(())
+    );
+    assert_eq!(
+        issue_pg(&inbox, &mut c, "pay_1", false).await.unwrap(),
+        Outcome::Duplicate
+    );
+    assert_eq!(cards(&c, "pay_1").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diesel_redelivery_is_recognised_and_failed_effects_leave_nothing() {
+    let (db, c) = setup().await;
+    let url = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        #[derive(Debug)]
+        struct Jammed;
+        #[derive(Debug)]
+        #[allow(dead_code)] // only Effect is matched; the others carry the conversion paths
+        enum AppError {
+            Inbox,
+            Db,
+            Effect,
+        }
+        impl From<tidings_inbox::Error> for AppError {
+            fn from(_: tidings_inbox::Error) -> Self {
+                AppError::Inbox
+            }
+        }
+        impl From<diesel::result::Error> for AppError {
+            fn from(_: diesel::result::Error) -> Self {
+                AppError::Db
+            }
+        }
+        impl From<Jammed> for AppError {
+            fn from(_: Jammed) -> Self {
+                AppError::Effect
+            }
+        }
+        use diesel::RunQueryDsl;
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        let inbox = Inbox::new("card-service").unwrap();
+        let issue = |conn: &mut diesel::PgConnection, fail: bool| {
+            inbox.process(conn, &DedupKey::biz_id("pay_1"), |conn| {
+                diesel::sql_query("INSERT INTO cards (payment_id) VALUES ('pay_1')")
+                    .execute(conn)?;
+                if fail {
+                    Err(Jammed)?;
+                }
+                Ok::<_, AppError>(())
+            })
+        };
+        assert!(matches!(issue(&mut conn, true), Err(AppError::Effect)));
+        assert_eq!(issue(&mut conn, false).unwrap(), Outcome::Processed(()));
+        // Inside the caller's own transaction (a savepoint): still one effect.
+        let again = conn
+            .transaction::<_, AppError, _>(|conn| issue(conn, false))
+            .unwrap();
+        assert_eq!(again, Outcome::Duplicate);
+    })
+    .await
+    .unwrap();
+    assert_eq!(cards(&c, "pay_1").await, 1);
+}
+
+#[tokio::test]
+async fn diesel_async_record_in_the_callers_transaction() {
+    let (db, c) = setup().await;
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    let inbox = Inbox::new("card-service").unwrap();
+    for expected in [Recorded::First, Recorded::Duplicate] {
+        let inbox = inbox.clone();
+        let got = conn
+            .transaction::<_, BoxError, _>(async move |conn| {
+                let r = inbox.record_async(conn, &DedupKey::biz_id("pay_1")).await?;
+                if r == Recorded::First {
+                    use diesel_async::RunQueryDsl;
+                    diesel::sql_query("INSERT INTO cards (payment_id) VALUES ('pay_1')")
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(r)
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, expected);
+    }
+    // A rolled-back record is forgotten.
+    let _ = conn
+        .transaction::<(), BoxError, _>(async |conn| {
+            let r = Inbox::new("other")
+                .unwrap()
+                .record_async(conn, &DedupKey::biz_id("pay_1"))
+                .await?;
+            assert_eq!(r, Recorded::First);
+            Err("rollback".into())
+        })
+        .await;
+    let other: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tidings.inbox WHERE consumer = 'other'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(other, 0);
+    assert_eq!(cards(&c, "pay_1").await, 1);
+}
+
+/// The second of two concurrent deliveries waits for the first transaction, then sees a duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_deliveries_of_one_key_give_exactly_one_effect() {
+    let (db, c) = setup().await;
+    let inbox = Inbox::new("card-service").unwrap();
+    let key = DedupKey::biz_id("pay_1");
+    let mut first = db.client().await;
+    let tx1 = first.transaction().await.unwrap();
+    assert_eq!(inbox.record_pg(&tx1, &key).await.unwrap(), Recorded::First);
+    tx1.execute("INSERT INTO cards (payment_id) VALUES ('pay_1')", &[])
+        .await
+        .unwrap();
+
+    let second = tokio::spawn({
+        let (url, inbox, key) = (db.url.clone(), inbox.clone(), key.clone());
+        async move {
+            let mut c = tidings_tests::connect(&url).await;
+            let tx = c.transaction().await.unwrap();
+            let pid: i32 = tx
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let r = inbox.record_pg(&tx, &key).await.unwrap();
+            tx.commit().await.unwrap();
+            (pid, r)
+        }
+    });
+    eventually("the second delivery to wait on the first's lock", Duration::from_secs(10), || async {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+    assert!(!second.is_finished());
+    tx1.commit().await.unwrap();
+    let (_, r) = second.await.unwrap();
+    assert_eq!(r, Recorded::Duplicate);
+
+    // And a crowd: 16 concurrent deliveries of one key, one effect.
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (url, inbox) = (db.url.clone(), inbox.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = tidings_tests::connect(&url).await;
+            issue_pg(&inbox, &mut c, "pay_2", false).await.unwrap()
+        }));
+    }
+    let mut processed = 0;
+    for t in tasks {
+        processed += usize::from(t.await.unwrap().is_processed());
+    }
+    assert_eq!(processed, 1);
+    assert_eq!(cards(&c, "pay_2").await, 1);
+}
+
+#[tokio::test]
+async fn consumers_dedup_independently_and_message_id_is_the_key_without_biz_id() {
+    let (db, _) = setup().await;
+    let mut c = db.client().await;
+    let (a, b) = (
+        Inbox::new("card-service").unwrap(),
+        Inbox::new("mailer").unwrap(),
+    );
+    assert!(issue_pg(&a, &mut c, "pay_1", false)
+        .await
+        .unwrap()
+        .is_processed());
+    assert!(issue_pg(&b, &mut c, "pay_1", false)
+        .await
+        .unwrap()
+        .is_processed());
+    let id: MessageId = "01a21c12-80e8-722f-a870-77424c2b05f4".parse().unwrap();
+    let key = DedupKey::for_message(None, id);
+    assert_eq!(key.as_str(), id.to_string());
+    assert_eq!(DedupKey::for_message(Some("pay_9"), id).as_str(), "pay_9");
+    assert_eq!(a.record_pg(&c, &key).await.unwrap(), Recorded::First);
+    assert_eq!(a.record_pg(&c, &key).await.unwrap(), Recorded::Duplicate);
+    assert!(Inbox::new("").is_err());
+    assert!(a.record_pg(&c, &DedupKey::biz_id("")).await.is_err());
+}
+
+#[tokio::test]
+async fn prune_deletes_only_old_records_in_batches() {
+    let (db, c) = setup().await;
+    c.batch_execute(
+        "INSERT INTO tidings.inbox (consumer, biz_id, processed_at)
+         SELECT 'a', 'old-' || i, now() - interval '10 days' FROM generate_series(1, 25) i;
+         INSERT INTO tidings.inbox (consumer, biz_id, processed_at)
+         SELECT 'b', 'old-' || i, now() - interval '10 days' FROM generate_series(1, 5) i;
+         INSERT INTO tidings.inbox (consumer, biz_id) SELECT 'a', 'new-' || i FROM generate_series(1, 7) i;",
+    )
+    .await
+    .unwrap();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(
+        tidings_inbox::prune(&c, Some("a"), week, 10).await.unwrap(),
+        25
+    );
+    assert_eq!(tidings_inbox::prune(&c, None, week, 10).await.unwrap(), 5);
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM tidings.inbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 7);
+    drop(db);
+}
+
+// ---------------------------------------------------------------- JetStream consumer runner
+
+struct IssueCard;
+
+impl Handler for IssueCard {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        msg: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let payment = msg.biz_id.as_deref().ok_or("no biz-id")?;
+            if payment.starts_with("poison") {
+                return Err("cannot issue a card for this payment".into());
+            }
+            tx.execute("INSERT INTO cards (payment_id) VALUES ($1)", &[&payment])
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+fn envelope(biz: &str) -> Envelope {
+    Envelope {
+        id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+        seq: 0,
+        topic: "payment.succeeded".into(),
+        key: None,
+        biz_id: Some(biz.into()),
+        payload: bytes::Bytes::from_static(b"{}"),
+        headers: [(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]
+        .into(),
+        created_at: chrono::Utc::now(),
+        attempts: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    let sink = NatsSink::connect(NatsSinkConfig {
+        url: nats.url.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // 50 payments, each also re-published under a NEW message id (as a producer retry would):
+    // JetStream cannot drop those, the inbox must.
+    for i in 0..50 {
+        let e = envelope(&format!("pay_{i}"));
+        sink.publish(&e).await.unwrap();
+        sink.publish(&Envelope {
+            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            ..e
+        })
+        .await
+        .unwrap();
+    }
+    sink.publish(&envelope("poison_1")).await.unwrap();
+
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let config = ConsumerConfig {
+        name: "card-service".into(),
+        filter_subject: "tidings.payment.succeeded".into(),
+        max_deliveries: 3,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let consumer = Arc::new(
+        NatsConsumer::new(pool(&db, 4), client, config, Arc::new(IssueCard))
+            .await
+            .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually(
+        "all payments handled and the poison parked",
+        Duration::from_secs(30),
+        || async {
+            let s = consumer.stats();
+            s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst) == 100
+                && s.parked.load(Ordering::SeqCst) == 1
+        },
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let s = consumer.stats();
+    assert_eq!(s.processed.load(Ordering::SeqCst), 50);
+    assert_eq!(s.duplicates.load(Ordering::SeqCst), 50);
+    assert_eq!(
+        s.failed.load(Ordering::SeqCst),
+        3,
+        "the poison message was tried max_deliveries times"
+    );
+    let per_payment: Vec<i64> = c
+        .query("SELECT count(*) FROM cards GROUP BY payment_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(per_payment.len(), 50);
+    assert!(
+        per_payment.iter().all(|n| *n == 1),
+        "exactly one card per payment"
+    );
+    let parked = c
+        .query_one(
+            "SELECT biz_id, deliveries, last_error FROM tidings.inbox_dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(parked.get::<_, String>(0), "poison_1");
+    assert_eq!(parked.get::<_, i32>(1), 3);
+    assert!(parked.get::<_, String>(2).contains("cannot issue a card"));
+
+    // Everything was acked: a new runner on the same durable consumer gets nothing.
+    let info = consumer
+        .pull_consumer()
+        .clone()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+}
