@@ -1,18 +1,17 @@
-//! The payments demo: a payment service charges cards and, in the SAME transaction, enqueues
-//! `payment.succeeded` with biz-id = payment id; the relay delivers to NATS JetStream.
+//! The payments demo: a payment service charges payments and, in the SAME transaction, enqueues
+//! `payment.succeeded` with biz-id = payment id; the relay delivers to NATS JetStream; a card
+//! service consumes with the inbox and issues one membership card per payment.
 //!
-//! It injects the fault that creates duplicates in the upper half (the relay dies after
-//! publishing, before recording delivery) and shows JetStream dropping every re-send by message
-//! id. It also rolls back a payment and shows its message never leaves. Exits non-zero unless
-//! the stream holds exactly one `payment.succeeded` per committed payment.
+//! It injects the two faults that create duplicates: the relay dies after publishing but
+//! before recording delivery (re-send: JetStream drops it by message id), and the card service
+//! dies after committing but before acking (redelivery: the inbox drops it). It also rolls back
+//! a payment and shows its message never leaves. Exits non-zero unless every payment has
+//! exactly one card (and the stream exactly one message per payment).
 //!
 //! Needs only the local PostgreSQL and NATS (with JetStream); creates the database
 //! `tidings_demo` (dropped and recreated on each run) and a stream of its own.
 //! Environment: `DEMO_PG` (server URL, default postgres://postgres@127.0.0.1:5432),
 //! `DEMO_NATS` (default nats://127.0.0.1:4222), `DEMO_PAYMENTS` (default 1000).
-//!
-//! The card service (consumer with the inbox, one membership card per payment) is the next
-//! step of the demo and is not built yet.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -23,19 +22,16 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tidings_outbox::{Message, Outbox};
+use tidings_examples::{charge, IssueCard, PaymentSucceeded, Verdict, SCHEMA};
+use tidings_inbox::nats::{ConsumerConfig, Delivered, Handler, NatsConsumer};
+use tidings_inbox::{DedupKey, Inbox, Recorded};
+use tidings_outbox::Outbox;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig, StreamSetup};
 use tidings_relay::{Delivery, Envelope, Relay, RelayConfig, Sink, SinkError};
 use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-#[derive(serde::Serialize)]
-struct PaymentSucceeded<'a> {
-    payment_id: &'a str,
-    customer: &'a str,
-    cents: i64,
-}
 
 /// Publishes through the real NATS sink and signals once `limit` publishes have gone out, so the
 /// demo can "kill" the relay at exactly that moment: after publishing, before recording.
@@ -115,60 +111,39 @@ async fn run() -> Result<bool, BoxError> {
     let db_url = format!("{server}/tidings_demo");
     let mut db = connect(&db_url).await?;
     let applied = tidings_migrations::postgres::up(&mut db).await?;
-    db.batch_execute(
-        "CREATE TABLE payments (id text PRIMARY KEY, customer text NOT NULL, cents bigint NOT NULL)",
-    )
-    .await?;
+    db.batch_execute(SCHEMA).await?;
     println!("migrated tidings_demo ({} migration(s))", applied.len());
 
-    // A subject prefix of this run's own, so earlier runs' messages do not count.
-    let prefix = format!("demo{}", std::process::id());
+    // The demo's own stream, emptied at every run so only this run's messages count.
+    let prefix = "demo".to_owned();
+    {
+        let js = jetstream::new(async_nats::connect(&nats_url).await?);
+        let _ = js.delete_stream("TIDINGS_DEMO").await;
+    }
 
     // 2. The payment service: business row + outbox message, one transaction each.
     let outbox = Outbox::default();
     let started = Instant::now();
     for i in 0..payments {
-        let (id, customer) = (format!("pay_{i:05}"), format!("cust_{}", i % 50));
+        let event = PaymentSucceeded {
+            payment_id: format!("pay_{i:05}"),
+            customer: format!("cust_{}", i % 50),
+            n: (i / 50) as i64,
+            cents: 4200,
+        };
         let tx = db.transaction().await?;
-        tx.execute(
-            "INSERT INTO payments (id, customer, cents) VALUES ($1, $2, $3)",
-            &[&id, &customer, &4200i64],
-        )
-        .await?;
-        let msg = Message::json(
-            "payment.succeeded",
-            &PaymentSucceeded {
-                payment_id: &id,
-                customer: &customer,
-                cents: 4200,
-            },
-        )?
-        .biz_id(id.as_str())
-        .key(customer.as_str());
-        outbox.enqueue_pg(&tx, &msg).await?;
+        charge(&tx, &outbox, &event).await?;
         tx.commit().await?;
     }
     // A payment whose transaction fails: neither the row nor the message may survive.
     let tx = db.transaction().await?;
-    tx.execute(
-        "INSERT INTO payments VALUES ('pay_declined', 'cust_x', 1)",
-        &[],
-    )
-    .await?;
-    outbox
-        .enqueue_pg(
-            &tx,
-            &Message::json(
-                "payment.succeeded",
-                &PaymentSucceeded {
-                    payment_id: "pay_declined",
-                    customer: "cust_x",
-                    cents: 1,
-                },
-            )?
-            .biz_id("pay_declined"),
-        )
-        .await?;
+    let declined = PaymentSucceeded {
+        payment_id: "pay_declined".into(),
+        customer: "cust_x".into(),
+        n: 0,
+        cents: 1,
+    };
+    charge(&tx, &outbox, &declined).await?;
     tx.rollback().await?;
     println!(
         "charged {payments} payments in {:.2?} (one transaction each: payment row + outbox message); 1 rolled back",
@@ -213,6 +188,10 @@ async fn run() -> Result<bool, BoxError> {
         let r = relay.tick().await?;
         delivered += r.delivered;
         duplicates += r.duplicates;
+        if let Some(pause) = relay.sink_backoff() {
+            // Broker unavailable: back off as the daemon would, instead of spinning.
+            tokio::time::sleep(pause).await;
+        }
         let left: i64 = db
             .query_one("SELECT count(*) FROM tidings.outbox", &[])
             .await?
@@ -227,7 +206,8 @@ async fn run() -> Result<bool, BoxError> {
     println!("relay restarted: delivered {delivered}, of which {duplicates} re-sends JetStream dropped as duplicates");
 
     // 5. What the broker holds: exactly one message per committed payment.
-    let js = jetstream::new(async_nats::connect(&nats_url).await?);
+    let client = async_nats::connect(&nats_url).await?;
+    let js = jetstream::new(client.clone());
     let stream = js.get_stream("TIDINGS_DEMO").await?;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
@@ -238,38 +218,129 @@ async fn run() -> Result<bool, BoxError> {
         .await?;
     let mut seen = HashSet::new();
     let mut stored = 0usize;
-    let mut msgs = consumer.messages().await?;
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), msgs.next()).await {
+    let mut msgs = consumer.messages().await?.take(payments);
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
         let m = m?;
         stored += 1;
         let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
         seen.insert(v["payment_id"].as_str().unwrap_or_default().to_owned());
     }
-    let committed: i64 = db
-        .query_one("SELECT count(*) FROM payments", &[])
-        .await?
-        .get(0);
-    let ok = stored == payments
+
+    // 6. The card service, first run: it commits cards for the first 100 messages, then dies
+    //    before acking them.
+    let card_config = ConsumerConfig {
+        name: format!("card-service-{prefix}"),
+        stream: "TIDINGS_DEMO".into(),
+        filter_subject: format!("{prefix}.payment.succeeded"),
+        ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    };
+    // Fewer than the consumer's max_ack_pending (16 x 8), so all arrive in one fetch.
+    let crash_after = 100.min(payments);
+    {
+        let doomed = NatsConsumer::new(
+            pool.clone(),
+            client.clone(),
+            card_config.clone(),
+            Arc::new(IssueCard),
+        )
+        .await?;
+        let inbox = Inbox::new(card_config.name.clone())?;
+        let mut batch = doomed
+            .pull_consumer()
+            .fetch()
+            .max_messages(crash_after)
+            .messages()
+            .await?;
+        let mut pg = pool.get().await?;
+        let mut committed = 0;
+        while let Some(m) = batch.next().await {
+            let m = m?;
+            let d = Delivered::from_message(&m).ok_or("message without an id")?;
+            let pg: &mut tokio_postgres::Client = &mut pg;
+            let tx = pg.transaction().await?;
+            if inbox
+                .record_pg(
+                    &tx,
+                    &DedupKey::for_message(d.biz_id.as_deref(), d.message_id),
+                )
+                .await?
+                == Recorded::First
+            {
+                IssueCard.handle(&tx, &d).await?;
+            }
+            tx.commit().await?;
+            committed += 1;
+            // ...and no ack: the process "dies" here.
+        }
+        println!("card service crashed after committing {committed} cards, before acking them");
+    }
+
+    // 7. The card service restarts: JetStream redelivers the unacked messages after ack_wait;
+    //    the inbox recognises them and skips the effect.
+    let cards_service = Arc::new(
+        NatsConsumer::new(
+            pool.clone(),
+            client.clone(),
+            card_config,
+            Arc::new(IssueCard),
+        )
+        .await?,
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (c, stop) = (cards_service.clone(), stop.clone());
+        async move { c.run(stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = Verdict::read(&db).await?;
+        let s = cards_service.stats();
+        let handled = s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst);
+        if v.cards as usize >= payments && handled as usize >= payments {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await??;
+
+    let v = Verdict::read(&db).await?;
+    let ok = v.exactly_once()
+        && v.payments as usize == payments
+        && stored == payments
         && seen.len() == payments
-        && committed as usize == payments
         && !seen.contains("pay_declined");
-    println!("payments committed:            {committed}");
+    println!("payments charged:                        {}", v.payments);
     println!(
-        "messages stored in JetStream:  {stored} ({} distinct payments)",
+        "messages in JetStream:                   {stored} ({} distinct payments)",
         seen.len()
     );
-    println!("upper-half duplicates dropped: {duplicates}");
+    println!("membership cards issued:                 {}", v.cards);
     println!(
-        "rolled-back payment delivered: {}",
+        "payments without a card / with several:  {} / {}",
+        v.without_card, v.with_several
+    );
+    println!("duplicates absorbed, upper half (JetStream, by message id): {duplicates}");
+    println!(
+        "duplicates absorbed, lower half (inbox, by payment id):      {}",
+        v.absorbed
+    );
+    println!(
+        "rolled-back payment delivered:           {}",
         seen.contains("pay_declined")
     );
     println!(
         "{}",
         if ok {
-            "OK: exactly one payment.succeeded per committed payment"
+            "OK: every payment has exactly one membership card"
         } else {
-            "FAILED: the broker does not hold exactly one message per payment"
+            "FAILED: not exactly one card per payment"
         }
     );
+    admin.batch_execute("SELECT 1").await?;
     Ok(ok)
 }

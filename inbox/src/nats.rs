@@ -243,7 +243,7 @@ impl NatsConsumer {
     }
 
     async fn handle(&self, msg: jetstream::Message) {
-        let delivered = match parse(&msg) {
+        let delivered = match Delivered::from_message(&msg) {
             Some(d) => d,
             None => {
                 tracing::error!(subject = %msg.subject, "message without Tidings-Message-Id or Nats-Msg-Id; terminating it");
@@ -388,6 +388,13 @@ impl NatsConsumer {
                     .await;
             }
         }
+    }
+}
+
+impl Delivered {
+    /// Reads a JetStream message published by the Tidings relay; None without a message id.
+    pub fn from_message(msg: &jetstream::Message) -> Option<Delivered> {
+        parse(msg)
     }
 }
 

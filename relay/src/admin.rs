@@ -9,7 +9,7 @@ use crate::Error;
 
 const STATUS: &str = include_str!("sql/status.sql");
 const RELAYS: &str = "SELECT name, host, pid, sink, started_at, \
-     extract(epoch FROM now() - heartbeat_at)::float8, delivered, failed, dead_lettered \
+     extract(epoch FROM now() - heartbeat_at)::float8, delivered, failed, dead_lettered, duplicates \
      FROM tidings.relays ORDER BY name";
 const DLQ_LIST: &str = "SELECT id, topic, ordering_key, biz_id, attempts, last_error, reason, \
      created_at, dead_at FROM tidings.dead_letters ORDER BY dead_at DESC LIMIT $1";
@@ -58,6 +58,8 @@ pub struct RelayInfo {
     pub failed: i64,
     /// Messages it dead-lettered.
     pub dead_lettered: i64,
+    /// Re-sends the broker recognised by message id and dropped.
+    pub duplicates: i64,
 }
 
 /// A dead-lettered message (without its payload).
@@ -100,6 +102,7 @@ pub async fn status(client: &impl GenericClient) -> Result<Status, Error> {
             delivered: r.get(6),
             failed: r.get(7),
             dead_lettered: r.get(8),
+            duplicates: r.get(9),
         })
         .collect();
     Ok(Status {

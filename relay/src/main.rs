@@ -53,6 +53,28 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Consumer-side maintenance of the inbox.
+    Inbox {
+        #[command(subcommand)]
+        action: InboxAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum InboxAction {
+    /// Delete inbox records older than --older-than, in small batches. Keep records longer than
+    /// any redelivery or replay can arrive, or a late redelivery runs its effect again.
+    Prune {
+        /// Age beyond which records go (e.g. 7d, 12h).
+        #[arg(long, env = "TIDINGS_INBOX_RETENTION", value_parser = parse_duration, default_value = "7d")]
+        older_than: Duration,
+        /// Only this consumer's records [default: every consumer].
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Rows deleted per statement (each its own short transaction).
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +163,9 @@ struct RelayArgs {
     /// Longest retry backoff.
     #[arg(long, env = "TIDINGS_BACKOFF_MAX", value_parser = parse_duration, default_value = "5m")]
     backoff_max: Duration,
+    /// How often the relay refreshes its row (and counters) in tidings.relays.
+    #[arg(long, env = "TIDINGS_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    heartbeat_interval: Duration,
     /// Database connections in the relay's pool (the LISTEN connection is extra).
     #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
     pool_size: usize,
@@ -178,7 +203,7 @@ struct RelayArgs {
     nats_creds: Option<std::path::PathBuf>,
 }
 
-/// Parses `250ms`, `15s`, `5m`, `1h` (a bare number is seconds).
+/// Parses `250ms`, `15s`, `5m`, `1h`, `7d` (a bare number is seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -193,7 +218,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -286,6 +316,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status { json } => status(&pg?, json).await,
         Command::Dlq { action } => dlq(&pg?, action).await,
         Command::Relay(args) => relay(pg?, *args).await,
+        Command::Inbox {
+            action:
+                InboxAction::Prune {
+                    older_than,
+                    consumer,
+                    batch,
+                },
+        } => {
+            if batch < 1 {
+                return Err(usage("--batch must be at least 1"));
+            }
+            let client = connect(&pg?).await?;
+            tidings_migrations::postgres::ensure_current(&client).await?;
+            let n = tidings_inbox::prune(&client, consumer.as_deref(), older_than, batch).await?;
+            println!("pruned {n} inbox records older than {older_than:?}");
+            Ok(())
+        }
     }
 }
 
@@ -351,8 +398,8 @@ async fn status(pg: &tokio_postgres::Config, json: bool) -> Result<(), Failure> 
     println!("relays:           {}", s.relays.len());
     for r in &s.relays {
         println!(
-            "  {} ({}@{} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}",
-            r.name, r.name, r.host, r.pid, r.sink, r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered
+            "  {} ({} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}, broker duplicates {}",
+            r.name, r.host, r.pid, r.sink, r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered, r.duplicates
         );
     }
     Ok(())
@@ -408,6 +455,7 @@ async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failur
         max_attempts: args.max_attempts,
         backoff_base: args.backoff_base,
         backoff_max: args.backoff_max,
+        heartbeat_interval: args.heartbeat_interval,
         ..Default::default()
     };
     if let Some(name) = args.name {

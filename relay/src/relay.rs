@@ -54,6 +54,7 @@ struct Counters {
     delivered: i64,
     failed: i64,
     dead: i64,
+    duplicates: i64,
 }
 
 struct State {
@@ -445,6 +446,7 @@ impl Relay {
             s.counters.delivered += r.delivered as i64;
             s.counters.failed += r.retried as i64;
             s.counters.dead += r.dead_lettered as i64;
+            s.counters.duplicates += r.duplicates as i64;
             s.last_heartbeat
                 .is_none_or(|t| t.elapsed() >= self.config.heartbeat_interval)
         };
@@ -478,6 +480,7 @@ impl Relay {
                     &c.delivered,
                     &c.failed,
                     &c.dead,
+                    &c.duplicates,
                 ],
             )
             .await;
@@ -487,6 +490,7 @@ impl Relay {
                 s.counters.delivered += c.delivered;
                 s.counters.failed += c.failed;
                 s.counters.dead += c.dead;
+                s.counters.duplicates += c.duplicates;
             }
         }
         res?;

@@ -127,7 +127,9 @@ CREATE TABLE tidings.relays (
     heartbeat_at    timestamptz NOT NULL DEFAULT now(),
     delivered       bigint      NOT NULL DEFAULT 0,
     failed          bigint      NOT NULL DEFAULT 0,
-    dead_lettered   bigint      NOT NULL DEFAULT 0
+    dead_lettered   bigint      NOT NULL DEFAULT 0,
+    -- re-sends the broker recognised by message id and dropped (JetStream PubAck duplicate)
+    duplicates      bigint      NOT NULL DEFAULT 0
 );
 
 -- Wake-up hint for relays, OFF unless a producer opts in with `SET tidings.notify = on` (per

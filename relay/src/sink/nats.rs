@@ -156,7 +156,15 @@ impl NatsSink {
                             config.subject_prefix
                         ))
                     })?;
-                    tracing::info!(stream = %name, prefix = %config.subject_prefix, "created JetStream stream");
+                    // get_or_create returns an existing stream of that name as it is: make
+                    // sure it really captures our subjects.
+                    if let Err(e) = js.stream_by_subject(probe.clone()).await {
+                        return Err(Error::Sink(format!(
+                            "JetStream stream {name} exists on {shown} but does not capture {}.> ({e}); add the subject to it or choose another stream name",
+                            config.subject_prefix
+                        )));
+                    }
+                    tracing::info!(stream = %name, prefix = %config.subject_prefix, "using JetStream stream (created if missing)");
                 }
             },
         }
