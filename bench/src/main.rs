@@ -1,160 +1,155 @@
-//! Producer overhead: the same business transaction (one INSERT) with and without one outbox
-//! message, with the outbox NOTIFY on and off, at 1 and 8 concurrent clients, measured side by
-//! side in one run (scenarios interleaved over rounds, so machine noise cancels in the ratios).
-//! Prints a table and writes JSON.
+//! Tidings benchmarks, each comparison measured side by side in one run so machine noise
+//! cancels in the ratio. Prints tables and writes JSON.
 //!
-//! `cargo run --release -p tidings-bench -- [--seconds 5] [--rounds 3] [--json bench.json]`
-//! Needs the local PostgreSQL; creates (and drops first) the database `tidings_bench`.
+//! ```text
+//! cargo run --release -p tidings-bench                      # full run (about 4 minutes + sustained)
+//! cargo run --release -p tidings-bench -- --quick           # under a minute; what CI runs
+//! cargo run --release -p tidings-bench -- --sustained 10m   # the sustained run (default 0 = skipped in --quick)
+//! ```
+//!
+//! Needs the local PostgreSQL and NATS (JetStream). Creates (and drops first) the database
+//! `tidings_bench` and the stream `TIDINGS_BENCH`.
 
-use std::time::{Duration, Instant};
+mod drain;
+mod latency;
+mod overhead;
+mod sustained;
+
+use std::time::Duration;
 
 use clap::Parser;
-use tidings_outbox::{Message, Outbox};
+use serde_json::{json, Value};
 use tokio_postgres::{Client, NoTls};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Parser)]
-struct Args {
+#[derive(Parser, Clone)]
+#[command(about = "Tidings benchmarks")]
+pub struct Args {
     /// PostgreSQL server URL, without a database name.
-    #[arg(
-        long,
-        env = "BENCH_PG",
-        default_value = "postgres://postgres@127.0.0.1:5432"
-    )]
-    pg: String,
-    /// Seconds per scenario per round.
-    #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    /// Rounds; each round runs every scenario once, in turn.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, env = "BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub pg: String,
+    /// NATS URL (JetStream enabled).
+    #[arg(long, env = "BENCH_NATS", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Short run for CI: small sizes, one round, loose regression floors checked.
+    #[arg(long)]
+    pub quick: bool,
+    /// Which parts to run (comma-separated): overhead, drain, latency, sustained.
+    #[arg(long, default_value = "overhead,drain,latency,sustained", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Length of the sustained run (e.g. 10m); 0 skips it. Defaults to 10m, or 0 with --quick.
+    #[arg(long, value_parser = parse_minutes)]
+    pub sustained: Option<Duration>,
+    /// Backlog size for the drain benchmark. Defaults to 100000 (10000 with --quick).
+    #[arg(long)]
+    pub backlog: Option<usize>,
+    /// Relay batch size for the drain benchmark. Defaults to the relay's default (500).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Where to write the JSON results.
-    #[arg(long, default_value = "target/bench-producer.json")]
-    json: String,
+    #[arg(long, default_value = "target/bench.json")]
+    pub json: String,
 }
 
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Mode {
-    /// The business INSERT only.
-    Baseline,
-    /// Plus one outbox message, with `SET tidings.notify = on`.
-    OutboxNotify,
-    /// Plus one outbox message, NOTIFY off (the default).
-    OutboxQuiet,
+fn parse_minutes(s: &str) -> Result<Duration, String> {
+    let (n, mul) = match s.strip_suffix('m') {
+        Some(n) => (n, 60.0),
+        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
+    };
+    n.parse::<f64>()
+        .map(|n| Duration::from_secs_f64(n * mul))
+        .map_err(|_| format!("{s:?} is not a duration like 10m or 30s"))
 }
 
-async fn connect(url: &str) -> Result<Client, BoxError> {
+pub async fn connect(url: &str) -> Result<Client, BoxError> {
     let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(conn);
     Ok(c)
 }
 
-/// Runs `clients` producers for `secs`; returns committed transactions per second.
-async fn run(url: &str, mode: Mode, clients: usize, secs: f64) -> Result<f64, BoxError> {
-    let setup = connect(url).await?;
-    setup
-        .batch_execute("TRUNCATE orders; TRUNCATE tidings.outbox; CHECKPOINT")
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let url = url.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let mut client = connect(&url).await?;
-            if mode == Mode::OutboxNotify {
-                client.batch_execute("SET tidings.notify = on").await?;
-            }
-            let outbox = Outbox::default();
-            let insert = client
-                .prepare("INSERT INTO orders (customer, cents) VALUES ($1, $2)")
-                .await?;
-            let customer = format!("cust_{c}");
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                let tx = client.transaction().await?;
-                tx.execute(&insert, &[&customer, &4200i64]).await?;
-                if mode != Mode::Baseline {
-                    let msg = Message::new("orders.created", format!("{{\"n\":{n}}}"))
-                        .biz_id(format!("{c}-{n}"));
-                    outbox.enqueue_pg(&tx, &msg).await?;
-                }
-                tx.commit().await?;
-                n += 1;
-            }
-            Ok::<u64, BoxError>(n)
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total as f64 / secs)
+pub fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, BoxError> {
+    Ok(deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(url.parse()?, NoTls))
+        .max_size(size)
+        .build()?)
+}
+
+/// Median of a sample.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() {
     let args = Args::parse();
+    match run(args).await {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!("bench: a regression floor was missed (see above)");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, BoxError> {
     let admin = connect(&format!("{}/postgres", args.pg)).await?;
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
-        .await?;
+    admin.batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)").await?;
     admin.batch_execute("CREATE DATABASE tidings_bench").await?;
     let url = format!("{}/tidings_bench", args.pg);
     let mut db = connect(&url).await?;
     tidings_migrations::postgres::up(&mut db).await?;
-    db.batch_execute("CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, cents bigint NOT NULL)")
-        .await?;
+    db.batch_execute(overhead::SCHEMA).await?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let pg_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
+    println!(
+        "machine: {cores} cores; PostgreSQL {pg_version} and NATS on the same machine; mode: {}",
+        if args.quick { "quick" } else { "full" }
+    );
 
-    let modes = [Mode::Baseline, Mode::OutboxNotify, Mode::OutboxQuiet];
-    let mut results = serde_json::Map::new();
-    println!(
-        "producer overhead: tx/s (median of {} rounds of {}s), ratio to baseline",
-        args.rounds, args.seconds
-    );
-    println!(
-        "{:>8} {:>12} {:>22} {:>22}",
-        "clients", "baseline", "outbox, NOTIFY on", "outbox, NOTIFY off"
-    );
-    for clients in [1usize, 8] {
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-        for _ in 0..args.rounds {
-            for (i, mode) in modes.iter().enumerate() {
-                samples[i].push(run(&url, *mode, clients, args.seconds).await?);
-            }
-        }
-        let median: Vec<f64> = samples
-            .iter_mut()
-            .map(|s| {
-                s.sort_by(|a, b| a.total_cmp(b));
-                s[s.len() / 2]
-            })
-            .collect();
-        let ratio = |v: f64| v / median[0];
-        println!(
-            "{clients:>8} {:>12.0} {:>14.0} ({:>5.1}%) {:>14.0} ({:>5.1}%)",
-            median[0],
-            median[1],
-            (ratio(median[1]) - 1.0) * 100.0,
-            median[2],
-            (ratio(median[2]) - 1.0) * 100.0
-        );
-        results.insert(
-            format!("clients_{clients}"),
-            serde_json::json!({
-                "baseline_tps": median[0],
-                "outbox_notify_tps": median[1],
-                "outbox_quiet_tps": median[2],
-                "overhead_notify": 1.0 - ratio(median[1]),
-                "overhead_quiet": 1.0 - ratio(median[2]),
-                "samples": samples,
-            }),
-        );
+    let mut report = serde_json::Map::new();
+    report.insert("cores".into(), json!(cores));
+    report.insert("quick".into(), json!(args.quick));
+    let mut ok = true;
+    let wants = |part: &str| args.only.iter().any(|p| p == part);
+    if wants("overhead") {
+        let (v, floor_ok) = overhead::run(&args, &url).await?;
+        report.insert("overhead".into(), v);
+        ok &= floor_ok;
     }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
-    println!("wrote {}", args.json);
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
-        .await?;
-    Ok(())
+    if wants("drain") {
+        let (v, floor_ok) = drain::run(&args, &url).await?;
+        report.insert("drain".into(), v);
+        ok &= floor_ok;
+    }
+    if wants("latency") {
+        let (v, floor_ok) = latency::run(&args, &url).await?;
+        report.insert("latency".into(), v);
+        ok &= floor_ok;
+    }
+    let sustained = args
+        .sustained
+        .unwrap_or(if args.quick { Duration::ZERO } else { Duration::from_secs(600) });
+    if wants("sustained") && !sustained.is_zero() {
+        let (v, floor_ok) = sustained::run(&args, &url, sustained).await?;
+        report.insert("sustained".into(), v);
+        ok &= floor_ok;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    println!("\nwrote {}", args.json);
+    admin.batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)").await?;
+    Ok(ok)
+}
+
+/// Prints a regression-floor check; returns whether it held.
+pub fn floor(what: &str, value: f64, min: f64) -> bool {
+    let held = value >= min;
+    if !held {
+        println!("  REGRESSION: {what} = {value:.1}, below the floor of {min:.1}");
+    }
+    held
 }

@@ -144,6 +144,9 @@ struct RelayArgs {
     /// Polling interval when no notification arrives (e.g. 500ms, 2s).
     #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
     poll_interval: Duration,
+    /// Polling interval right after a batch that found messages (while traffic flows).
+    #[arg(long, env = "TIDINGS_BUSY_POLL_INTERVAL", value_parser = parse_duration, default_value = "2ms")]
+    busy_poll_interval: Duration,
     /// Do not LISTEN for producers' notifications; find work by polling only (PgBouncer in
     /// transaction mode).
     #[arg(long, env = "TIDINGS_NO_LISTEN")]
@@ -449,6 +452,7 @@ async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failur
     let mut config = RelayConfig {
         batch_size: args.batch_size,
         poll_interval: args.poll_interval,
+        busy_poll_interval: args.busy_poll_interval,
         listen: !args.no_listen,
         claim_timeout: args.claim_timeout,
         publish_timeout: args.publish_timeout,

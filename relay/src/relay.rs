@@ -177,7 +177,11 @@ impl Relay {
                     if r.claimed >= self.config.batch_size {
                         continue; // more is waiting
                     }
-                    self.config.poll_interval
+                    if r.claimed > 0 {
+                        self.config.busy_poll_interval // traffic is flowing
+                    } else {
+                        self.config.poll_interval
+                    }
                 }
                 Err(e) => {
                     db_errors += 1;
@@ -250,11 +254,11 @@ impl Relay {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // Bound how long this transaction may hold its rows if this process hangs: PostgreSQL
-        // then ends the session and another relay takes the rows (failover). Sent in the same
-        // pipeline as the claim.
+        // then ends the session and another relay takes the rows (failover). JIT off: see
+        // claim_batch.sql. Sent in the same pipeline as the claim.
         let timeout_ms = self.config.claim_timeout.as_millis().to_string();
         let set_local = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; SET LOCAL statement_timeout = {timeout_ms}"
+            "SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; SET LOCAL statement_timeout = {timeout_ms}; SET LOCAL jit = off"
         );
         let limit = self.config.batch_size as i64;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
