@@ -43,10 +43,19 @@ struct Run {
     notify: bool,
 }
 
-async fn measure(args: &Args, url: &str, sink: Arc<NatsSink>, run: &Run, secs: f64) -> Result<Value, BoxError> {
+async fn measure(
+    args: &Args,
+    url: &str,
+    sink: Arc<NatsSink>,
+    run: &Run,
+    secs: f64,
+) -> Result<Value, BoxError> {
     let c = connect(url).await?;
     c.batch_execute("TRUNCATE tidings.outbox").await?;
-    let timed = Arc::new(Timed { inner: sink, acked: Mutex::new(HashMap::new()) });
+    let timed = Arc::new(Timed {
+        inner: sink,
+        acked: Mutex::new(HashMap::new()),
+    });
     let mut relay = Relay::new(pool(url, 2)?, timed.clone(), RelayConfig::default())?;
     if run.notify {
         relay = relay.with_listener(url.parse()?, tokio_postgres::NoTls);
@@ -79,7 +88,12 @@ async fn measure(args: &Args, url: &str, sink: Arc<NatsSink>, run: &Run, secs: f
             while Instant::now() < deadline {
                 tick.tick().await;
                 let msgs: Vec<Message> = (0..per_tx)
-                    .map(|i| Message::new("bench.latency", format!("{{\"p\":{p},\"n\":{n},\"i\":{i}}}")))
+                    .map(|i| {
+                        Message::new(
+                            "bench.latency",
+                            format!("{{\"p\":{p},\"n\":{n},\"i\":{i}}}"),
+                        )
+                    })
                     .collect();
                 let tx = c.transaction().await?;
                 let ids = outbox.enqueue_batch_pg(&tx, &msgs).await?;
@@ -98,7 +112,10 @@ async fn measure(args: &Args, url: &str, sink: Arc<NatsSink>, run: &Run, secs: f
     // Let the relay deliver what is left, then stop it.
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        let left: i64 = c.query_one("SELECT count(*) FROM tidings.outbox", &[]).await?.get(0);
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM tidings.outbox", &[])
+            .await?
+            .get(0);
         if left == 0 || Instant::now() > end {
             break;
         }
@@ -110,10 +127,18 @@ async fn measure(args: &Args, url: &str, sink: Arc<NatsSink>, run: &Run, secs: f
     let acked = timed.acked.lock().map_err(|_| "poisoned")?.clone();
     let mut lat: Vec<f64> = commits
         .iter()
-        .filter_map(|(id, at)| acked.get(id).map(|a| a.saturating_duration_since(*at).as_secs_f64() * 1e3))
+        .filter_map(|(id, at)| {
+            acked
+                .get(id)
+                .map(|a| a.saturating_duration_since(*at).as_secs_f64() * 1e3)
+        })
         .collect();
     lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let achieved = commits.len() as f64 / secs;
     let _ = args;
     Ok(json!({
@@ -127,14 +152,33 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     let secs = if args.quick { 3.0 } else { 15.0 };
     let sink = bench_stream(args).await?;
     println!("\n== end-to-end latency, commit -> JetStream PubAck ({secs} s each)");
-    println!("{:>10} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}", "rate", "msg/tx", "NOTIFY", "achieved", "p50 ms", "p99 ms", "max ms");
+    println!(
+        "{:>10} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}",
+        "rate", "msg/tx", "NOTIFY", "achieved", "p50 ms", "p99 ms", "max ms"
+    );
     let mut out = Vec::new();
     let mut ok = true;
     for run in [
-        Run { rate: 1000, per_tx: 1, notify: false },
-        Run { rate: 1000, per_tx: 1, notify: true },
-        Run { rate: 5000, per_tx: 10, notify: false },
-        Run { rate: 5000, per_tx: 10, notify: true },
+        Run {
+            rate: 1000,
+            per_tx: 1,
+            notify: false,
+        },
+        Run {
+            rate: 1000,
+            per_tx: 1,
+            notify: true,
+        },
+        Run {
+            rate: 5000,
+            per_tx: 10,
+            notify: false,
+        },
+        Run {
+            rate: 5000,
+            per_tx: 10,
+            notify: true,
+        },
     ] {
         let v = measure(args, url, sink.clone(), &run, secs).await?;
         println!(
@@ -149,7 +193,11 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         );
         if args.quick && run.rate == 1000 && !run.notify {
             // Loose: catches a relay that stopped busy-polling or stalls.
-            ok &= floor("1000 msg/s p50 latency headroom (250 - p50 ms)", 250.0 - v["p50_ms"].as_f64().unwrap_or(1e9), 0.0);
+            ok &= floor(
+                "1000 msg/s p50 latency headroom (250 - p50 ms)",
+                250.0 - v["p50_ms"].as_f64().unwrap_or(1e9),
+                0.0,
+            );
         }
         out.push(v);
     }

@@ -27,7 +27,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[command(about = "Tidings benchmarks")]
 pub struct Args {
     /// PostgreSQL server URL, without a database name.
-    #[arg(long, env = "BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432")]
+    #[arg(
+        long,
+        env = "BENCH_PG",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
     pub pg: String,
     /// NATS URL (JetStream enabled).
     #[arg(long, env = "BENCH_NATS", default_value = "nats://127.0.0.1:4222")]
@@ -36,7 +40,11 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Which parts to run (comma-separated): overhead, drain, latency, sustained.
-    #[arg(long, default_value = "overhead,drain,latency,sustained", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "overhead,drain,latency,sustained",
+        value_delimiter = ','
+    )]
     pub only: Vec<String>,
     /// Length of the sustained run (e.g. 10m); 0 skips it. Defaults to 10m, or 0 with --quick.
     #[arg(long, value_parser = parse_minutes)]
@@ -69,9 +77,11 @@ pub async fn connect(url: &str) -> Result<Client, BoxError> {
 }
 
 pub fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, BoxError> {
-    Ok(deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(url.parse()?, NoTls))
-        .max_size(size)
-        .build()?)
+    Ok(
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(url.parse()?, NoTls))
+            .max_size(size)
+            .build()?,
+    )
 }
 
 /// Median of a sample.
@@ -98,13 +108,17 @@ async fn main() {
 
 async fn run(args: Args) -> Result<bool, BoxError> {
     let admin = connect(&format!("{}/postgres", args.pg)).await?;
-    admin.batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)").await?;
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
+        .await?;
     admin.batch_execute("CREATE DATABASE tidings_bench").await?;
     let url = format!("{}/tidings_bench", args.pg);
     let mut db = connect(&url).await?;
     tidings_migrations::postgres::up(&mut db).await?;
     db.batch_execute(overhead::SCHEMA).await?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let pg_version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
     println!(
         "machine: {cores} cores; PostgreSQL {pg_version} and NATS on the same machine; mode: {}",
@@ -131,17 +145,24 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         report.insert("latency".into(), v);
         ok &= floor_ok;
     }
-    let sustained = args
-        .sustained
-        .unwrap_or(if args.quick { Duration::ZERO } else { Duration::from_secs(600) });
+    let sustained = args.sustained.unwrap_or(if args.quick {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(600)
+    });
     if wants("sustained") && !sustained.is_zero() {
         let (v, floor_ok) = sustained::run(&args, &url, sustained).await?;
         report.insert("sustained".into(), v);
         ok &= floor_ok;
     }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    std::fs::write(
+        &args.json,
+        serde_json::to_string_pretty(&Value::Object(report))?,
+    )?;
     println!("\nwrote {}", args.json);
-    admin.batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)").await?;
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
+        .await?;
     Ok(ok)
 }
 

@@ -33,7 +33,13 @@ enum Mode {
     OutboxNotifyOff,
 }
 
-async fn scenario(url: &str, shape: Shape, mode: Mode, clients: usize, secs: f64) -> Result<f64, BoxError> {
+async fn scenario(
+    url: &str,
+    shape: Shape,
+    mode: Mode,
+    clients: usize,
+    secs: f64,
+) -> Result<f64, BoxError> {
     let setup = connect(url).await?;
     setup
         .batch_execute("TRUNCATE orders, ledger, cards, tidings.outbox, tidings.inbox; CHECKPOINT")
@@ -48,9 +54,15 @@ async fn scenario(url: &str, shape: Shape, mode: Mode, clients: usize, secs: f64
                 client.batch_execute("SET tidings.notify = on").await?;
             }
             let outbox = Outbox::default();
-            let order = client.prepare("INSERT INTO orders (customer, cents) VALUES ($1, $2)").await?;
-            let account = client.prepare("UPDATE accounts SET balance = balance + $2 WHERE id = $1").await?;
-            let ledger = client.prepare("INSERT INTO ledger (account, cents) VALUES ($1, $2)").await?;
+            let order = client
+                .prepare("INSERT INTO orders (customer, cents) VALUES ($1, $2)")
+                .await?;
+            let account = client
+                .prepare("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+                .await?;
+            let ledger = client
+                .prepare("INSERT INTO ledger (account, cents) VALUES ($1, $2)")
+                .await?;
             let customer = format!("cust_{c}");
             // Each client its own account: no lock contention between clients.
             let acct = (c % 64) as i32;
@@ -63,7 +75,8 @@ async fn scenario(url: &str, shape: Shape, mode: Mode, clients: usize, secs: f64
                     tx.execute(&ledger, &[&acct, &4200i64]).await?;
                 }
                 if mode != Mode::Without {
-                    let msg = Message::new("orders.created", format!("{{\"n\":{n}}}")).biz_id(format!("{c}-{n}"));
+                    let msg = Message::new("orders.created", format!("{{\"n\":{n}}}"))
+                        .biz_id(format!("{c}-{n}"));
                     outbox.enqueue_pg(&tx, &msg).await?;
                 }
                 tx.commit().await?;
@@ -79,7 +92,12 @@ async fn scenario(url: &str, shape: Shape, mode: Mode, clients: usize, secs: f64
     Ok(total as f64 / secs)
 }
 
-async fn compare(url: &str, args: &Args, arms: &[(Shape, Mode)], clients: usize) -> Result<Vec<f64>, BoxError> {
+async fn compare(
+    url: &str,
+    args: &Args,
+    arms: &[(Shape, Mode)],
+    clients: usize,
+) -> Result<Vec<f64>, BoxError> {
     let (secs, rounds) = if args.quick { (0.5, 1) } else { (3.0, 3) };
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
     for _ in 0..rounds {
@@ -93,11 +111,20 @@ async fn compare(url: &str, args: &Args, arms: &[(Shape, Mode)], clients: usize)
 pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     let mut out = serde_json::Map::new();
     let mut ok = true;
-    println!("\n== producer overhead: tx/s (median), change vs. the same transaction without the outbox");
-    println!("{:>8} {:>22} {:>11} {:>22} {:>22}", "clients", "business transaction", "without", "outbox, NOTIFY off", "outbox, NOTIFY on");
+    println!(
+        "\n== producer overhead: tx/s (median), change vs. the same transaction without the outbox"
+    );
+    println!(
+        "{:>8} {:>22} {:>11} {:>22} {:>22}",
+        "clients", "business transaction", "without", "outbox, NOTIFY off", "outbox, NOTIFY on"
+    );
     for clients in [1usize, 8] {
         for shape in [Shape::Insert, Shape::Payment] {
-            let arms = [(shape, Mode::Without), (shape, Mode::OutboxNotifyOff), (shape, Mode::OutboxNotifyOn)];
+            let arms = [
+                (shape, Mode::Without),
+                (shape, Mode::OutboxNotifyOff),
+                (shape, Mode::OutboxNotifyOn),
+            ];
             let m = compare(url, args, &arms, clients).await?;
             let pct = |v: f64| (v / m[0] - 1.0) * 100.0;
             let name = match shape {
@@ -106,7 +133,11 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
             };
             println!(
                 "{clients:>8} {name:>22} {:>11.0} {:>13.0} ({:>+5.1}%) {:>13.0} ({:>+5.1}%)",
-                m[0], m[1], pct(m[1]), m[2], pct(m[2])
+                m[0],
+                m[1],
+                pct(m[1]),
+                m[2],
+                pct(m[2])
             );
             out.insert(
                 format!("producer_{shape:?}_{clients}").to_lowercase(),
@@ -115,13 +146,20 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
             );
             if args.quick {
                 // Catch gross regressions only: the outbox must keep at least a third of the rate.
-                ok &= floor(&format!("producer {name} x{clients} outbox/without %"), m[1] / m[0] * 100.0, 33.0);
+                ok &= floor(
+                    &format!("producer {name} x{clients} outbox/without %"),
+                    m[1] / m[0] * 100.0,
+                    33.0,
+                );
             }
         }
     }
 
     println!("\n== inbox overhead: consumer tx/s (median); effect = one INSERT");
-    println!("{:>8} {:>14} {:>22}", "clients", "effect only", "effect + inbox record");
+    println!(
+        "{:>8} {:>14} {:>22}",
+        "clients", "effect only", "effect + inbox record"
+    );
     for clients in [1usize, 8] {
         let (secs, rounds) = if args.quick { (0.5, 1) } else { (3.0, 3) };
         let mut without = Vec::new();
@@ -131,8 +169,14 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
             with.push(consumer(url, true, clients, secs).await?);
         }
         let (a, b) = (median(&mut without), median(&mut with));
-        println!("{clients:>8} {a:>14.0} {b:>14.0} ({:>+5.1}%)", (b / a - 1.0) * 100.0);
-        out.insert(format!("inbox_{clients}"), json!({"effect_tps": a, "effect_inbox_tps": b, "overhead": 1.0 - b / a}));
+        println!(
+            "{clients:>8} {a:>14.0} {b:>14.0} ({:>+5.1}%)",
+            (b / a - 1.0) * 100.0
+        );
+        out.insert(
+            format!("inbox_{clients}"),
+            json!({"effect_tps": a, "effect_inbox_tps": b, "overhead": 1.0 - b / a}),
+        );
     }
     Ok((Value::Object(out), ok))
 }
@@ -140,7 +184,9 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
 /// Consumer transactions: INSERT a card, with or without the inbox record first.
 async fn consumer(url: &str, with_inbox: bool, clients: usize, secs: f64) -> Result<f64, BoxError> {
     let setup = connect(url).await?;
-    setup.batch_execute("TRUNCATE cards, tidings.inbox; CHECKPOINT").await?;
+    setup
+        .batch_execute("TRUNCATE cards, tidings.inbox; CHECKPOINT")
+        .await?;
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -148,7 +194,9 @@ async fn consumer(url: &str, with_inbox: bool, clients: usize, secs: f64) -> Res
         tasks.push(tokio::spawn(async move {
             let mut client = connect(&url).await?;
             let inbox = Inbox::new("bench")?;
-            let card = client.prepare("INSERT INTO cards (payment_id) VALUES ($1)").await?;
+            let card = client
+                .prepare("INSERT INTO cards (payment_id) VALUES ($1)")
+                .await?;
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let id = format!("{c}-{n}");

@@ -17,12 +17,22 @@ use crate::{connect, drain::bench_stream, pool, Args, BoxError};
 const HIGH_WATER: i64 = 50_000;
 
 pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, bool), BoxError> {
-    let minute = if length >= Duration::from_secs(180) { Duration::from_secs(60) } else { length / 4 };
-    println!("\n== sustained run: {:?}, reported every {:?}", length, minute);
+    let minute = if length >= Duration::from_secs(180) {
+        Duration::from_secs(60)
+    } else {
+        length / 4
+    };
+    println!(
+        "\n== sustained run: {:?}, reported every {:?}",
+        length, minute
+    );
     let sink = bench_stream(args).await?;
     let c = connect(url).await?;
     c.batch_execute("TRUNCATE tidings.outbox").await?;
-    let config = RelayConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() };
+    let config = RelayConfig {
+        heartbeat_interval: Duration::from_secs(1),
+        ..Default::default()
+    };
     let relay = Arc::new(Relay::new(pool(url, 2)?, sink, config)?);
     let stop = CancellationToken::new();
     let relay_task = tokio::spawn({
@@ -39,13 +49,25 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
             let outbox = Outbox::default();
             let mut n = 0u64;
             while !done.load(Ordering::Relaxed) {
-                let backlog: i64 = c.query_one("SELECT count(*) FROM (SELECT 1 FROM tidings.outbox LIMIT $1) s", &[&HIGH_WATER]).await?.get(0);
+                let backlog: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM (SELECT 1 FROM tidings.outbox LIMIT $1) s",
+                        &[&HIGH_WATER],
+                    )
+                    .await?
+                    .get(0);
                 if backlog >= HIGH_WATER {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
                 let msgs: Vec<Message> = (0..100)
-                    .map(|i| Message::new("bench.sustained", format!("{{\"p\":{p},\"n\":{n},\"i\":{i}}}")).key(format!("k{}", (n * 100 + i) % 500)))
+                    .map(|i| {
+                        Message::new(
+                            "bench.sustained",
+                            format!("{{\"p\":{p},\"n\":{n},\"i\":{i}}}"),
+                        )
+                        .key(format!("k{}", (n * 100 + i) % 500))
+                    })
                     .collect();
                 let tx = c.transaction().await?;
                 outbox.enqueue_batch_pg(&tx, &msgs).await?;
@@ -57,7 +79,10 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
         }));
     }
 
-    println!("{:>8} {:>14} {:>14} {:>10} {:>14} {:>12}", "minute", "delivered/s", "produced/s", "backlog", "outbox bytes", "dead tuples");
+    println!(
+        "{:>8} {:>14} {:>14} {:>10} {:>14} {:>12}",
+        "minute", "delivered/s", "produced/s", "backlog", "outbox bytes", "dead tuples"
+    );
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut last_delivered = delivered(&c).await?;
@@ -90,8 +115,14 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
     }
     stop.cancel();
     relay_task.await??;
-    let first = rows.first().and_then(|r| r["delivered_per_s"].as_f64()).unwrap_or(0.0);
-    let last = rows.last().and_then(|r| r["delivered_per_s"].as_f64()).unwrap_or(0.0);
+    let first = rows
+        .first()
+        .and_then(|r| r["delivered_per_s"].as_f64())
+        .unwrap_or(0.0);
+    let last = rows
+        .last()
+        .and_then(|r| r["delivered_per_s"].as_f64())
+        .unwrap_or(0.0);
     let ratio = last / first;
     println!("last interval / first interval: {:.1}%", ratio * 100.0);
     Ok((json!({"intervals": rows, "last_vs_first": ratio}), true))
@@ -99,5 +130,10 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
 
 /// Messages delivered so far, from the relay's heartbeat counters.
 async fn delivered(c: &tokio_postgres::Client) -> Result<i64, BoxError> {
-    Ok(c.query_one("SELECT coalesce(sum(delivered), 0)::bigint FROM tidings.relays", &[]).await?.get(0))
+    Ok(c.query_one(
+        "SELECT coalesce(sum(delivered), 0)::bigint FROM tidings.relays",
+        &[],
+    )
+    .await?
+    .get(0))
 }

@@ -15,7 +15,8 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How soon to look again after a batch that found messages but was not full: while traffic
     /// flows the relay polls this often, which keeps latency low without producers' NOTIFY;
-    /// after an empty batch it falls back to `poll_interval`. Defaults to 2 ms.
+    /// one second after the last batch with messages it falls back to `poll_interval`.
+    /// Defaults to 2 ms.
     pub busy_poll_interval: Duration,
     /// Wake up on NOTIFY from producers' commits (a dedicated LISTEN connection). Defaults to true.
     pub listen: bool,
