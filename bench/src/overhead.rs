@@ -145,11 +145,12 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
                        "overhead_notify_off": 1.0 - m[1] / m[0], "overhead_notify_on": 1.0 - m[2] / m[0]}),
             );
             if args.quick {
-                // Catch gross regressions only: the outbox must keep at least a third of the rate.
+                // Catch gross regressions only: the outbox must keep at least a quarter of the
+                // rate (it keeps about half; one-round quick samples are noisy).
                 ok &= floor(
                     &format!("producer {name} x{clients} outbox/without %"),
                     m[1] / m[0] * 100.0,
-                    33.0,
+                    25.0,
                 );
             }
         }

@@ -262,6 +262,8 @@ impl NatsConsumer {
         let span = tracing::info_span!("tidings_consume", consumer = %self.config.name,
             message_id = %delivered.message_id, biz_id = delivered.biz_id.as_deref().unwrap_or(""),
             delivery = delivered.delivery, trace_id, parent_span_id = parent_id);
+        #[cfg(feature = "opentelemetry")]
+        set_remote_parent(&span, &traceparent);
         async {
             let step = self.transact(&delivered).await;
             match step {
@@ -423,4 +425,36 @@ fn parse(msg: &jetstream::Message) -> Option<Delivered> {
         headers,
         payload: msg.payload.clone(),
     })
+}
+
+/// Makes `span` a child of the remote span named by a W3C `traceparent`
+/// (`00-<trace id>-<parent span id>-<flags>`); ignores a malformed one.
+#[cfg(feature = "opentelemetry")]
+fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    let [_, trace, parent, flags, ..] = parts[..] else {
+        return;
+    };
+    let (Ok(trace), Ok(parent), Ok(flags)) = (
+        TraceId::from_hex(trace),
+        SpanId::from_hex(parent),
+        u8::from_str_radix(flags, 16),
+    ) else {
+        return;
+    };
+    if trace == TraceId::INVALID || parent == SpanId::INVALID {
+        return;
+    }
+    let remote = SpanContext::new(
+        trace,
+        parent,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
 }
