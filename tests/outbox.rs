@@ -186,6 +186,45 @@ async fn deadpool_postgres_objects_enqueue_in_their_transaction() {
     assert_sample(&r[..1], id);
 }
 
+#[tokio::test]
+async fn deadpool_cached_statement_enqueues_in_the_callers_transaction() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    count_statements(&c).await;
+    let pool = tidings_tests::pool(&db, 1);
+    let mut obj = pool.get().await.unwrap();
+    // Twice on the same pooled connection: the second use hits the cached statement.
+    for round in 0..2 {
+        let tx = obj.transaction().await.unwrap();
+        let id = Outbox::default()
+            .enqueue_deadpool(&tx, &sample())
+            .await
+            .unwrap();
+        if round == 0 {
+            tx.rollback().await.unwrap();
+            assert!(rows(&c).await.is_empty(), "rolled back");
+        } else {
+            tx.commit().await.unwrap();
+            assert_sample(&rows(&c).await, id);
+        }
+    }
+    c.batch_execute("TRUNCATE tidings.outbox; UPDATE stmt_count SET n = 0")
+        .await
+        .unwrap();
+    let tx = obj.transaction().await.unwrap();
+    let ids = Outbox::default()
+        .enqueue_batch_deadpool(&tx, &batch(1000))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_batch(&c, &ids).await;
+    let err = Outbox::default()
+        .enqueue_deadpool(&obj, &Message::new("bad topic", "x"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("invalid topic"), "{err}");
+}
+
 // ---------------------------------------------------------------- diesel sync
 
 fn diesel_conn(db: &TestDb) -> diesel::PgConnection {

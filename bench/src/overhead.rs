@@ -31,6 +31,8 @@ enum Mode {
     Without,
     OutboxNotifyOn,
     OutboxNotifyOff,
+    /// NOTIFY off, through `enqueue_deadpool` (statement cached per pooled connection).
+    OutboxCached,
 }
 
 async fn scenario(
@@ -49,7 +51,9 @@ async fn scenario(
     for c in 0..clients {
         let url = url.to_owned();
         tasks.push(tokio::spawn(async move {
-            let mut client = connect(&url).await?;
+            // A pooled connection (deadpool-postgres) for every arm, as a service would have.
+            let pool = crate::pool(&url, 1)?;
+            let mut client = pool.get().await?;
             if mode == Mode::OutboxNotifyOn {
                 client.batch_execute("SET tidings.notify = on").await?;
             }
@@ -77,7 +81,11 @@ async fn scenario(
                 if mode != Mode::Without {
                     let msg = Message::new("orders.created", format!("{{\"n\":{n}}}"))
                         .biz_id(format!("{c}-{n}"));
-                    outbox.enqueue_pg(&tx, &msg).await?;
+                    if mode == Mode::OutboxCached {
+                        outbox.enqueue_deadpool(&tx, &msg).await?;
+                    } else {
+                        outbox.enqueue_pg(&*tx, &msg).await?;
+                    }
                 }
                 tx.commit().await?;
                 n += 1;
@@ -115,8 +123,13 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         "\n== producer overhead: tx/s (median), change vs. the same transaction without the outbox"
     );
     println!(
-        "{:>8} {:>22} {:>11} {:>22} {:>22}",
-        "clients", "business transaction", "without", "outbox, NOTIFY off", "outbox, NOTIFY on"
+        "{:>8} {:>22} {:>9} {:>20} {:>20} {:>22}",
+        "clients",
+        "business transaction",
+        "without",
+        "enqueue_pg",
+        "enqueue_pg+NOTIFY",
+        "enqueue_deadpool"
     );
     for clients in [1usize, 8] {
         for shape in [Shape::Insert, Shape::Payment] {
@@ -124,6 +137,7 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
                 (shape, Mode::Without),
                 (shape, Mode::OutboxNotifyOff),
                 (shape, Mode::OutboxNotifyOn),
+                (shape, Mode::OutboxCached),
             ];
             let m = compare(url, args, &arms, clients).await?;
             let pct = |v: f64| (v / m[0] - 1.0) * 100.0;
@@ -132,17 +146,19 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
                 Shape::Payment => "payment (3 statements)",
             };
             println!(
-                "{clients:>8} {name:>22} {:>11.0} {:>13.0} ({:>+5.1}%) {:>13.0} ({:>+5.1}%)",
+                "{clients:>8} {name:>22} {:>9.0} {:>11.0} ({:>+5.1}%) {:>11.0} ({:>+5.1}%) {:>13.0} ({:>+5.1}%)",
                 m[0],
                 m[1],
                 pct(m[1]),
                 m[2],
-                pct(m[2])
+                pct(m[2]),
+                m[3],
+                pct(m[3])
             );
             out.insert(
                 format!("producer_{shape:?}_{clients}").to_lowercase(),
                 json!({"without_tps": m[0], "notify_off_tps": m[1], "notify_on_tps": m[2],
-                       "overhead_notify_off": 1.0 - m[1] / m[0], "overhead_notify_on": 1.0 - m[2] / m[0]}),
+                       "overhead_notify_off": 1.0 - m[1] / m[0], "overhead_notify_on": 1.0 - m[2] / m[0], "cached_tps": m[3], "overhead_cached": 1.0 - m[3] / m[0]}),
             );
             if args.quick {
                 // Catch gross regressions only: the outbox must keep at least a quarter of the

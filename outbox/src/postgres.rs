@@ -87,3 +87,98 @@ impl Outbox {
         Ok(ids)
     }
 }
+
+#[cfg(feature = "deadpool-postgres")]
+impl Outbox {
+    /// Like [`Outbox::enqueue_pg`], for deadpool-postgres clients and transactions: the
+    /// statement is prepared once per pooled connection and cached there, so PostgreSQL neither
+    /// parses nor plans it again (measurably faster for producers; see the README).
+    pub async fn enqueue_deadpool<C>(&self, client: &C, msg: &Message) -> Result<MessageId, Error>
+    where
+        C: deadpool_postgres::GenericClient + Sync,
+    {
+        let ids = self
+            .enqueue_batch_deadpool(client, std::slice::from_ref(msg))
+            .await?;
+        Ok(ids[0])
+    }
+
+    /// Like [`Outbox::enqueue_batch_pg`], with the statement cached per pooled connection.
+    pub async fn enqueue_batch_deadpool<C>(
+        &self,
+        client: &C,
+        msgs: &[Message],
+    ) -> Result<Vec<MessageId>, Error>
+    where
+        C: deadpool_postgres::GenericClient + Sync,
+    {
+        let (c, ids) = Columns::build(&self.config, msgs)?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        if ids.len() == 1 {
+            let types = [
+                Type::UUID,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::BYTEA,
+                Type::JSONB,
+                Type::TIMESTAMPTZ,
+                Type::FLOAT8,
+            ];
+            let stmt = client
+                .prepare_typed_cached(INSERT_MESSAGE, &types)
+                .await
+                .map_err(map_err)?;
+            client
+                .execute(
+                    &stmt,
+                    &[
+                        &c.ids[0],
+                        &c.topics[0],
+                        &c.keys[0],
+                        &c.biz_ids[0],
+                        &c.payloads[0],
+                        &c.headers[0],
+                        &c.deliver_at[0],
+                        &c.delays[0],
+                    ],
+                )
+                .await
+                .map_err(map_err)?;
+        } else {
+            let types = [
+                Type::UUID_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::BYTEA_ARRAY,
+                Type::JSONB_ARRAY,
+                Type::TIMESTAMPTZ_ARRAY,
+                Type::FLOAT8_ARRAY,
+            ];
+            let stmt = client
+                .prepare_typed_cached(INSERT_MESSAGES, &types)
+                .await
+                .map_err(map_err)?;
+            client
+                .execute(
+                    &stmt,
+                    &[
+                        &c.ids,
+                        &c.topics,
+                        &c.keys,
+                        &c.biz_ids,
+                        &c.payloads,
+                        &c.headers,
+                        &c.deliver_at,
+                        &c.delays,
+                    ],
+                )
+                .await
+                .map_err(map_err)?;
+        }
+        Ok(ids)
+    }
+}

@@ -169,6 +169,9 @@ struct RelayArgs {
     /// How often the relay refreshes its row (and counters) in tidings.relays.
     #[arg(long, env = "TIDINGS_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     heartbeat_interval: Duration,
+    /// VACUUM tidings.outbox after this many rows left it (0 = never; needs table ownership).
+    #[arg(long, env = "TIDINGS_VACUUM_EVERY", default_value_t = 20_000)]
+    vacuum_every: u64,
     /// Database connections in the relay's pool (the LISTEN connection is extra).
     #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
     pool_size: usize,
@@ -460,6 +463,7 @@ async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failur
         backoff_base: args.backoff_base,
         backoff_max: args.backoff_max,
         heartbeat_interval: args.heartbeat_interval,
+        vacuum_every: args.vacuum_every,
         ..Default::default()
     };
     if let Some(name) = args.name {

@@ -19,12 +19,19 @@ use crate::{Error, RelayConfig};
 const CLAIM_BATCH: &str = include_str!("sql/claim_batch.sql");
 const FINISH_BATCH: &str = include_str!("sql/finish_batch.sql");
 const HEARTBEAT: &str = include_str!("sql/heartbeat.sql");
+/// Not more often than this, whatever `vacuum_every` says.
+const VACUUM_MIN_GAP: Duration = Duration::from_secs(5);
+/// vacuum_outbox: reclaim the dead rows delivered batches leave behind. Not in a transaction.
+const VACUUM: &str = "VACUUM (SKIP_LOCKED) tidings.outbox";
+/// may_vacuum: whether the relay's role owns the outbox (or is a superuser).
+const MAY_VACUUM: &str = "SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
+     OR pg_has_role(current_user, c.relowner, 'MEMBER') FROM pg_class c WHERE c.oid = 'tidings.outbox'::regclass";
 /// How long the run loop keeps busy-polling after the last batch that found messages.
 const BUSY_LINGER: Duration = Duration::from_secs(1);
 const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
 
 /// Every statement the relay runs, for a test that prepares them against a migrated database.
-pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER];
+pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER, MAY_VACUUM];
 
 /// What one [`Relay::tick`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -61,6 +68,11 @@ struct Counters {
 
 struct State {
     counters: Counters,
+    /// Rows removed from the outbox since the last VACUUM.
+    removed_since_vacuum: u64,
+    last_vacuum: Option<Instant>,
+    /// Set when VACUUM was refused (not the owner): stop trying.
+    vacuum_refused: bool,
     last_heartbeat: Option<Instant>,
     /// Consecutive ticks that found the broker unavailable.
     unavailable_streak: u32,
@@ -106,6 +118,9 @@ impl Relay {
             listener: None,
             state: Mutex::new(State {
                 counters: Counters::default(),
+                removed_since_vacuum: 0,
+                last_vacuum: None,
+                vacuum_refused: false,
                 last_heartbeat: None,
                 unavailable_streak: 0,
                 unavailable_since_log: None,
@@ -173,7 +188,11 @@ impl Relay {
         let mut db_errors = 0u32;
         let mut last_traffic = Instant::now() - BUSY_LINGER;
         while !shutdown.is_cancelled() {
-            let wait = match self.tick().await {
+            let tick = self.tick().await;
+            if tick.is_ok() {
+                self.maybe_vacuum().await;
+            }
+            let wait = match tick {
                 Ok(r) if r.sink_unavailable => self.unavailable_pause(),
                 Ok(r) => {
                     db_errors = 0;
@@ -456,6 +475,7 @@ impl Relay {
                 s.unavailable_streak = 0;
                 s.unavailable_since_log = None;
             }
+            s.removed_since_vacuum += (r.delivered + r.dead_lettered) as u64;
             s.counters.delivered += r.delivered as i64;
             s.counters.failed += r.retried as i64;
             s.counters.dead += r.dead_lettered as i64;
@@ -466,6 +486,53 @@ impl Relay {
         if due {
             if let Err(e) = self.heartbeat().await {
                 tracing::warn!(error = %crate::ErrorChain(&e), "relay heartbeat failed");
+            }
+        }
+    }
+
+    /// Vacuums the outbox when enough rows have left it (see `RelayConfig::vacuum_every`).
+    /// Run between batches, on a pooled connection, outside any transaction.
+    async fn maybe_vacuum(&self) {
+        let due = {
+            let Ok(s) = self.state.lock() else { return };
+            self.config.vacuum_every > 0
+                && !s.vacuum_refused
+                && s.removed_since_vacuum >= self.config.vacuum_every
+                && s.last_vacuum.is_none_or(|t| t.elapsed() >= VACUUM_MIN_GAP)
+        };
+        if !due {
+            return;
+        }
+        let started = Instant::now();
+        let result = async {
+            let c = self.pool.get().await?;
+            // A non-owner's VACUUM only warns and skips the table: check ownership instead.
+            let may: bool = c.query_one(MAY_VACUUM, &[]).await?.get(0);
+            if !may {
+                return Ok(false);
+            }
+            // SKIP_LOCKED: when another relay is vacuuming, do not queue behind it.
+            c.batch_execute(VACUUM).await?;
+            Ok::<_, Error>(true)
+        }
+        .await;
+        let Ok(mut s) = self.state.lock() else { return };
+        s.last_vacuum = Some(Instant::now());
+        match result {
+            Ok(false) => {
+                s.vacuum_refused = true;
+                tracing::warn!("the relay may not VACUUM tidings.outbox (its role does not own it); make sure autovacuum keeps up with it, or dead rows will slow claiming down");
+            }
+            Ok(true) => {
+                tracing::debug!(
+                    removed = s.removed_since_vacuum,
+                    ms = started.elapsed().as_millis() as u64,
+                    "vacuumed tidings.outbox"
+                );
+                s.removed_since_vacuum = 0;
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::ErrorChain(&e), "VACUUM of tidings.outbox failed");
             }
         }
     }
