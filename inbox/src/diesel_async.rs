@@ -10,7 +10,7 @@ impl Inbox {
     /// Records `key` inside the caller's open diesel-async transaction; run the effect only on
     /// [`Recorded::First`], in the same transaction:
     ///
-    /// ```ignore
+    /// ```text
     /// conn.transaction(async |conn| {
     ///     if inbox.record_async(conn, &key).await? == Recorded::First {
     ///         issue_card(conn, &payment).await?;

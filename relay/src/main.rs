@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tidings_relay::{redact_url, sink, ErrorChain, Relay, RelayConfig};
+
+#[path = "bin_support/db.rs"]
+mod db;
+use db::Db;
+use tidings_relay::{sink, ErrorChain, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -20,6 +24,9 @@ struct Cli {
     /// PostgreSQL URL (postgres://user:password@host:port/db?sslmode=...). Passwords are never logged.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
+    /// Extra CA certificate (PEM) to trust for PostgreSQL TLS (with sslmode=require).
+    #[arg(long, env = "TIDINGS_PG_CA_FILE", global = true)]
+    pg_ca_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -257,6 +264,9 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider for the process (ring, as async-nats uses), so rustls never has to
+    // guess between providers.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDINGS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
@@ -286,31 +296,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Checks and parses DATABASE_URL; the message never shows the password.
-fn pg_config(url: Option<&str>) -> Result<tokio_postgres::Config, Failure> {
-    let url = url.ok_or_else(|| usage("no database: set DATABASE_URL or pass --database-url"))?;
-    url.parse::<tokio_postgres::Config>()
-        .map_err(|e| usage(format!("invalid database URL {}: {e}", redact_url(url))))
-}
-
-async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, Failure> {
-    let (client, conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| Failure {
-            code: 1,
-            message: format!("cannot connect to the database: {}", ErrorChain(&e)),
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "database connection closed");
-        }
-    });
-    Ok(client)
-}
-
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let pg = pg_config(cli.database_url.as_deref());
+    let pg = Db::new(cli.database_url.as_deref(), cli.pg_ca_file.as_deref());
     match cli.command {
         Command::Migrate {
             action: MigrateAction::Sql,
@@ -333,7 +320,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if batch < 1 {
                 return Err(usage("--batch must be at least 1"));
             }
-            let client = connect(&pg?).await?;
+            let client = pg?.connect().await?;
             tidings_migrations::postgres::ensure_current(&client).await?;
             let n = tidings_inbox::prune(&client, consumer.as_deref(), older_than, batch).await?;
             println!("pruned {n} inbox records older than {older_than:?}");
@@ -342,8 +329,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn migrate(pg: &tokio_postgres::Config, action: MigrateAction) -> Result<(), Failure> {
-    let mut client = connect(pg).await?;
+async fn migrate(pg: &Db, action: MigrateAction) -> Result<(), Failure> {
+    let mut client = pg.connect().await?;
     use tidings_migrations::postgres as m;
     match action {
         MigrateAction::Up => {
@@ -385,8 +372,8 @@ async fn migrate(pg: &tokio_postgres::Config, action: MigrateAction) -> Result<(
     Ok(())
 }
 
-async fn status(pg: &tokio_postgres::Config, json: bool) -> Result<(), Failure> {
-    let client = connect(pg).await?;
+async fn status(pg: &Db, json: bool) -> Result<(), Failure> {
+    let client = pg.connect().await?;
     tidings_migrations::postgres::ensure_current(&client).await?;
     let s = tidings_relay::status(&client).await?;
     if json {
@@ -411,8 +398,8 @@ async fn status(pg: &tokio_postgres::Config, json: bool) -> Result<(), Failure> 
     Ok(())
 }
 
-async fn dlq(pg: &tokio_postgres::Config, action: DlqAction) -> Result<(), Failure> {
-    let client = connect(pg).await?;
+async fn dlq(pg: &Db, action: DlqAction) -> Result<(), Failure> {
+    let client = pg.connect().await?;
     tidings_migrations::postgres::ensure_current(&client).await?;
     let pick = |ids: &[uuid::Uuid], all: bool| -> Result<Option<Vec<uuid::Uuid>>, Failure> {
         match (all, ids.is_empty()) {
@@ -451,7 +438,7 @@ async fn dlq(pg: &tokio_postgres::Config, action: DlqAction) -> Result<(), Failu
     Ok(())
 }
 
-async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failure> {
+async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
     let mut config = RelayConfig {
         batch_size: args.batch_size,
         poll_interval: args.poll_interval,
@@ -472,17 +459,7 @@ async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failur
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
-    let manager = deadpool_postgres::Manager::from_config(
-        pg.clone(),
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    let pool = deadpool_postgres::Pool::builder(manager)
-        .max_size(args.pool_size)
-        .build()
-        .map_err(|e| usage(format!("cannot build the database pool: {e}")))?;
+    let pool = pg.pool(args.pool_size)?;
 
     let sink: Arc<dyn tidings_relay::Sink> = match args.sink {
         SinkKind::Stdout => Arc::new(sink::StdoutSink::default()),
@@ -510,9 +487,7 @@ async fn relay(pg: tokio_postgres::Config, args: RelayArgs) -> Result<(), Failur
             })?)
         }
     };
-    let relay = Relay::new(pool, sink, config)
-        .map_err(|e| usage(e.to_string()))?
-        .with_listener(pg, tokio_postgres::NoTls);
+    let relay = pg.with_listener(Relay::new(pool, sink, config).map_err(|e| usage(e.to_string()))?);
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();

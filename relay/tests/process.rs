@@ -333,3 +333,23 @@ async fn relay_refuses_an_unmigrated_database_and_migrate_cli_round_trips() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn sslmode_require_uses_tls_and_says_so_when_the_server_has_none() {
+    let db = TestDb::migrated().await;
+    // The local test server has no TLS: the binary must try TLS (not fall back silently).
+    let (code, text) = output(
+        Command::new(BIN)
+            .args(["status"])
+            .env("DATABASE_URL", format!("{}?sslmode=require", db.url)),
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("cannot connect to the database"), "{text}");
+    assert!(text.to_lowercase().contains("tls"), "{text}");
+    let (code, text) = output(tidings(&db).args(["status", "--pg-ca-file", "/nonexistent.pem"]));
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("--pg-ca-file needs sslmode=require"),
+        "{text}"
+    );
+}
