@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use futures::StreamExt;
 use rand::Rng;
 use tidings_examples::{charge, PaymentSucceeded, Verdict, SCHEMA};
 use tidings_outbox::Outbox;
@@ -241,23 +240,11 @@ async fn chaos_every_payment_gets_exactly_one_card() {
     assert_eq!(left, 0);
 
     // Per-key order in the stream: each customer's payments appear in n order, each once.
-    let mut stream = js.get_stream("TIDINGS").await.unwrap();
-    let stored = stream.info().await.unwrap().state.messages as usize;
-    assert_eq!(stored, payments, "JetStream dropped every re-send");
-    let reader = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stored = tidings_tests::stream_messages(&nats.url, "TIDINGS").await;
+    assert_eq!(stored.len(), payments, "JetStream dropped every re-send");
     let mut next: BTreeMap<String, i64> = BTreeMap::new();
-    let mut msgs = reader.messages().await.unwrap().take(stored);
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-        .await
-        .unwrap()
-    {
-        let e: PaymentSucceeded = serde_json::from_slice(&m.unwrap().payload).unwrap();
+    for m in stored {
+        let e: PaymentSucceeded = serde_json::from_slice(&m.payload).unwrap();
         let want = next.entry(e.customer.clone()).or_insert(0);
         assert_eq!(e.n, *want, "customer {} out of order", e.customer);
         *want += 1;

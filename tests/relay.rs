@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::future::BoxFuture;
-use futures::StreamExt;
 use tidings_outbox::{Message, Outbox};
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
 use tidings_relay::{Delivery, Envelope, Relay, RelayConfig, Sink, SinkError, TickReport};
@@ -87,35 +86,18 @@ fn add(total: &mut TickReport, r: &TickReport) {
 
 /// Every message in the TIDINGS stream, in stream order: (message id header, key header, payload).
 async fn read_stream(url: &str) -> Vec<(String, Option<String>, String)> {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::new(client);
-    let mut stream = js.get_stream("TIDINGS").await.unwrap();
-    let n = stream.info().await.unwrap().state.messages as usize;
-    if n == 0 {
-        return Vec::new();
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
+    tidings_tests::stream_messages(url, "TIDINGS")
+        .await
+        .into_iter()
+        .map(|m| {
+            let h = m.headers.clone().unwrap_or_default();
+            (
+                h.get("Nats-Msg-Id").unwrap().to_string(),
+                h.get("Tidings-Key").map(|v| v.to_string()),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            )
         })
-        .await
-        .unwrap();
-    let mut msgs = consumer.messages().await.unwrap().take(n);
-    let mut out = Vec::with_capacity(n);
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-        .await
-        .expect("stream read stalled")
-    {
-        let m = m.unwrap();
-        let h = m.headers.clone().unwrap_or_default();
-        out.push((
-            h.get("Nats-Msg-Id").unwrap().to_string(),
-            h.get("Tidings-Key").map(|v| v.to_string()),
-            String::from_utf8(m.payload.to_vec()).unwrap(),
-        ));
-    }
-    out
+        .collect()
 }
 
 type FaultRule = Box<dyn Fn(&Envelope) -> Option<Fault> + Send + Sync>;

@@ -4,11 +4,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
 use tidings_outbox::MessageId;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig, StdoutSink};
 use tidings_relay::{Envelope, Sink, SinkError};
@@ -155,42 +152,28 @@ async fn nats_sink_passes_the_conformance_suite() {
             dedup_by_id: true,
             max_payload: Some(1024 * 1024),
         },
-        |n| {
+        |_| {
             let url = url.clone();
             async move {
-                let js = jetstream::new(async_nats::connect(&url).await.unwrap());
-                let mut stream = js.get_stream("TIDINGS").await.unwrap();
-                let stored = stream.info().await.unwrap().state.messages as usize;
-                let consumer = stream
-                    .create_consumer(jetstream::consumer::pull::Config {
-                        ack_policy: jetstream::consumer::AckPolicy::None,
-                        ..Default::default()
+                tidings_tests::stream_messages(&url, "TIDINGS")
+                    .await
+                    .into_iter()
+                    .map(|m| {
+                        let h: BTreeMap<String, String> = m
+                            .headers
+                            .iter()
+                            .flat_map(|h| h.iter())
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    v.first().map(|v| v.to_string()).unwrap_or_default(),
+                                )
+                            })
+                            .collect();
+                        assert_eq!(h["Nats-Msg-Id"], h["Tidings-Message-Id"]);
+                        (h["Nats-Msg-Id"].clone(), h, m.payload.to_vec())
                     })
-                    .await
-                    .unwrap();
-                let mut out = Vec::new();
-                let mut msgs = consumer.messages().await.unwrap().take(stored.min(n));
-                while let Some(m) = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-                    .await
-                    .unwrap()
-                {
-                    let m = m.unwrap();
-                    let h: BTreeMap<String, String> = m
-                        .headers
-                        .iter()
-                        .flat_map(|h| h.iter())
-                        .map(|(k, v)| {
-                            (
-                                k.to_string(),
-                                v.first().map(|v| v.to_string()).unwrap_or_default(),
-                            )
-                        })
-                        .collect();
-                    assert_eq!(h["Nats-Msg-Id"], h["Tidings-Message-Id"]);
-                    out.push((h["Nats-Msg-Id"].clone(), h, m.payload.to_vec()));
-                }
-                assert_eq!(stored, out.len(), "no extra copies stored");
-                out
+                    .collect()
             }
         },
     )

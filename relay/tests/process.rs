@@ -53,15 +53,7 @@ async fn outbox_count(db: &TestDb) -> i64 {
 }
 
 async fn stream_count(url: &str) -> u64 {
-    let js = jetstream::new(async_nats::connect(url).await.unwrap());
-    js.get_stream("TIDINGS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
+    tidings_tests::stream_len(url, "TIDINGS").await
 }
 
 async fn drain(relay: &Relay, db: &TestDb) -> TickReport {

@@ -315,3 +315,45 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Every message stored in a JetStream stream, in stream order (read with an ephemeral
+/// consumer; fails if the read stalls for 10 s).
+pub async fn stream_messages(url: &str, stream: &str) -> Vec<async_nats::jetstream::Message> {
+    use async_nats::jetstream;
+    use futures::StreamExt;
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut stream = js.get_stream(stream).await.unwrap();
+    let n = stream.info().await.unwrap().state.messages as usize;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n);
+    let mut out = Vec::with_capacity(n);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+        .await
+        .expect("stream read stalled")
+    {
+        out.push(m.unwrap());
+    }
+    out
+}
+
+/// How many messages a JetStream stream holds.
+pub async fn stream_len(url: &str, stream: &str) -> u64 {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
