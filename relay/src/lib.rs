@@ -1,9 +1,4 @@
-//! The Tidings relay: delivers committed outbox rows to a broker, at least once, with retries,
-//! dead letters, per-key order and any number of instances. Also the admin queries behind
-//! `tidings status` and `tidings dlq`.
-//!
-//! See the workspace README for the guarantees and the design.
-
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod admin;
