@@ -508,3 +508,92 @@ async fn consumer_span_continues_the_producers_traceparent() {
     );
     assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
 }
+
+/// A handler that swallows an SQL error and returns Ok leaves an aborted transaction, whose
+/// COMMIT would silently roll back: the runner must not ack that as processed.
+struct SwallowsErrors;
+
+impl Handler for SwallowsErrors {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        _: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let _ = tx
+                .execute("INSERT INTO no_such_table VALUES (1)", &[])
+                .await;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swallowed_sql_error_is_not_acked_as_processed_and_unidentified_messages_are_parked() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    let sink = NatsSink::connect(NatsSinkConfig {
+        url: nats.url.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sink.publish(&envelope("pay_1")).await.unwrap();
+    // Not from a Tidings relay: no message id at all.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish("tidings.payment.succeeded", "stray".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let config = ConsumerConfig {
+        name: "card-service".into(),
+        max_deliveries: 2,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let consumer = Arc::new(
+        NatsConsumer::new(pool(&db, 2), client, config, Arc::new(SwallowsErrors))
+            .await
+            .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually("both messages parked", Duration::from_secs(20), || async {
+        consumer.stats().parked.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(consumer.stats().processed.load(Ordering::SeqCst), 0);
+    let recorded: i64 = c
+        .query_one("SELECT count(*) FROM tidings.inbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 0, "no inbox record without its effect");
+    let parked: Vec<String> = c
+        .query(
+            "SELECT last_error FROM tidings.inbox_dead_letters ORDER BY last_error",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(parked.len(), 2);
+    assert!(
+        parked.iter().any(|e| e.contains("no usable message id")),
+        "{parked:?}"
+    );
+    assert!(parked.iter().any(|e| e.contains("aborted")), "{parked:?}");
+}

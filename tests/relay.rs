@@ -731,3 +731,40 @@ async fn missing_stream_is_a_clear_error_not_a_hang() {
         "{err}"
     );
 }
+
+/// Slow acks on one key must not stretch a batch past the claim timeout (PostgreSQL would end
+/// the claim while this relay still publishes, and another relay would take the same rows):
+/// the chain stops starting messages in time, and the rest waits for the next batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_keyed_publishes_stop_in_time_to_finish_inside_the_claim_timeout() {
+    struct Slow(Arc<NatsSink>);
+    impl Sink for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                self.0.publish(msg).await
+            })
+        }
+    }
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    enqueue(&db, numbered(3, Some(1))).await;
+    let config = RelayConfig {
+        claim_timeout: Duration::from_secs(2),
+        publish_timeout: Duration::from_secs(1),
+        ..fast_config()
+    };
+    let relay = Relay::new(pool(&db, 2), Arc::new(Slow(nats_sink(&nats).await)), config).unwrap();
+    let started = std::time::Instant::now();
+    let r = relay.tick().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!((r.delivered, r.released), (1, 2), "{r:?}");
+    let r = relay.tick().await.unwrap();
+    assert_eq!(r.delivered, 1, "{r:?}");
+}

@@ -67,6 +67,9 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerConfig {
     /// Inbox consumer name, also the JetStream durable consumer name (letters, digits, `-`, `_`).
+    /// Deduplication is per (name, biz-id): if this consumer handles several topics whose
+    /// messages can share a biz-id (`payment.succeeded` and `payment.refunded` of one payment),
+    /// give each topic its own consumer, or the second would be taken for a duplicate.
     /// Defaults to `tidings-consumer`.
     pub name: String,
     /// JetStream stream to consume. Defaults to `TIDINGS`.
@@ -246,8 +249,17 @@ impl NatsConsumer {
         let delivered = match Delivered::from_message(&msg) {
             Some(d) => d,
             None => {
-                tracing::error!(subject = %msg.subject, "message without Tidings-Message-Id or Nats-Msg-Id; terminating it");
-                let _ = msg.ack_with(AckKind::Term).await;
+                // Not from a Tidings relay (no usable message id): park it under a fresh id
+                // rather than drop it.
+                let mut d = Delivered::unidentified(&msg);
+                d.delivery = d.delivery.max(self.config.max_deliveries);
+                tracing::error!(subject = %msg.subject, "message without a usable Tidings-Message-Id or Nats-Msg-Id");
+                self.retry_or_park(
+                    &msg,
+                    &d,
+                    &*HandlerError::from("message has no usable message id"),
+                )
+                .await;
                 return;
             }
         };
@@ -285,10 +297,11 @@ impl NatsConsumer {
                     self.retry_or_park(&msg, &delivered, &*e).await;
                 }
                 Err(e) => {
-                    // The database failed, not the message: retry without counting toward parking
-                    // beyond JetStream's own delivery count.
-                    tracing::warn!(error = %e, "inbox transaction failed; message will be redelivered");
-                    let _ = msg.ack_with(AckKind::Nak(Some(self.backoff(delivered.delivery)))).await;
+                    // The inbox transaction failed (database down, a failing COMMIT, a key the
+                    // inbox refuses): retried like a handler failure, and parked after
+                    // max_deliveries, so it cannot circle forever.
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    self.retry_or_park(&msg, &delivered, &e).await;
                 }
             }
         }
@@ -316,6 +329,13 @@ impl NatsConsumer {
             }
             Recorded::First => match self.handler.handle(&tx, d).await {
                 Ok(()) => {
+                    // A handler that swallowed an SQL error leaves the transaction aborted, and
+                    // COMMIT of an aborted transaction silently rolls back: the message would
+                    // be acked with neither effect nor record. This probe fails (25P02) then.
+                    if let Err(e) = tx.batch_execute("SELECT 1").await {
+                        let _ = tx.rollback().await;
+                        return Ok(Step::Failed(Box::new(e)));
+                    }
                     tx.commit().await.map_err(map_err)?;
                     Ok(Step::Processed)
                 }
@@ -370,7 +390,7 @@ impl NatsConsumer {
                         &d.payload.to_vec(),
                         &headers,
                         &(d.delivery as i32),
-                        &e.to_string(),
+                        &chain(e),
                     ],
                 )
                 .await
@@ -398,15 +418,32 @@ impl Delivered {
     pub fn from_message(msg: &jetstream::Message) -> Option<Delivered> {
         parse(msg)
     }
+
+    /// A message without a usable id, under a fresh one, so it can be parked.
+    fn unidentified(msg: &jetstream::Message) -> Delivered {
+        Delivered {
+            message_id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            biz_id: None,
+            key: None,
+            topic: msg.subject.to_string(),
+            subject: msg.subject.to_string(),
+            headers: headers_of(msg),
+            payload: msg.payload.clone(),
+            delivery: msg.info().map(|i| i.delivered).unwrap_or(1),
+        }
+    }
 }
 
-fn parse(msg: &jetstream::Message) -> Option<Delivered> {
-    let headers: BTreeMap<String, String> = msg
-        .headers
+fn headers_of(msg: &jetstream::Message) -> BTreeMap<String, String> {
+    msg.headers
         .iter()
         .flat_map(|h| h.iter())
         .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
-        .collect();
+        .collect()
+}
+
+fn parse(msg: &jetstream::Message) -> Option<Delivered> {
+    let headers = headers_of(msg);
     let id = headers
         .get(envelope::HEADER_MESSAGE_ID)
         .or_else(|| headers.get("Nats-Msg-Id"))?
@@ -457,4 +494,16 @@ fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
         TraceState::default(),
     );
     let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// An error with its sources, as stored in `last_error` (driver errors say little on their own).
+fn chain(e: &(dyn std::error::Error + Send + Sync)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }

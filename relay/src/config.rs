@@ -24,7 +24,9 @@ pub struct RelayConfig {
     /// is idle (or a statement that runs) longer than this, releasing its rows to other relays.
     /// Bounds failover of a hung relay. Defaults to 15 seconds.
     pub claim_timeout: Duration,
-    /// Longest wait for one broker acknowledgement; must be below `claim_timeout`.
+    /// Longest wait for one broker acknowledgement; must be at least 1 second below
+    /// `claim_timeout`. Messages of one key go one after another; a batch stops starting new
+    /// ones in time to finish inside `claim_timeout`.
     /// Defaults to 5 seconds.
     pub publish_timeout: Duration,
     /// Attempts before a message is dead-lettered. Defaults to 10.
@@ -91,8 +93,12 @@ impl RelayConfig {
         if self.claim_timeout < Duration::from_secs(1) {
             return bad("claim_timeout must be at least 1 second");
         }
-        if self.publish_timeout.is_zero() || self.publish_timeout >= self.claim_timeout {
-            return bad("publish_timeout must be greater than 0 and less than claim_timeout");
+        if self.publish_timeout.is_zero()
+            || self.publish_timeout + crate::relay::CLAIM_MARGIN > self.claim_timeout
+        {
+            return bad(
+                "publish_timeout must be greater than 0 and less than claim_timeout (by at least 1 second)",
+            );
         }
         if self.max_attempts < 1 {
             return bad("max_attempts must be at least 1");

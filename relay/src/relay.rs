@@ -19,6 +19,8 @@ use crate::{Error, RelayConfig};
 const CLAIM_BATCH: &str = include_str!("sql/claim_batch.sql");
 const FINISH_BATCH: &str = include_str!("sql/finish_batch.sql");
 const HEARTBEAT: &str = include_str!("sql/heartbeat.sql");
+/// Time kept free between the last possible publish and the claim timeout.
+pub(crate) const CLAIM_MARGIN: Duration = Duration::from_secs(1);
 /// Not more often than this, whatever `vacuum_every` says.
 const VACUUM_MIN_GAP: Duration = Duration::from_secs(5);
 /// vacuum_outbox: reclaim the dead rows delivered batches leave behind. Not in a transaction.
@@ -196,8 +198,11 @@ impl Relay {
                 Ok(r) if r.sink_unavailable => self.unavailable_pause(),
                 Ok(r) => {
                     db_errors = 0;
-                    if r.claimed >= self.config.batch_size {
-                        continue; // more is waiting
+                    // More is waiting, unless the full batch was all held back (another relay is
+                    // still on those keys): re-claiming at once would only spin.
+                    let progressed = r.delivered + r.retried + r.dead_lettered > 0;
+                    if r.claimed >= self.config.batch_size && progressed {
+                        continue;
                     }
                     if r.claimed > 0 {
                         last_traffic = Instant::now();
@@ -396,7 +401,18 @@ impl Relay {
 
     /// Publishes a batch concurrently: messages without a key all at once, messages of one key
     /// one after the other in seq order (stopping at the first failure of that key).
+    ///
+    /// The whole phase must end well inside the claim timeout, or PostgreSQL would end the
+    /// claim while this relay still publishes and another relay would take the same rows. So
+    /// a chain starts its next message only while one more publish (bounded by
+    /// `publish_timeout`) still ends a second before the claim timeout; later messages of the
+    /// chain are skipped and stay for the next batch.
     async fn publish_all(&self, batch: &[Envelope]) -> Vec<Outcome> {
+        let last_start = Instant::now()
+            + self
+                .config
+                .claim_timeout
+                .saturating_sub(self.config.publish_timeout + CLAIM_MARGIN);
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut by_key: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, m) in batch.iter().enumerate() {
@@ -414,8 +430,11 @@ impl Relay {
         let results = futures::future::join_all(chains.into_iter().map(|chain| async move {
             let mut out = Vec::with_capacity(chain.len());
             let mut failed = false;
-            for i in chain {
-                let outcome = if failed {
+            for (n, i) in chain.into_iter().enumerate() {
+                // The first message of every chain always goes (validated: publish_timeout +
+                // CLAIM_MARGIN <= claim_timeout).
+                let out_of_time = n > 0 && Instant::now() > last_start;
+                let outcome = if failed || out_of_time {
                     Outcome::Skipped
                 } else {
                     self.publish_one(&batch[i]).await
