@@ -37,22 +37,6 @@ async fn nats_sink(nats: &NatsServer) -> Arc<NatsSink> {
     )
 }
 
-async fn enqueue(db: &TestDb, msgs: Vec<Message>) {
-    let c = db.client().await;
-    for chunk in msgs.chunks(1000) {
-        Outbox::default().enqueue_batch_pg(&c, chunk).await.unwrap();
-    }
-}
-
-async fn outbox_count(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM tidings.outbox", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Ticks until the outbox is empty; returns the summed reports.
 async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
     let mut total = TickReport::default();
@@ -60,7 +44,7 @@ async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
     loop {
         let r = relay.tick().await.unwrap();
         add(&mut total, &r);
-        if r.claimed == 0 && outbox_count(db).await == 0 {
+        if r.claimed == 0 && db.outbox_count().await == 0 {
             return total;
         }
         assert!(
@@ -166,7 +150,7 @@ fn numbered(n: usize, keys: Option<usize>) -> Vec<Message> {
 #[tokio::test(flavor = "multi_thread")]
 async fn n_messages_are_delivered_exactly_once_with_their_envelope() {
     let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
-    enqueue(&db, numbered(2000, None)).await;
+    db.enqueue(numbered(2000, None)).await;
     let c = db.client().await;
     Outbox::default()
         .enqueue_pg(
@@ -253,14 +237,11 @@ async fn rolled_back_messages_are_never_delivered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn delayed_messages_are_not_delivered_before_their_time() {
     let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
-    enqueue(
-        &db,
-        vec![
-            Message::new("later", "a").delay(Duration::from_secs(3600)),
-            Message::new("later", "b").deliver_at(chrono::Utc::now() + chrono::Duration::hours(2)),
-            Message::new("now", "c"),
-        ],
-    )
+    db.enqueue(vec![
+        Message::new("later", "a").delay(Duration::from_secs(3600)),
+        Message::new("later", "b").deliver_at(chrono::Utc::now() + chrono::Duration::hours(2)),
+        Message::new("now", "c"),
+    ])
     .await;
     let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
     let r = relay.tick().await.unwrap();
@@ -278,14 +259,14 @@ async fn delayed_messages_are_not_delivered_before_their_time() {
         .unwrap();
     let r = relay.tick().await.unwrap();
     assert_eq!((r.claimed, r.delivered), (1, 1));
-    assert_eq!(outbox_count(&db).await, 1);
+    assert_eq!(db.outbox_count().await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_down_then_up_backs_off_then_delivers_the_backlog() {
     let (db, mut nats) = (TestDb::migrated().await, NatsServer::start().await);
     let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
-    enqueue(&db, numbered(300, Some(7))).await;
+    db.enqueue(numbered(300, Some(7))).await;
     nats.stop();
     let sink_down = |r: &TickReport| r.sink_unavailable && r.delivered == 0;
     let mut pauses = Vec::new();
@@ -315,7 +296,7 @@ async fn broker_down_then_up_backs_off_then_delivers_the_backlog() {
         Duration::from_secs(30),
         || async {
             delivered.fetch_add(relay.tick().await.unwrap().delivered, Ordering::SeqCst);
-            outbox_count(&db).await == 0
+            db.outbox_count().await == 0
         },
     )
     .await;
@@ -339,15 +320,12 @@ async fn poison_message_is_retried_with_backoff_then_dead_lettered() {
         ..fast_config()
     };
     let relay = Relay::new(pool(&db, 2), sink, config).unwrap();
-    enqueue(
-        &db,
-        vec![
-            Message::new("poison", "p").key("k"),
-            Message::new("fine", "after-poison").key("k"),
-            Message::new("rejected", "r"),
-            Message::new("fine", "f"),
-        ],
-    )
+    db.enqueue(vec![
+        Message::new("poison", "p").key("k"),
+        Message::new("fine", "after-poison").key("k"),
+        Message::new("rejected", "r"),
+        Message::new("fine", "f"),
+    ])
     .await;
     let c = db.client().await;
     let r = relay.tick().await.unwrap();
@@ -403,7 +381,7 @@ async fn poison_message_is_retried_with_backoff_then_dead_lettered() {
     // With the poison message out of the way, its key flows again.
     let r = relay.tick().await.unwrap();
     assert_eq!(r.delivered, 1);
-    assert_eq!(outbox_count(&db).await, 0);
+    assert_eq!(db.outbox_count().await, 0);
 
     // Replay puts it back with the same id; purge removes the other.
     let poison_id = by_topic["poison"].id;
@@ -448,7 +426,7 @@ async fn oversized_payload_for_the_broker_is_dead_lettered_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_relays_at_once_never_publish_a_message_twice() {
     let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
-    enqueue(&db, numbered(4000, None)).await;
+    db.enqueue(numbered(4000, None)).await;
     let sink = Faulty::new(nats_sink(&nats).await, |_| None);
     let a = Relay::new(pool(&db, 2), sink.clone(), fast_config()).unwrap();
     let b = Relay::new(pool(&db, 2), sink.clone(), fast_config()).unwrap();
@@ -472,7 +450,7 @@ async fn two_relays_at_once_never_publish_a_message_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_after_publish_resends_and_jetstream_drops_the_duplicates() {
     let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
-    enqueue(&db, numbered(100, Some(10))).await;
+    db.enqueue(numbered(100, Some(10))).await;
     let published = Arc::new(tokio::sync::Notify::new());
     let inner = nats_sink(&nats).await;
     let count = Arc::new(AtomicUsize::new(0));
@@ -498,7 +476,7 @@ async fn crash_after_publish_resends_and_jetstream_drops_the_duplicates() {
         _ = published.notified() => {}
     }
     assert_eq!(
-        outbox_count(&db).await,
+        db.outbox_count().await,
         100,
         "nothing was recorded as delivered"
     );
@@ -526,7 +504,7 @@ async fn per_key_order_holds_with_two_relays_100_keys_and_failures() {
         .collect();
     // Two producers interleave their commits.
     let (first, second) = msgs.split_at(n / 2);
-    enqueue(&db, first.to_vec()).await;
+    db.enqueue(first.to_vec()).await;
     let inner = nats_sink(&nats).await;
     let sink = Faulty::new(inner, |_| match rand::random::<u8>() % 20 {
         0 => Some(Fault::Before),
@@ -548,7 +526,7 @@ async fn per_key_order_holds_with_two_relays_100_keys_and_failures() {
         }
     };
     let (ra, rb, ()) = tokio::join!(drain(&a, &db), drain(&b, &db), produce);
-    let (ra, rb) = if outbox_count(&db).await > 0 {
+    let (ra, rb) = if db.outbox_count().await > 0 {
         // The producer may have finished after both drains saw an empty outbox.
         (drain(&a, &db).await, rb)
     } else {
@@ -611,7 +589,7 @@ async fn run_loop_wakes_on_notify_without_polling() {
     eventually(
         "delivery woken by NOTIFY",
         Duration::from_secs(10),
-        || async { outbox_count(&db).await == 0 },
+        || async { db.outbox_count().await == 0 },
     )
     .await;
     stop.cancel();
@@ -657,7 +635,7 @@ async fn run_loop_without_notifications_delivers_by_polling() {
         .await
         .unwrap();
     eventually("delivery by polling", Duration::from_secs(10), || async {
-        outbox_count(&db).await == 0
+        db.outbox_count().await == 0
     })
     .await;
     // 5 rows left the outbox, vacuum_every is 5: the run loop vacuums the table itself
@@ -750,7 +728,7 @@ async fn slow_keyed_publishes_stop_in_time_to_finish_inside_the_claim_timeout() 
         }
     }
     let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
-    enqueue(&db, numbered(3, Some(1))).await;
+    db.enqueue(numbered(3, Some(1))).await;
     let config = RelayConfig {
         claim_timeout: Duration::from_secs(2),
         publish_timeout: Duration::from_secs(1),

@@ -92,6 +92,8 @@ pub struct Relay {
     id: Uuid,
     listener: Option<ListenerFactory>,
     state: Mutex<State>,
+    /// The claim transaction's settings, built once from the config.
+    set_local: String,
 }
 
 enum Outcome {
@@ -112,7 +114,16 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
+        // Bound how long a claim transaction may hold its rows if this process hangs:
+        // PostgreSQL then ends the session and another relay takes the rows (failover).
+        // JIT off: see claim_batch.sql.
+        let timeout_ms = config.claim_timeout.as_millis();
+        let set_local = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; \
+             SET LOCAL statement_timeout = {timeout_ms}; SET LOCAL jit = off"
+        );
         Ok(Relay {
+            set_local,
             pool,
             sink,
             config,
@@ -290,16 +301,11 @@ impl Relay {
             client.prepare_cached(FINISH_BATCH)
         )?;
         let tx = client.transaction().await?;
-        // Bound how long this transaction may hold its rows if this process hangs: PostgreSQL
-        // then ends the session and another relay takes the rows (failover). JIT off: see
-        // claim_batch.sql. Sent in the same pipeline as the claim.
-        let timeout_ms = self.config.claim_timeout.as_millis().to_string();
-        let set_local = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; SET LOCAL statement_timeout = {timeout_ms}; SET LOCAL jit = off"
-        );
+        // The settings go in the same pipeline as the claim.
         let limit = self.config.batch_size as i64;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
-        let (set, rows) = tokio::join!(tx.batch_execute(&set_local), tx.query(&claim, &params));
+        let (set, rows) =
+            tokio::join!(tx.batch_execute(&self.set_local), tx.query(&claim, &params));
         set?;
         let rows = rows?;
         let mut report = TickReport {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use tidings_outbox::{Message, Outbox};
+use tidings_outbox::Message;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
 use tidings_relay::{Relay, RelayConfig, TickReport};
 use tidings_tests::{eventually, pool, NatsServer, TestDb};
@@ -32,34 +32,18 @@ fn output(cmd: &mut Command) -> (i32, String) {
 }
 
 async fn enqueue(db: &TestDb, n: usize, payload_len: usize) {
-    let c = db.client().await;
     let msgs: Vec<Message> = (0..n)
         .map(|i| {
             Message::new("orders.created", format!("{i:0>payload_len$}")).biz_id(format!("o-{i}"))
         })
         .collect();
-    for chunk in msgs.chunks(1000) {
-        Outbox::default().enqueue_batch_pg(&c, chunk).await.unwrap();
-    }
-}
-
-async fn outbox_count(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM tidings.outbox", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn stream_count(url: &str) -> u64 {
-    tidings_tests::stream_len(url, "TIDINGS").await
+    db.enqueue(msgs).await;
 }
 
 async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
     let mut total = TickReport::default();
     let end = Instant::now() + Duration::from_secs(60);
-    while outbox_count(db).await > 0 {
+    while db.outbox_count().await > 0 {
         let r = relay.tick().await.unwrap();
         total.delivered += r.delivered;
         total.duplicates += r.duplicates;
@@ -109,16 +93,16 @@ async fn sigkill_mid_batch_loses_nothing_and_jetstream_drops_the_resends() {
     child.kill().unwrap(); // SIGKILL, mid-batch
     child.wait().unwrap();
     // Let anything the dead process had already written reach the stream.
-    let mut at_restart = stream_count(&nats.url).await;
+    let mut at_restart = tidings_tests::stream_len(&nats.url, "TIDINGS").await;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = stream_count(&nats.url).await;
+        let now = tidings_tests::stream_len(&nats.url, "TIDINGS").await;
         if now == at_restart {
             break;
         }
         at_restart = now;
     }
-    let remaining = outbox_count(&db).await as u64;
+    let remaining = db.outbox_count().await as u64;
     assert!(remaining > 0, "killed before the end");
     let resends = at_restart + remaining - n as u64;
 
@@ -141,7 +125,7 @@ async fn sigkill_mid_batch_loses_nothing_and_jetstream_drops_the_resends() {
     .unwrap();
     let total = drain(&relay, &db).await;
     assert_eq!(
-        stream_count(&nats.url).await,
+        tidings_tests::stream_len(&nats.url, "TIDINGS").await,
         n as u64,
         "no loss, no duplicate stored"
     );

@@ -176,6 +176,27 @@ impl TestDb {
     pub async fn client(&self) -> Client {
         connect(&self.url).await
     }
+
+    /// Commits `msgs` to the outbox, 1,000 per statement.
+    pub async fn enqueue(&self, msgs: Vec<tidings_outbox::Message>) {
+        let c = self.client().await;
+        for chunk in msgs.chunks(1000) {
+            tidings_outbox::Outbox::default()
+                .enqueue_batch_pg(&c, chunk)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Rows in the outbox (messages not yet delivered).
+    pub async fn outbox_count(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM tidings.outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
 }
 
 impl Drop for TestDb {
