@@ -490,15 +490,23 @@ async fn sql_enqueue_function_refuses_bad_input_by_name() {
     for (sql, want) in [
         (
             "SELECT tidings.enqueue('a..b', '1')",
-            "invalid topic 'a..b'",
+            "topic_dotted_segments_of_a_z_0_9_dash_underscore_max_200",
         ),
         (
             "SELECT tidings.enqueue('a', '1', headers => '{\"n\": 1}')",
-            "header 'n' is not a string",
+            "headers_string_values_token_names_none_reserved",
         ),
         (
             "SELECT tidings.enqueue('a', '1', biz_id => '')",
-            "biz_id must not be empty",
+            "biz_id_1_to_512_bytes_without_control_characters",
+        ),
+        (
+            "SELECT tidings.enqueue('a', '1', biz_id => E'pay_1\\nX')",
+            "biz_id_1_to_512_bytes_without_control_characters",
+        ),
+        (
+            "SELECT tidings.enqueue('a', '1', headers => '{\"Nats-Rollup\": \"all\"}')",
+            "headers_string_values_token_names_none_reserved",
         ),
         (
             "SET tidings.max_payload_bytes = 4; SELECT tidings.enqueue('a', '\"hello\"')",
@@ -518,7 +526,10 @@ async fn sql_enqueue_function_refuses_bad_input_by_name() {
         .await
         .unwrap_err();
     assert!(
-        err.as_db_error().unwrap().message().contains("topic_check"),
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("topic_dotted_segments"),
         "{err:?}"
     );
 }

@@ -133,6 +133,9 @@ impl<S: Sink> Sink for Faulty<S> {
             }
         })
     }
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.inner.check()
+    }
 }
 
 fn numbered(n: usize, keys: Option<usize>) -> Vec<Message> {
@@ -745,4 +748,236 @@ async fn slow_keyed_publishes_stop_in_time_to_finish_inside_the_claim_timeout() 
     assert_eq!((r.delivered, r.released), (1, 2), "{r:?}");
     let r = relay.tick().await.unwrap();
     assert_eq!(r.delivered, 1, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_broker_burns_no_attempts_and_dead_letters_nothing() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    // The whole retry horizon (3 attempts, backoff up to 20 ms) is far shorter than the freeze.
+    let config = RelayConfig {
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(20),
+        publish_timeout: Duration::from_secs(1),
+        claim_timeout: Duration::from_secs(4),
+        ..fast_config()
+    };
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, config).unwrap();
+    db.enqueue(numbered(60, Some(6))).await;
+    nats.signal("-STOP");
+    let frozen = tokio::time::Instant::now();
+    let mut ticks = 0;
+    while frozen.elapsed() < Duration::from_secs(5) {
+        let r = relay.tick().await.unwrap();
+        assert!(
+            r.sink_unavailable && r.retried == 0 && r.dead_lettered == 0 && r.delivered == 0,
+            "a frozen broker is an outage: {r:?}"
+        );
+        ticks += 1;
+    }
+    assert!(ticks >= 2, "{ticks}");
+    let c = db.client().await;
+    let attempts: i64 = c
+        .query_one("SELECT coalesce(sum(attempts), 0) FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 0, "no attempt counted during the outage");
+    nats.signal("-CONT");
+    eventually(
+        "the backlog after SIGCONT",
+        Duration::from_secs(60),
+        || async {
+            let _ = relay.tick().await.unwrap();
+            db.outbox_count().await == 0
+        },
+    )
+    .await;
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM tidings.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0);
+    let stream = read_stream(&nats.url).await;
+    let ids: HashSet<&String> = stream.iter().map(|(id, _, _)| id).collect();
+    assert_eq!((stream.len(), ids.len()), (60, 60), "each message once");
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for (_, key, payload) in &stream {
+        let n: i64 = payload.parse().unwrap();
+        let prev = last.insert(key.clone().unwrap(), n);
+        assert!(
+            prev.is_none_or(|p| p < n),
+            "order of {key:?}: {prev:?} then {n}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_streams_max_msg_size_is_dead_lettered_as_permanent() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    jetstream::new(client)
+        .create_stream(jetstream::stream::Config {
+            name: "SMALL".into(),
+            subjects: vec!["tidings.>".into()],
+            max_message_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    db.enqueue(vec![
+        Message::new("big", vec![b'x'; 5000]),
+        Message::new("small", "ok"),
+    ])
+    .await;
+    let relay = Relay::new(pool(&db, 2), nats_sink(&nats).await, fast_config()).unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!(
+        (r.delivered, r.dead_lettered, r.retried),
+        (1, 1, 0),
+        "{r:?}"
+    );
+    let d = &tidings_relay::dlq_list(&db.client().await, 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(d.reason, "permanent", "{d:?}");
+    assert_eq!(d.attempts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dedup_window_shorter_than_the_resend_horizon_is_refused_at_start() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::migrated().await;
+    let sink = Arc::new(
+        NatsSink::connect(NatsSinkConfig {
+            url: nats.url.clone(),
+            stream: tidings_relay::sink::StreamSetup::Create {
+                name: "SHORT".into(),
+                duplicate_window: Duration::from_secs(10),
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        sink.capabilities().dedup_window,
+        Some(Duration::from_secs(10))
+    );
+    let err = Relay::new(pool(&db, 1), sink.clone(), RelayConfig::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("dedup window") && err.contains("10s") && err.contains("backoff_max"),
+        "{err}"
+    );
+    // Inside the window: accepted.
+    let short = RelayConfig {
+        backoff_max: Duration::from_secs(1),
+        claim_timeout: Duration::from_secs(5),
+        publish_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    assert!(Relay::new(pool(&db, 1), sink, short).is_ok());
+    // The defaults are consistent with JetStream's default window.
+    assert!(Relay::new(pool(&db, 1), nats_sink(&nats).await, RelayConfig::default()).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_of_only_held_back_rows_waits_a_poll_interval_not_a_busy_tick() {
+    let db = TestDb::migrated().await;
+    db.enqueue(vec![
+        Message::new("t", "1").key("k"),
+        Message::new("t", "2").key("k"),
+    ])
+    .await;
+    // Another session holds the key's head: the relay can claim only the second row, which is
+    // held back behind it.
+    let mut other = db.client().await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM tidings.outbox WHERE seq = (SELECT min(seq) FROM tidings.outbox) FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let relay = Arc::new(
+        Relay::new(
+            pool(&db, 2),
+            Arc::new(tidings_relay::sink::StdoutSink::new(Box::new(
+                std::io::sink(),
+            ))),
+            RelayConfig {
+                poll_interval: Duration::from_millis(100),
+                busy_poll_interval: Duration::from_millis(2),
+                listen: false,
+                ..fast_config()
+            },
+        )
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    // A measurement window, not a wait for work: count the claims made in one second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticks = relay.ticks();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert!(
+        (3..=30).contains(&ticks),
+        "about 10 claims a second at a 100 ms poll interval, not hundreds: {ticks}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(db.outbox_count().await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_counts_age_from_first_due_and_shows_dead_relays() {
+    let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO tidings.outbox (id, topic, payload, deliver_at)
+         VALUES (gen_random_uuid(), 'late', 'x', now() - interval '1 hour');
+         INSERT INTO tidings.relays (id, name, host, pid, sink, heartbeat_at, heartbeat_interval_secs)
+         VALUES (gen_random_uuid(), 'gone-a-minute', 'h', 1, 'nats', now() - interval '1 minute', 5),
+                (gen_random_uuid(), 'gone-for-hours', 'h', 2, 'nats', now() - interval '3 hours', 5);",
+    )
+    .await
+    .unwrap();
+    // The message fails and waits for its retry: its age still counts from when it was due.
+    let sink = Faulty::new(nats_sink(&nats).await, |_| Some(Fault::Before));
+    let relay = Relay::new(
+        pool(&db, 2),
+        sink,
+        RelayConfig {
+            backoff_base: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(30),
+            ..fast_config()
+        },
+    )
+    .unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!(r.retried, 1, "{r:?}");
+    let s = tidings_relay::status(&c).await.unwrap();
+    assert_eq!((s.backlog, s.ready, s.retrying), (1, 0, 1));
+    let age = s.oldest_ready_age_secs.unwrap();
+    assert!(
+        age >= 3599.0,
+        "age from first due, not from the retry: {age}"
+    );
+    // The relay's heartbeat removed the long-dead row; the recent one is shown dead.
+    let by_name: BTreeMap<String, bool> =
+        s.relays.iter().map(|r| (r.name.clone(), r.alive)).collect();
+    assert_eq!(by_name.get("gone-a-minute"), Some(&false), "{by_name:?}");
+    assert!(!by_name.contains_key("gone-for-hours"), "{by_name:?}");
+    assert_eq!(
+        by_name.get(&relay.config().name),
+        Some(&true),
+        "{by_name:?}"
+    );
 }

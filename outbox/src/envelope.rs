@@ -3,6 +3,27 @@
 
 /// Header names starting with this (any case) are set by Tidings only; producers may not use them.
 pub const RESERVED_HEADER_PREFIX: &str = "Tidings-";
+/// Header name prefixes (any case) producers may not use: set by Tidings (`Tidings-`), obeyed by
+/// JetStream (`Nats-Msg-Id`, `Nats-Expected-*`, `Nats-Rollup`, ...) or set by the webhook sink
+/// (`webhook-id`, `webhook-signature`, ...). The schema's CHECK holds the same list.
+pub const RESERVED_HEADER_PREFIXES: &[&str] = &["tidings-", "nats-", "webhook-"];
+/// Header names (any case) producers may not use: the webhook sink's `Idempotency-Key`, RabbitMQ's
+/// sender-selected distribution (`CC`, `BCC`) and delayed-message plugin (`x-delay`), and HTTP
+/// framing and hop-by-hop headers. The schema's CHECK holds the same list.
+pub const RESERVED_HEADER_NAMES: &[&str] = &[
+    "idempotency-key",
+    "cc",
+    "bcc",
+    "x-delay",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
 /// The internal message id (UUIDv7). Sinks also map it to the broker's own dedup id.
 pub const HEADER_MESSAGE_ID: &str = "Tidings-Message-Id";
 /// The producer's biz-id, when the message has one.

@@ -23,7 +23,10 @@ mod diesel_sync;
 mod postgres;
 
 pub use error::Error;
-pub use message::{validate_topic, Message, MessageId, MAX_TOPIC_LEN};
+pub use message::{
+    is_reserved_header, validate_biz_id, validate_header_pair, validate_key, validate_topic,
+    Message, MessageId, MAX_TOPIC_LEN,
+};
 
 /// Outbox settings. Build with struct update syntax over `Default`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,12 @@ use uuid::Uuid;
 use crate::Error;
 
 const STATUS: &str = include_str!("sql/status.sql");
+/// relays: every registered instance; alive = its last heartbeat is within three of its
+/// heartbeat intervals (a relay that died without deregistering shows as dead until another
+/// relay removes its row, after 20 missed intervals and at least an hour).
 const RELAYS: &str = "SELECT name, host, pid, sink, started_at, \
-     extract(epoch FROM now() - heartbeat_at)::float8, delivered, failed, dead_lettered, duplicates \
+     extract(epoch FROM now() - heartbeat_at)::float8, delivered, failed, dead_lettered, duplicates, \
+     heartbeat_at > now() - 3 * heartbeat_interval_secs * interval '1 second' \
      FROM tidings.relays ORDER BY name";
 const DLQ_LIST: &str = "SELECT id, topic, ordering_key, biz_id, attempts, last_error, reason, \
      created_at, dead_at FROM tidings.dead_letters ORDER BY dead_at DESC LIMIT $1";
@@ -29,7 +33,8 @@ pub struct Status {
     pub ready: i64,
     /// Of those, with at least one failed attempt.
     pub retrying: i64,
-    /// Seconds the oldest due message has waited; alert when it grows.
+    /// Seconds since the oldest due message first became due (retries do not reset it); alert
+    /// when it grows.
     pub oldest_ready_age_secs: Option<f64>,
     /// Messages in the dead-letter store.
     pub dead_letters: i64,
@@ -60,6 +65,8 @@ pub struct RelayInfo {
     pub dead_lettered: i64,
     /// Re-sends the broker recognised by message id and dropped.
     pub duplicates: i64,
+    /// Whether it heartbeated within its last three heartbeat intervals.
+    pub alive: bool,
 }
 
 /// A dead-lettered message (without its payload).
@@ -103,6 +110,7 @@ pub async fn status(client: &impl GenericClient) -> Result<Status, Error> {
             failed: r.get(7),
             dead_lettered: r.get(8),
             duplicates: r.get(9),
+            alive: r.get(10),
         })
         .collect();
     Ok(Status {

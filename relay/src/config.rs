@@ -29,11 +29,15 @@ pub struct RelayConfig {
     /// ones in time to finish inside `claim_timeout`.
     /// Defaults to 5 seconds.
     pub publish_timeout: Duration,
-    /// Attempts before a message is dead-lettered. Defaults to 10.
+    /// Attempts before a message is dead-lettered (1 to 10,000). Attempts are counted only while
+    /// the broker works: failures during an outage are not the messages' fault. Defaults to 10.
     pub max_attempts: i32,
     /// Backoff before the first retry; doubles per attempt, with jitter. Defaults to 1 second.
     pub backoff_base: Duration,
-    /// Longest backoff between retries of a message. Defaults to 5 minutes.
+    /// Longest backoff between retries of a message. Together with `claim_timeout` and
+    /// `publish_timeout` it must stay inside the broker's dedup window (checked at start-up):
+    /// a re-send after the window is stored twice. Defaults to 1 minute (JetStream's default
+    /// window is 2 minutes).
     pub backoff_max: Duration,
     /// Longest pause while the broker is unavailable (released messages are not counted as
     /// attempts). Defaults to 30 seconds.
@@ -62,7 +66,7 @@ impl Default for RelayConfig {
             publish_timeout: Duration::from_secs(5),
             max_attempts: 10,
             backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
+            backoff_max: Duration::from_secs(60),
             unavailable_backoff_max: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             vacuum_every: 20_000,
@@ -90,8 +94,12 @@ impl RelayConfig {
         if self.busy_poll_interval > self.poll_interval {
             return bad("busy_poll_interval must be at most poll_interval");
         }
-        if self.claim_timeout < Duration::from_secs(1) {
-            return bad("claim_timeout must be at least 1 second");
+        // PostgreSQL takes the claim timeout as a statement/idle timeout in milliseconds (at
+        // most 2^31 - 1, about 24 days); an hour is far past any sane failover time.
+        if self.claim_timeout < Duration::from_secs(1)
+            || self.claim_timeout > Duration::from_secs(3600)
+        {
+            return bad("claim_timeout must be between 1 second and 1 hour");
         }
         if self.publish_timeout.is_zero()
             || self.publish_timeout + crate::relay::CLAIM_MARGIN > self.claim_timeout
@@ -100,11 +108,20 @@ impl RelayConfig {
                 "publish_timeout must be greater than 0 and less than claim_timeout (by at least 1 second)",
             );
         }
-        if self.max_attempts < 1 {
-            return bad("max_attempts must be at least 1");
+        if !(1..=10_000).contains(&self.max_attempts) {
+            return bad("max_attempts must be between 1 and 10000");
         }
         if self.backoff_base.is_zero() || self.backoff_base > self.backoff_max {
             return bad("backoff_base must be greater than 0 and at most backoff_max");
+        }
+        if self.backoff_max > Duration::from_secs(7 * 86400) {
+            return bad("backoff_max must be at most 7 days");
+        }
+        if self.poll_interval > Duration::from_secs(3600)
+            || self.heartbeat_interval > Duration::from_secs(3600)
+            || self.unavailable_backoff_max > Duration::from_secs(3600)
+        {
+            return bad("poll_interval, heartbeat_interval and unavailable_backoff_max must be at most 1 hour");
         }
         if self.unavailable_backoff_max.is_zero() || self.heartbeat_interval.is_zero() {
             return bad("unavailable_backoff_max and heartbeat_interval must be greater than 0");

@@ -13,7 +13,7 @@ pub use admin::{
 pub use config::RelayConfig;
 pub use listener::CHANNEL;
 pub use relay::{Relay, TickReport, STATEMENTS};
-pub use sink::{Delivery, Envelope, Sink, SinkError};
+pub use sink::{Capabilities, Delivery, Envelope, Sink, SinkError};
 
 /// What can stop the relay or an admin command. Per-message failures are not errors: they are
 /// recorded on the message (attempts, last error, next attempt time).
@@ -35,6 +35,10 @@ pub enum Error {
     /// The broker could not be set up (connect, stream lookup or creation).
     #[error("{0}")]
     Sink(String),
+    /// The database accepted the connection but did not answer in time (frozen server, dead
+    /// proxy, lost network); the relay logs it and tries again.
+    #[error("the database did not answer within {0:?}")]
+    DatabaseTimeout(std::time::Duration),
 }
 
 /// Displays an error with its whole source chain, for log lines.

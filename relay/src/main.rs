@@ -2,6 +2,7 @@
 //! tracing subscriber, builds pools, calls the library, and maps errors to exit codes:
 //! 0 ok, 1 failure at run time, 2 bad configuration or usage.
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +82,9 @@ enum InboxAction {
         /// Rows deleted per statement (each its own short transaction).
         #[arg(long, default_value_t = 1000)]
         batch: i64,
+        /// Allow --older-than below 1 hour (a redelivery after that runs its effect again).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -88,8 +92,12 @@ enum InboxAction {
 enum MigrateAction {
     /// Apply every pending migration (safe to run from several processes at once).
     Up,
-    /// Revert the newest migration (or more with --steps, or all with --all).
+    /// Revert the newest migration (or more with --steps, or all with --all). Refused while the
+    /// outbox, the dead letters or the inbox hold rows (a revert may drop them) unless --force.
     Down {
+        /// Revert even though Tidings tables hold rows that the revert may drop.
+        #[arg(long)]
+        force: bool,
         /// How many migrations to revert.
         #[arg(long, default_value_t = 1, conflicts_with = "all")]
         steps: usize,
@@ -107,8 +115,8 @@ enum MigrateAction {
 enum DlqAction {
     /// List the newest dead letters.
     List {
-        /// How many to show.
-        #[arg(long, default_value_t = 50)]
+        /// How many to show (1 to 10000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
     /// Move dead letters back into the outbox (same message id, attempts reset).
@@ -170,8 +178,9 @@ struct RelayArgs {
     /// First retry backoff; doubles per attempt, with jitter.
     #[arg(long, env = "TIDINGS_BACKOFF_BASE", value_parser = parse_duration, default_value = "1s")]
     backoff_base: Duration,
-    /// Longest retry backoff.
-    #[arg(long, env = "TIDINGS_BACKOFF_MAX", value_parser = parse_duration, default_value = "5m")]
+    /// Longest retry backoff; claim timeout + publish timeout + this must fit in the broker's
+    /// dedup window (checked at start-up).
+    #[arg(long, env = "TIDINGS_BACKOFF_MAX", value_parser = parse_duration, default_value = "1m")]
     backoff_max: Duration,
     /// How often the relay refreshes its row (and counters) in tidings.relays.
     #[arg(long, env = "TIDINGS_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
@@ -202,7 +211,9 @@ struct RelayArgs {
     /// Create the stream if missing (true), or require an existing one and fail clearly (false).
     #[arg(long, env = "TIDINGS_NATS_CREATE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
     nats_create_stream: bool,
-    /// Duplicate window of a created stream: re-sends within it are dropped by message id.
+    /// Duplicate window of a created stream: re-sends within it are dropped by message id. An
+    /// existing stream keeps its own; either way it must outlast --claim-timeout +
+    /// --publish-timeout + --backoff-max (checked at start-up).
     #[arg(long, env = "TIDINGS_NATS_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
     nats_duplicate_window: Duration,
     /// Require TLS to NATS.
@@ -215,6 +226,25 @@ struct RelayArgs {
     #[arg(long, env = "TIDINGS_NATS_CREDS")]
     nats_creds: Option<std::path::PathBuf>,
 }
+
+/// JetStream stream names: no whitespace, `.`, `*`, `>`, path separators or control characters.
+fn check_stream_name(name: &str) -> Result<(), Failure> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c));
+    if bad {
+        return Err(usage(format!(
+            "--nats-stream {:?} is not a JetStream stream name (1-255 characters, none of whitespace . * > / \\)",
+            shown(name)
+        )));
+    }
+    Ok(())
+}
+
+/// `tidings inbox prune` refuses a retention below this unless --force.
+const PRUNE_FLOOR: Duration = Duration::from_secs(3600);
 
 /// Parses `250ms`, `15s`, `5m`, `1h`, `7d` (a bare number is seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -270,9 +300,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDINGS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    // Log lines go through a thread of their own and are dropped (counted) when stderr does not
+    // drain: a reader that stops reading must never block the runtime, or SIGTERM.
+    let (stderr, _flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(stderr.clone());
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -287,10 +321,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Work still blocked on a pipe nobody reads (or a DNS lookup) must not keep the process.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            let mut out = stderr;
+            let _ = writeln!(out, "error: {}", f.message);
             ExitCode::from(f.code)
         }
     }
@@ -315,10 +353,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     older_than,
                     consumer,
                     batch,
+                    force,
                 },
         } => {
             if batch < 1 {
                 return Err(usage("--batch must be at least 1"));
+            }
+            if older_than < PRUNE_FLOOR && !force {
+                return Err(usage(format!(
+                    "--older-than {older_than:?} would forget messages that may still be redelivered (the floor is 1h); pass --force if you mean it"
+                )));
             }
             let client = pg?.connect().await?;
             tidings_migrations::postgres::ensure_current(&client).await?;
@@ -342,7 +386,10 @@ async fn migrate(pg: &Db, action: MigrateAction) -> Result<(), Failure> {
                 println!("schema is current; nothing to apply");
             }
         }
-        MigrateAction::Down { steps, all } => {
+        MigrateAction::Down { steps, all, force } => {
+            if !force {
+                guard_down(&client).await?;
+            }
             let done = m::down(&mut client, if all { usize::MAX } else { steps }).await?;
             for mig in &done {
                 println!("reverted {} {}", mig.version, mig.name);
@@ -372,6 +419,37 @@ async fn migrate(pg: &Db, action: MigrateAction) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Refuses a revert while Tidings tables hold rows it could drop.
+async fn guard_down(client: &tokio_postgres::Client) -> Result<(), Failure> {
+    let mut held = Vec::new();
+    for (table, what) in [
+        ("outbox", "undelivered messages"),
+        ("dead_letters", "dead letters"),
+        ("inbox", "inbox records"),
+        ("inbox_dead_letters", "parked consumer messages"),
+    ] {
+        // Table names come from the list above, never from input.
+        let sql = format!(
+            "SELECT CASE WHEN to_regclass('tidings.{table}') IS NULL THEN 0 \
+             ELSE (SELECT count(*) FROM (SELECT 1 FROM tidings.{table} LIMIT 1000000) t) END"
+        );
+        let n: i64 = match client.query_one(&sql, &[]).await {
+            Ok(row) => row.get(0),
+            Err(_) => 0, // no schema at all: nothing to lose
+        };
+        if n > 0 {
+            held.push(format!("{n} {what}"));
+        }
+    }
+    if held.is_empty() {
+        return Ok(());
+    }
+    Err(usage(format!(
+        "refusing to revert: tidings tables hold {}; a revert may drop them. Deliver or purge them first, or pass --force",
+        held.join(", ")
+    )))
+}
+
 async fn status(pg: &Db, json: bool) -> Result<(), Failure> {
     let client = pg.connect().await?;
     tidings_migrations::postgres::ensure_current(&client).await?;
@@ -384,18 +462,39 @@ async fn status(pg: &Db, json: bool) -> Result<(), Failure> {
     println!("ready now:        {}", s.ready);
     println!("retrying:         {}", s.retrying);
     match s.oldest_ready_age_secs {
-        Some(a) => println!("oldest ready age: {a:.1}s"),
-        None => println!("oldest ready age: -"),
+        Some(a) => println!("oldest due age:   {a:.1}s (since first due)"),
+        None => println!("oldest due age:   -"),
     }
     println!("dead letters:     {}", s.dead_letters);
-    println!("relays:           {}", s.relays.len());
+    let alive = s.relays.iter().filter(|r| r.alive).count();
+    println!(
+        "relays:           {alive} alive, {} dead",
+        s.relays.len() - alive
+    );
     for r in &s.relays {
         println!(
-            "  {} ({} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}, broker duplicates {}",
-            r.name, r.host, r.pid, r.sink, r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered, r.duplicates
+            "  {} {} ({} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}, broker duplicates {}",
+            if r.alive { "alive" } else { "DEAD " },
+            shown(&r.name), shown(&r.host), r.pid, shown(&r.sink), r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered, r.duplicates
         );
     }
     Ok(())
+}
+
+/// Text from the database made safe for an operator's terminal: control characters (which can
+/// clear the screen or forge lines) and bidirectional overrides (which can disguise text) are
+/// shown escaped, e.g. `\n`, `\u{1b}`.
+fn shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 async fn dlq(pg: &Db, action: DlqAction) -> Result<(), Failure> {
@@ -414,13 +513,13 @@ async fn dlq(pg: &Db, action: DlqAction) -> Result<(), Failure> {
                 println!(
                     "{} {} key={} biz_id={} attempts={} {} at {}: {}",
                     d.id,
-                    d.topic,
-                    d.key.as_deref().unwrap_or("-"),
-                    d.biz_id.as_deref().unwrap_or("-"),
+                    shown(&d.topic),
+                    shown(d.key.as_deref().unwrap_or("-")),
+                    shown(d.biz_id.as_deref().unwrap_or("-")),
                     d.attempts,
-                    d.reason,
+                    shown(&d.reason),
                     d.dead_at,
-                    d.last_error
+                    shown(&d.last_error)
                 );
             }
         }
@@ -464,6 +563,16 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
     let sink: Arc<dyn tidings_relay::Sink> = match args.sink {
         SinkKind::Stdout => Arc::new(sink::StdoutSink::default()),
         SinkKind::Nats => {
+            check_stream_name(&args.nats_stream)?;
+            for (flag, path) in [
+                ("--nats-tls-ca", args.nats_tls_ca.as_ref()),
+                ("--nats-creds", args.nats_creds.as_ref()),
+            ] {
+                if let Some(p) = path {
+                    std::fs::metadata(p)
+                        .map_err(|e| usage(format!("{flag}: cannot read {}: {e}", p.display())))?;
+                }
+            }
             let cfg = sink::NatsSinkConfig {
                 url: args.nats_url,
                 subject_prefix: args.nats_subject_prefix,
@@ -487,7 +596,14 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
             })?)
         }
     };
-    let relay = pg.with_listener(Relay::new(pool, sink, config).map_err(|e| usage(e.to_string()))?);
+    let is_nats = args.sink == SinkKind::Nats;
+    let relay = pg.with_listener(Relay::new(pool, sink, config).map_err(|e| {
+        let mut m = flagify(&e.to_string());
+        if is_nats && m.contains("dedup window") {
+            m.push_str(" (--nats-duplicate-window sets it for a stream tidings creates; an existing stream keeps its own duplicate_window)");
+        }
+        usage(m)
+    })?);
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
@@ -508,6 +624,52 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
     }
 }
 
+/// Names the flags in a library config error: `claim_timeout` becomes `--claim-timeout`.
+fn flagify(message: &str) -> String {
+    const FIELDS: &[(&str, &str)] = &[
+        (
+            "unavailable_backoff_max",
+            "unavailable_backoff_max (not a flag)",
+        ),
+        ("busy_poll_interval", "--busy-poll-interval"),
+        ("heartbeat_interval", "--heartbeat-interval"),
+        ("publish_timeout", "--publish-timeout"),
+        ("poll_interval", "--poll-interval"),
+        ("claim_timeout", "--claim-timeout"),
+        ("backoff_base", "--backoff-base"),
+        ("max_attempts", "--max-attempts"),
+        ("vacuum_every", "--vacuum-every"),
+        ("backoff_max", "--backoff-max"),
+        ("batch_size", "--batch-size"),
+    ];
+    let mut out = String::with_capacity(message.len() + 16);
+    let mut rest = message;
+    'scan: while !rest.is_empty() {
+        let prev_ident = out
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !prev_ident {
+            for (field, flag) in FIELDS {
+                if let Some(after) = rest.strip_prefix(field) {
+                    if !after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                        out.push_str(flag);
+                        rest = after;
+                        continue 'scan;
+                    }
+                }
+            }
+        }
+        let c = rest.chars().next().unwrap_or_default();
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    if let Some(m) = out.strip_prefix("invalid config: name must") {
+        out = format!("invalid config: --name must{m}");
+    }
+    out
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
@@ -523,5 +685,29 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{flagify, shown};
+
+    #[test]
+    fn config_errors_name_flags_not_fields() {
+        assert_eq!(
+            flagify("invalid config: publish_timeout must be less than claim_timeout"),
+            "invalid config: --publish-timeout must be less than --claim-timeout"
+        );
+        assert_eq!(
+            flagify("invalid config: busy_poll_interval must be at most poll_interval"),
+            "invalid config: --busy-poll-interval must be at most --poll-interval"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(shown("pay_1\u{1b}[2J\nX"), "pay_1\\u{1b}[2J\\nX");
+        assert_eq!(shown("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(shown("plain é"), "plain é");
     }
 }

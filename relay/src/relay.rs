@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use tidings_outbox::MessageId;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -28,9 +29,15 @@ const VACUUM: &str = "VACUUM (SKIP_LOCKED) tidings.outbox";
 /// may_vacuum: whether the relay's role owns the outbox (or is a superuser).
 const MAY_VACUUM: &str = "SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
      OR pg_has_role(current_user, c.relowner, 'MEMBER') FROM pg_class c WHERE c.oid = 'tidings.outbox'::regclass";
+/// Added to claim timeout + publish timeout to bound a whole tick on the client side.
+const TICK_GRACE: Duration = Duration::from_secs(5);
 /// How long the run loop keeps busy-polling after the last batch that found messages.
 const BUSY_LINGER: Duration = Duration::from_secs(1);
 const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
+/// Pipelined before the finish statement, so that a finish the database refuses can be undone
+/// without losing the claim (see `record_outcomes`).
+const SAVEPOINT: &str = "SAVEPOINT tidings_finish";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT tidings_finish";
 
 /// Every statement the relay runs, for a test that prepares them against a migrated database.
 pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER, MAY_VACUUM];
@@ -46,8 +53,11 @@ pub struct TickReport {
     pub duplicates: usize,
     /// Failed and scheduled for a retry with backoff.
     pub retried: usize,
-    /// Moved to the dead-letter store.
+    /// Moved to the dead-letter store (including `isolated` ones).
     pub dead_lettered: usize,
+    /// Of those, rows whose outcome the database refused to record with the rest of the
+    /// batch; each was dead-lettered on its own so that the rest of the batch could commit.
+    pub isolated: usize,
     /// Claimed but not publishable yet: an older message of the same key is pending.
     pub held_back: usize,
     /// Released untouched: the broker was unavailable, or an older message of the same key
@@ -79,6 +89,8 @@ struct State {
     /// Consecutive ticks that found the broker unavailable.
     unavailable_streak: u32,
     unavailable_since_log: Option<Instant>,
+    /// Ticks run so far.
+    ticks: u64,
 }
 
 /// Delivers committed outbox rows to a [`Sink`], at least once.
@@ -114,6 +126,7 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
+        check_dedup_window(&config, sink.as_ref())?;
         // Bound how long a claim transaction may hold its rows if this process hangs:
         // PostgreSQL then ends the session and another relay takes the rows (failover).
         // JIT off: see claim_batch.sql.
@@ -137,6 +150,7 @@ impl Relay {
                 last_heartbeat: None,
                 unavailable_streak: 0,
                 unavailable_since_log: None,
+                ticks: 0,
             }),
         })
     }
@@ -165,6 +179,11 @@ impl Relay {
             }));
         }
         self
+    }
+
+    /// How many ticks this relay has run (a test and metrics hook).
+    pub fn ticks(&self) -> u64 {
+        self.state.lock().map(|s| s.ticks).unwrap_or(0)
     }
 
     /// This instance's id (its row in `tidings.relays`).
@@ -215,7 +234,10 @@ impl Relay {
                     if r.claimed >= self.config.batch_size && progressed {
                         continue;
                     }
-                    if r.claimed > 0 {
+                    // Only batches that moved something count as traffic: a claim that found only
+                    // held-back rows (another session holds their key's head) waits a full poll
+                    // interval instead of re-claiming every busy-poll tick.
+                    if progressed {
                         last_traffic = Instant::now();
                     }
                     // While traffic flows (and for a second after), poll fast; a single empty
@@ -232,7 +254,11 @@ impl Relay {
                         (Duration::from_millis(250) * 2u32.pow(db_errors.min(7)))
                             .min(Duration::from_secs(30)),
                     );
-                    tracing::error!(error = %crate::ErrorChain(&e), retry_in = ?pause, "relay tick failed");
+                    // Every failure while few, then one in 16: a long database outage logs
+                    // about twice a minute, not on every attempt.
+                    if db_errors <= 3 || db_errors % 16 == 0 {
+                        tracing::warn!(error = %crate::ErrorChain(&e), failures = db_errors, retry_in = ?pause, "relay tick failed (database); retrying");
+                    }
                     pause
                 }
             };
@@ -279,7 +305,18 @@ impl Relay {
             retried = tracing::field::Empty, dead = tracing::field::Empty,
             held_back = tracing::field::Empty, ms = tracing::field::Empty);
         let started = Instant::now();
-        let report = self.tick_inner().instrument(span.clone()).await?;
+        if let Ok(mut s) = self.state.lock() {
+            s.ticks += 1;
+        }
+        // A database that accepts the connection and then never answers (frozen server, dead
+        // proxy) must not hang the relay silently: PostgreSQL ends a claim after the claim
+        // timeout, so a tick that takes much longer is waiting on a server that is gone.
+        let limit = self.config.claim_timeout + self.config.publish_timeout + TICK_GRACE;
+        let report =
+            match tokio::time::timeout(limit, self.tick_inner().instrument(span.clone())).await {
+                Ok(r) => r?,
+                Err(_) => return Err(Error::DatabaseTimeout(limit)),
+            };
         if report.claimed > 0 {
             span.record("claimed", report.claimed);
             span.record("delivered", report.delivered);
@@ -308,6 +345,7 @@ impl Relay {
             tokio::join!(tx.batch_execute(&self.set_local), tx.query(&claim, &params));
         set?;
         let rows = rows?;
+        let claim_deadline = Instant::now() + self.config.claim_timeout;
         let mut report = TickReport {
             claimed: rows.len(),
             ..Default::default()
@@ -317,45 +355,27 @@ impl Relay {
             return Ok(report);
         }
         let mut batch = Vec::with_capacity(rows.len());
+        // Per message of `batch`: why it can never be published, for rows the schema did not
+        // (yet) refuse (written before the hardening migration, or by a table owner who
+        // dropped a constraint). Such a row is dead-lettered, never handed to the sink.
+        let mut invalid = Vec::with_capacity(rows.len());
         for row in &rows {
-            if !row.get::<_, bool>("eligible") {
+            if !row.try_get::<_, bool>("eligible").unwrap_or(false) {
                 report.held_back += 1;
                 continue;
             }
-            let headers: serde_json::Value = row.get("headers");
-            let headers = headers
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            batch.push(Envelope {
-                id: MessageId::from_uuid(row.get("id")),
-                seq: row.get("seq"),
-                topic: row.get("topic"),
-                key: row.get("ordering_key"),
-                biz_id: row.get("biz_id"),
-                payload: Bytes::from(row.get::<_, Vec<u8>>("payload")),
-                headers,
-                created_at: row.get("created_at"),
-                attempts: row.get("attempts"),
-            });
+            let (env, bad) = envelope_from_row(row)?;
+            batch.push(env);
+            invalid.push(bad);
         }
-        let outcomes = self.publish_all(&batch).await;
+        let mut outcomes = self.publish_all(&batch, &invalid).await;
+        self.check_outage(&mut outcomes, claim_deadline).await;
 
-        let mut delivered = Vec::new();
-        let (mut f_seq, mut f_err, mut f_backoff, mut f_dead) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::<Option<&str>>::new(),
-        );
+        let mut rec = Outcomes::default();
         for (msg, outcome) in batch.iter().zip(outcomes) {
             match outcome {
                 Outcome::Delivered { duplicate } => {
-                    delivered.push(msg.seq);
+                    rec.delivered.push(msg.seq);
                     report.duplicates += usize::from(duplicate);
                 }
                 Outcome::Skipped => report.released += 1,
@@ -367,7 +387,7 @@ impl Relay {
                     }
                 }
                 Outcome::Failed(e) => {
-                    let attempt = msg.attempts + 1;
+                    let attempt = msg.attempts.saturating_add(1);
                     let dead = match e {
                         SinkError::Permanent(_) => Some("permanent"),
                         _ if attempt >= self.config.max_attempts => Some("max_attempts"),
@@ -381,17 +401,34 @@ impl Relay {
                         report.retried += 1;
                         tracing::debug!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?backoff, "publish failed, will retry");
                     }
-                    f_seq.push(msg.seq);
-                    f_err.push(e.to_string());
-                    f_backoff.push(backoff.as_secs_f64());
-                    f_dead.push(dead);
+                    rec.failed.push(msg.seq);
+                    rec.ids.insert(msg.seq, msg.id);
+                    rec.errors.push(e.to_string());
+                    rec.backoffs.push(backoff.as_secs_f64());
+                    rec.dead.push(dead);
                 }
             }
         }
-        report.delivered = delivered.len();
-        if !delivered.is_empty() || !f_seq.is_empty() {
-            tx.execute(&finish, &[&delivered, &f_seq, &f_err, &f_backoff, &f_dead])
-                .await?;
+        for msg in &batch {
+            rec.ids.entry(msg.seq).or_insert(msg.id);
+        }
+        report.delivered = rec.delivered.len();
+        if !rec.delivered.is_empty() || !rec.failed.is_empty() {
+            let isolated = self.record_outcomes(&tx, &finish, &rec).await?;
+            for seq in &isolated {
+                // It was counted delivered or retried above; it is a dead letter now.
+                if rec.delivered.contains(seq) {
+                    report.delivered -= 1;
+                } else if let Some(i) = rec.failed.iter().position(|s| s == seq) {
+                    if rec.dead[i].is_none() {
+                        report.retried -= 1;
+                    } else {
+                        report.dead_lettered -= 1;
+                    }
+                }
+                report.dead_lettered += 1;
+                report.isolated += 1;
+            }
         }
         // If this commit is lost (crash, network), the rows stay and are published again later
         // with the same message id, which the broker drops as a duplicate.
@@ -405,6 +442,101 @@ impl Relay {
         Ok(report)
     }
 
+    /// When every message the batch tried failed retryably and none got through, asks the
+    /// broker whether it works at all (`Sink::check`, bounded by the publish timeout and the
+    /// time left in the claim). If it does not, the failures are the outage's, not the
+    /// messages': they become `Unavailable` (released, no attempt counted, the relay backs
+    /// off). A frozen or full broker therefore never burns attempts or dead-letters messages.
+    async fn check_outage(&self, outcomes: &mut [Outcome], claim_deadline: Instant) {
+        let mut failed = 0;
+        for o in outcomes.iter() {
+            match o {
+                Outcome::Delivered { .. } => return,
+                Outcome::Failed(SinkError::Retryable(_)) => failed += 1,
+                Outcome::Failed(_) | Outcome::Skipped => {}
+            }
+        }
+        if failed == 0 {
+            return;
+        }
+        let left = claim_deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(CLAIM_MARGIN);
+        let limit = self.config.publish_timeout.min(left);
+        let verdict = match tokio::time::timeout(limit, self.sink.check()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("the broker did not answer a health check within {limit:?}"),
+        };
+        for o in outcomes.iter_mut() {
+            if let Outcome::Failed(SinkError::Retryable(e)) = o {
+                let cause = format!("{verdict} (after: {e})");
+                *o = Outcome::Failed(SinkError::Unavailable(cause.into()));
+            }
+        }
+    }
+
+    /// Records the batch's outcome in one statement. If the database refuses it (a row that
+    /// breaks a rule the relay cannot see, e.g. a trigger, or two rows sharing an id from
+    /// before the unique index), the statement is undone to a savepoint and the rows are
+    /// recorded one by one; a row whose outcome still cannot be recorded is dead-lettered
+    /// alone with the database's error, and its id is logged. The rest of the batch commits,
+    /// so no row can make the relay re-publish a whole batch forever. Returns the seqs of
+    /// the rows dead-lettered that way.
+    async fn record_outcomes(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        finish: &tokio_postgres::Statement,
+        rec: &Outcomes,
+    ) -> Result<Vec<i64>, Error> {
+        let Err(err) = finish_step(tx, finish, rec).await? else {
+            return Ok(Vec::new());
+        };
+        tracing::warn!(error = %crate::ErrorChain(&err), rows = rec.delivered.len() + rec.failed.len(),
+            "the database refused the batch's outcome; recording its rows one by one");
+        let mut isolated = Vec::new();
+        let rows = (0..rec.delivered.len())
+            .map(|i| rec.one_delivered(i))
+            .chain((0..rec.failed.len()).map(|i| rec.one_failed(i)));
+        for one in rows {
+            let seq = one
+                .delivered
+                .first()
+                .or(one.failed.first())
+                .copied()
+                .unwrap_or(0);
+            let Err(e) = finish_step(tx, finish, &one).await? else {
+                continue;
+            };
+            let id = rec.ids.get(&seq).map(|i| i.to_string());
+            let reason = format!(
+                "permanent: the database refused to record this message's outcome: {}",
+                crate::ErrorChain(&e)
+            );
+            let bury = Outcomes {
+                failed: vec![seq],
+                errors: vec![reason],
+                backoffs: vec![0.0],
+                dead: vec![Some("permanent")],
+                ..Default::default()
+            };
+            match finish_step(tx, finish, &bury).await? {
+                Ok(()) => {
+                    tracing::error!(id, seq, error = %crate::ErrorChain(&e),
+                        "message isolated: its outcome could not be recorded; dead-lettered alone");
+                    isolated.push(seq);
+                }
+                Err(e2) => {
+                    // Not even the dead-letter store takes it: leave the row as it was (it is
+                    // tried again with a later batch) but let the rest of this batch commit.
+                    tracing::error!(id, seq, error = %crate::ErrorChain(&e2),
+                        "message isolated but could not be dead-lettered either; left in the outbox");
+                }
+            }
+        }
+        Ok(isolated)
+    }
+
     /// Publishes a batch concurrently: messages without a key all at once, messages of one key
     /// one after the other in seq order (stopping at the first failure of that key).
     ///
@@ -413,7 +545,7 @@ impl Relay {
     /// a chain starts its next message only while one more publish (bounded by
     /// `publish_timeout`) still ends a second before the claim timeout; later messages of the
     /// chain are skipped and stay for the next batch.
-    async fn publish_all(&self, batch: &[Envelope]) -> Vec<Outcome> {
+    async fn publish_all(&self, batch: &[Envelope], invalid: &[Option<String>]) -> Vec<Outcome> {
         let last_start = Instant::now()
             + self
                 .config
@@ -442,6 +574,8 @@ impl Relay {
                 let out_of_time = n > 0 && Instant::now() > last_start;
                 let outcome = if failed || out_of_time {
                     Outcome::Skipped
+                } else if let Some(why) = &invalid[i] {
+                    Outcome::Failed(SinkError::Permanent(why.clone().into()))
                 } else {
                     self.publish_one(&batch[i]).await
                 };
@@ -463,11 +597,28 @@ impl Relay {
     }
 
     async fn publish_one(&self, msg: &Envelope) -> Outcome {
-        match tokio::time::timeout(self.config.publish_timeout, self.sink.publish(msg)).await {
-            Ok(Ok(d)) => Outcome::Delivered {
+        // A sink that panics on a message (a client library's assertion) fails that message
+        // for good instead of taking the relay down.
+        let publish = std::panic::AssertUnwindSafe(self.sink.publish(msg)).catch_unwind();
+        match tokio::time::timeout(self.config.publish_timeout, publish).await {
+            Ok(Ok(Ok(d))) => Outcome::Delivered {
                 duplicate: d.duplicate,
             },
-            Ok(Err(e)) => Outcome::Failed(e),
+            Ok(Ok(Err(e))) => Outcome::Failed(e),
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Outcome::Failed(SinkError::Permanent(
+                    format!(
+                        "the {} sink panicked on this message: {what}",
+                        self.sink.name()
+                    )
+                    .into(),
+                ))
+            }
             Err(_) => Outcome::Failed(SinkError::Retryable(
                 format!(
                     "no acknowledgement within {:?}",
@@ -573,6 +724,7 @@ impl Relay {
         };
         let client = self.pool.get().await?;
         let pid = std::process::id() as i32;
+        let interval = self.config.heartbeat_interval.as_secs_f64();
         let res = client
             .execute(
                 HEARTBEAT,
@@ -586,6 +738,7 @@ impl Relay {
                     &c.failed,
                     &c.dead,
                     &c.duplicates,
+                    &interval,
                 ],
             )
             .await;
@@ -600,5 +753,154 @@ impl Relay {
         }
         res?;
         Ok(())
+    }
+}
+
+/// A batch's outcome, as the finish statement binds it.
+#[derive(Default)]
+struct Outcomes {
+    delivered: Vec<i64>,
+    failed: Vec<i64>,
+    errors: Vec<String>,
+    backoffs: Vec<f64>,
+    dead: Vec<Option<&'static str>>,
+    ids: std::collections::HashMap<i64, MessageId>,
+}
+
+impl Outcomes {
+    fn one_delivered(&self, i: usize) -> Outcomes {
+        Outcomes {
+            delivered: vec![self.delivered[i]],
+            ..Default::default()
+        }
+    }
+
+    fn one_failed(&self, i: usize) -> Outcomes {
+        Outcomes {
+            failed: vec![self.failed[i]],
+            errors: vec![self.errors[i].clone()],
+            backoffs: vec![self.backoffs[i]],
+            dead: vec![self.dead[i]],
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs the finish statement for `rec` behind a savepoint (pipelined, no extra round trip).
+/// The outer error is the connection's (the tick fails); the inner one is the database
+/// refusing the statement, which has then been rolled back to the savepoint.
+async fn finish_step(
+    tx: &tokio_postgres::Transaction<'_>,
+    finish: &tokio_postgres::Statement,
+    rec: &Outcomes,
+) -> Result<Result<(), tokio_postgres::Error>, Error> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &rec.delivered,
+        &rec.failed,
+        &rec.errors,
+        &rec.backoffs,
+        &rec.dead,
+    ];
+    let (sp, done) = tokio::join!(tx.batch_execute(SAVEPOINT), tx.execute(finish, &params));
+    sp?;
+    match done {
+        Ok(_) => Ok(Ok(())),
+        Err(e) if e.as_db_error().is_some() => {
+            tx.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
+            Ok(Err(e))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads one claimed row. A row the schema's rules would refuse today (written before them, or
+/// with a constraint dropped) still becomes an envelope, with the reason it can never be
+/// published; the caller dead-letters it. Only a row without a usable seq or id is an error
+/// (the schema makes both impossible: NOT NULL, typed).
+fn envelope_from_row(row: &tokio_postgres::Row) -> Result<(Envelope, Option<String>), Error> {
+    let seq: i64 = row.try_get("seq")?;
+    let id: Uuid = row.try_get("id")?;
+    let mut bad: Option<String> = None;
+    let mut note = |why: String| {
+        bad.get_or_insert(format!(
+            "invalid message (refused by the current schema rules): {why}"
+        ));
+    };
+    let topic: String = row.try_get("topic").unwrap_or_default();
+    if let Err(e) = tidings_outbox::validate_topic(&topic) {
+        note(e.to_string());
+    }
+    let key: Option<String> = row.try_get("ordering_key").unwrap_or(None);
+    if let Some(Err(e)) = key.as_deref().map(tidings_outbox::validate_key) {
+        note(e.to_string());
+    }
+    let biz_id: Option<String> = row.try_get("biz_id").unwrap_or(None);
+    if let Some(Err(e)) = biz_id.as_deref().map(tidings_outbox::validate_biz_id) {
+        note(e.to_string());
+    }
+    let mut headers = BTreeMap::new();
+    match row.try_get::<_, serde_json::Value>("headers") {
+        Ok(serde_json::Value::Object(map)) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(v) => {
+                        if let Err(e) = tidings_outbox::validate_header_pair(&k, &v) {
+                            note(e.to_string());
+                        }
+                        headers.insert(k, v);
+                    }
+                    _ => note(format!("header {k:?} is not a string")),
+                }
+            }
+        }
+        Ok(_) => note("headers are not a JSON object".into()),
+        Err(e) => note(format!("headers cannot be read: {e}")),
+    }
+    let payload = row
+        .try_get::<_, Vec<u8>>("payload")
+        .map(Bytes::from)
+        .unwrap_or_else(|e| {
+            note(format!("payload cannot be read: {e}"));
+            Bytes::new()
+        });
+    let created_at = row.try_get("created_at").unwrap_or_else(|e| {
+        note(format!("created_at cannot be read: {e}"));
+        chrono::DateTime::<chrono::Utc>::UNIX_EPOCH
+    });
+    let attempts: i32 = row.try_get("attempts").unwrap_or(0).max(0);
+    let env = Envelope {
+        id: MessageId::from_uuid(id),
+        seq,
+        topic,
+        key,
+        biz_id,
+        payload,
+        headers,
+        created_at,
+        attempts,
+    };
+    Ok((env, bad))
+}
+
+/// Refuses a relay whose re-send horizon outlasts the broker's dedup window: a message re-sent
+/// after the window (a retry after the longest backoff, or after a hung relay's claim timed
+/// out) would be stored twice. Says at start-up when the broker has no dedup at all.
+fn check_dedup_window(config: &RelayConfig, sink: &dyn Sink) -> Result<(), Error> {
+    let horizon = config.claim_timeout + config.publish_timeout + config.backoff_max;
+    match sink.capabilities().dedup_window {
+        Some(w) if w < horizon => Err(Error::Config(format!(
+            "the broker's dedup window ({} sink: {w:?}) is shorter than the relay's re-send horizon \
+             claim_timeout + publish_timeout + backoff_max = {:?} + {:?} + {:?} = {horizon:?}; a late \
+             re-send would be stored twice: lengthen the window or shorten backoff_max",
+            sink.name(),
+            config.claim_timeout,
+            config.publish_timeout,
+            config.backoff_max
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            tracing::info!(sink = sink.name(), "this broker does not drop re-sends by message id: consumers must deduplicate (the inbox)");
+            Ok(())
+        }
     }
 }

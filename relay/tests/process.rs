@@ -232,7 +232,7 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
     for (args, want) in [
         (
             vec!["relay", "--batch-size", "0"],
-            "batch_size must be between 1 and 10000",
+            "--batch-size must be between 1 and 10000",
         ),
         (
             vec!["relay", "--sink", "kafka"],
@@ -244,7 +244,34 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
         ),
         (
             vec!["relay", "--publish-timeout", "30s"],
-            "publish_timeout must be greater than 0 and less than claim_timeout",
+            "--publish-timeout must be greater than 0 and less than --claim-timeout",
+        ),
+        (
+            vec!["relay", "--claim-timeout", "30d"],
+            "--claim-timeout must be between 1 second and 1 hour",
+        ),
+        (
+            vec!["relay", "--sink", "nats", "--nats-url", "http://u:pw@x"],
+            "--nats-url: unsupported scheme",
+        ),
+        (
+            vec!["relay", "--sink", "nats", "--nats-stream", "A B"],
+            "--nats-stream \"A B\" is not a JetStream stream name",
+        ),
+        (
+            vec![
+                "relay",
+                "--sink",
+                "nats",
+                "--nats-tls-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "--nats-tls-ca: cannot read /nonexistent/ca.pem",
+        ),
+        (vec!["dlq", "list", "--limit=-1"], "--limit"),
+        (
+            vec!["inbox", "prune", "--older-than", "0s"],
+            "--older-than 0ns would forget messages",
         ),
         (
             vec!["relay", "--sink", "nats", "--nats-subject-prefix", "a b"],

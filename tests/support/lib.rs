@@ -229,11 +229,17 @@ pub struct NatsServer {
     port: u16,
     dir: std::path::PathBuf,
     child: Option<std::process::Child>,
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a server and waits (with a deadline) until it accepts connections.
     pub async fn start() -> NatsServer {
+        NatsServer::start_with(&[]).await
+    }
+
+    /// Like [`NatsServer::start`], with extra nats-server arguments (e.g. `--user`, `--pass`).
+    pub async fn start_with(extra: &[&str]) -> NatsServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -246,9 +252,25 @@ impl NatsServer {
             port,
             dir,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.restart().await;
         s
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends a signal to the server process (`-STOP` freezes it, `-CONT` thaws it).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server is running").id();
+        let ok = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {signal} {pid}");
     }
 
     /// Kills the server (as a crash would).
@@ -272,6 +294,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -121,6 +122,19 @@ impl std::error::Error for SinkError {
     }
 }
 
+/// What a broker can do, as far as the relay must know. Build with struct update syntax over
+/// `Default` (which promises nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The broker drops a re-send whose message id it stored within this window (JetStream's
+    /// stream `duplicate_window`). `None`: no dedup by id, so every re-send (a crash between
+    /// publish and commit, a lost ack) reaches consumers, and they need the inbox. The relay
+    /// refuses to start when the window is shorter than its own re-send horizon.
+    pub dedup_window: Option<Duration>,
+    /// Largest message (payload and headers) the broker accepts, when known.
+    pub max_message_bytes: Option<usize>,
+}
+
 /// A broker the relay publishes to. Implementations must be safe to call concurrently: the relay
 /// publishes a batch at once (messages of one ordering key one after the other) and success
 /// means the broker has durably accepted the message (e.g. the JetStream PubAck).
@@ -128,6 +142,22 @@ pub trait Sink: Send + Sync + 'static {
     /// Short name for logs and `tidings status`, e.g. `nats`.
     fn name(&self) -> &'static str;
 
-    /// Publishes one message and waits for the broker's acknowledgement.
+    /// Publishes one message and waits for the broker's acknowledgement. Anything about the
+    /// message that the broker or its client would refuse (a header it cannot carry, a size)
+    /// must come back as [`SinkError::Permanent`], never as a panic.
     fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>>;
+
+    /// What the broker can do. Defaults to promising nothing.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Asks the broker whether it works as a whole (a round trip to the server, no message).
+    /// The relay calls it after a batch in which every publish failed retryably: when the probe
+    /// fails too, the broker is down, the batch is released without counting attempts, and the
+    /// relay backs off. The relay bounds it with a timeout. Defaults to `Ok` (no probe: such
+    /// failures count as the messages' attempts).
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }

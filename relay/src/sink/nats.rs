@@ -2,16 +2,17 @@
 //! JetStream drops a re-send within the stream's duplicate window; success only on the PubAck.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures::future::BoxFuture;
 
-use super::{Delivery, Envelope, Sink, SinkError};
+use super::{Capabilities, Delivery, Envelope, Sink, SinkError};
 use crate::Error;
 
 /// How the sink finds the JetStream stream that stores its subjects.
@@ -34,8 +35,10 @@ pub enum StreamSetup {
 /// NATS JetStream sink settings.
 #[derive(Debug, Clone)]
 pub struct NatsSinkConfig {
-    /// Server URL(s), comma-separated; user:password or token in the URL are allowed and never
-    /// logged. Defaults to `nats://127.0.0.1:4222`.
+    /// Server URL(s), comma-separated (`nats://`, `tls://`, or `host:port`); `user:password@` or
+    /// `token@` in the URLs are taken out and sent as the connection's credentials (the same
+    /// credentials on every URL), so no URL handed to the NATS client carries a secret.
+    /// Defaults to `nats://127.0.0.1:4222`.
     pub url: String,
     /// Subject prefix: a message on topic `t` goes to `<prefix>.t`. Must not be empty (a stream
     /// capturing `>` would also capture request/reply inboxes). Defaults to `tidings`.
@@ -81,6 +84,100 @@ pub struct NatsSink {
     client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
+    capabilities: Capabilities,
+    probe_timeout: Duration,
+    stream_name: String,
+}
+
+/// Server addresses without credentials, and the credentials they carried.
+#[derive(Debug, PartialEq, Eq)]
+struct Servers {
+    addrs: Vec<String>,
+    auth: Option<Auth>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Auth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::UserPassword(u, _) => write!(f, "UserPassword({u:?}, ***)"),
+            Auth::Token(_) => write!(f, "Token(***)"),
+        }
+    }
+}
+
+/// Splits `--nats-url` into credential-free server URLs and the credentials. Errors never
+/// repeat a secret.
+fn parse_servers(urls: &str) -> Result<Servers, Error> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| {
+                config_err("--nats-url: credentials are not valid UTF-8 after percent-decoding")
+            })
+    };
+    let mut addrs = Vec::new();
+    let mut auth: Option<Auth> = None;
+    for (i, part) in urls.split(',').map(str::trim).enumerate() {
+        if part.is_empty() {
+            return Err(config_err(format!(
+                "--nats-url: server {} of the list is empty",
+                i + 1
+            )));
+        }
+        let with_scheme = if part.contains("://") {
+            part.to_owned()
+        } else {
+            format!("nats://{part}")
+        };
+        let mut url = url::Url::parse(&with_scheme).map_err(|e| {
+            config_err(format!(
+                "--nats-url: {} is not a server URL: {e}",
+                crate::redact_url(&with_scheme)
+            ))
+        })?;
+        if !matches!(url.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(config_err(format!(
+                "--nats-url: unsupported scheme {:?} (use nats://, tls://, ws:// or wss://)",
+                url.scheme()
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(config_err(format!(
+                "--nats-url: server {} has no host",
+                i + 1
+            )));
+        }
+        let this = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, Some(pass)) => Some(Auth::UserPassword(decode(user)?, decode(pass)?)),
+            (token, None) => Some(Auth::Token(decode(token)?)),
+        };
+        if let Some(this) = this {
+            match &auth {
+                Some(prev) if *prev != this => {
+                    return Err(config_err(
+                        "--nats-url: the servers of the list carry different credentials; one connection uses one set",
+                    ))
+                }
+                _ => auth = Some(this),
+            }
+        }
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let mut clean = url.to_string();
+        if clean.ends_with('/') && url.path() == "/" {
+            clean.pop();
+        }
+        addrs.push(clean);
+    }
+    Ok(Servers { addrs, auth })
 }
 
 fn config_err(what: impl Into<String>) -> Error {
@@ -100,6 +197,7 @@ impl NatsSink {
         if config.max_in_flight == 0 {
             return Err(config_err("NATS max_in_flight must be greater than 0"));
         }
+        let servers = parse_servers(&config.url)?;
         let mut opts = async_nats::ConnectOptions::new()
             .name("tidings-relay")
             .connection_timeout(Duration::from_secs(5))
@@ -118,9 +216,21 @@ impl NatsSink {
                 ))
             })?;
         }
-        let shown = crate::redact_url(&config.url);
+        opts = match servers.auth {
+            Some(Auth::UserPassword(u, p)) => opts.user_and_password(u, p),
+            Some(Auth::Token(t)) => opts.token(t),
+            None => opts,
+        };
+        // Only credential-free addresses reach the client, which logs them.
+        let shown = servers.addrs.join(",");
+        let addrs = servers
+            .addrs
+            .iter()
+            .map(|a| async_nats::ServerAddr::from_str(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| config_err(format!("--nats-url: {shown}: {e}")))?;
         let client = opts
-            .connect(config.url.as_str())
+            .connect(addrs)
             .await
             .map_err(|e| Error::Sink(format!("cannot connect to NATS at {shown}: {e}")))?;
         let js = jetstream::ContextBuilder::new()
@@ -129,8 +239,11 @@ impl NatsSink {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let probe = format!("{}.tidings-probe", config.subject_prefix);
-        match js.stream_by_subject(probe.clone()).await {
-            Ok(name) => tracing::info!(stream = %name, prefix = %config.subject_prefix, "using JetStream stream"),
+        let stream_name = match js.stream_by_subject(probe.clone()).await {
+            Ok(name) => {
+                tracing::info!(stream = %name, prefix = %config.subject_prefix, "using JetStream stream");
+                name
+            }
             Err(lookup) => match &config.stream {
                 StreamSetup::Existing => {
                     return Err(Error::Sink(format!(
@@ -165,13 +278,31 @@ impl NatsSink {
                         )));
                     }
                     tracing::info!(stream = %name, prefix = %config.subject_prefix, "using JetStream stream (created if missing)");
+                    name.clone()
                 }
             },
-        }
+        };
+        // What the stream really does (an existing stream keeps its own settings): the relay
+        // checks its re-send horizon against this duplicate window at start-up.
+        let info = js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| Error::Sink(format!("cannot read JetStream stream {stream_name}: {e}")))?
+            .cached_info()
+            .clone();
+        let server_max = client.server_info().max_payload;
+        let stream_max = usize::try_from(info.config.max_message_size).ok();
+        let capabilities = Capabilities {
+            dedup_window: Some(info.config.duplicate_window),
+            max_message_bytes: Some(stream_max.map_or(server_max, |m| m.min(server_max))),
+        };
         Ok(NatsSink {
             client,
             js,
             prefix: config.subject_prefix,
+            capabilities,
+            probe_timeout: config.ack_timeout,
+            stream_name,
         })
     }
 
@@ -182,16 +313,59 @@ impl NatsSink {
 }
 
 fn classify(e: jetstream::context::PublishError) -> SinkError {
+    use async_nats::jetstream::ErrorCode;
     match e.kind() {
-        PublishErrorKind::MaxPayloadExceeded => SinkError::Permanent(Box::new(e)),
-        // A missing stream or a dead connection affects every message, not this one.
+        PublishErrorKind::MaxPayloadExceeded => return SinkError::Permanent(Box::new(e)),
+        // A missing stream, no responders (a stream without quorum) or a dead connection
+        // affect every message, not this one.
         PublishErrorKind::StreamNotFound | PublishErrorKind::BrokenPipe => {
-            SinkError::Unavailable(Box::new(e))
+            return SinkError::Unavailable(Box::new(e))
         }
+        _ => {}
+    }
+    let code = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .map(|j| j.error_code());
+    match code {
+        // The stream refuses this message's size for good (max_msg_size, header limit).
+        Some(
+            ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
+        ) => SinkError::Permanent(Box::new(e)),
+        // Stream full (discard new), storage or memory exhausted, cluster unavailable: the
+        // broker as a whole, not this message.
+        Some(
+            ErrorCode::STREAM_STORE_FAILED
+            | ErrorCode::MEMORY_RESOURCES_EXCEEDED
+            | ErrorCode::INSUFFICIENT_RESOURCES
+            | ErrorCode::CLUSTER_NOT_AVAILABLE
+            | ErrorCode::CLUSTER_NO_PEERS
+            | ErrorCode::CLUSTER_NOT_LEADER
+            | ErrorCode::STREAM_OFFLINE
+            | ErrorCode::STREAM_NOT_FOUND,
+        ) => SinkError::Unavailable(Box::new(e)),
         // A timed-out ack may still have been stored: the re-send carries the same
-        // Nats-Msg-Id and JetStream drops it.
+        // Nats-Msg-Id and JetStream drops it. A frozen server times out every message of the
+        // batch; the relay then probes the server (`check`) and treats it as an outage.
         _ => SinkError::Retryable(Box::new(e)),
     }
+}
+
+/// The message's headers as NATS headers; a header the NATS protocol cannot carry (a row
+/// written before the schema refused it) is this message's permanent failure, not a panic.
+fn nats_headers(msg: &Envelope) -> Result<HeaderMap, SinkError> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in msg.wire_headers() {
+        let n = HeaderName::from_str(name).map_err(|_| {
+            SinkError::Permanent(format!("header name {name:?} cannot be carried by NATS").into())
+        })?;
+        let v = HeaderValue::from_str(&value).map_err(|_| {
+            SinkError::Permanent(
+                format!("header {name:?} has a value NATS cannot carry (a line break)").into(),
+            )
+        })?;
+        headers.insert(n, v);
+    }
+    Ok(headers)
 }
 
 impl Sink for NatsSink {
@@ -206,10 +380,7 @@ impl Sink for NatsSink {
                     "not connected to the NATS server".into(),
                 ));
             }
-            let mut headers = HeaderMap::new();
-            for (name, value) in msg.wire_headers() {
-                headers.insert(name, value);
-            }
+            let headers = nats_headers(msg)?;
             let publish = PublishMessage::build()
                 .payload(msg.payload.clone())
                 .headers(headers)
@@ -225,5 +396,56 @@ impl Sink for NatsSink {
                 duplicate: ack.duplicate,
             })
         })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            if self.client.connection_state() != State::Connected {
+                return Err(SinkError::Unavailable(
+                    "not connected to the NATS server".into(),
+                ));
+            }
+            // A JetStream API round trip to the stream the sink publishes to: a frozen server,
+            // a stream without quorum or a deleted stream does not answer it.
+            match tokio::time::timeout(self.probe_timeout, self.js.get_stream(&self.stream_name))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(SinkError::Unavailable(Box::new(e))),
+                Err(_) => Err(SinkError::Unavailable(
+                    format!("JetStream did not answer within {:?}", self.probe_timeout).into(),
+                )),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_are_taken_out_of_every_server_url() {
+        let s = parse_servers("nats://u:p%40ss@a:4222, b:4223,tls://u:p%40ss@c").unwrap();
+        assert_eq!(s.addrs, ["nats://a:4222", "nats://b:4223", "tls://c"]);
+        assert_eq!(s.auth, Some(Auth::UserPassword("u".into(), "p@ss".into())));
+        let s = parse_servers("s3cr3t@127.0.0.1:4222").unwrap();
+        assert_eq!(s.addrs, ["nats://127.0.0.1:4222"]);
+        assert_eq!(s.auth, Some(Auth::Token("s3cr3t".into())));
+        let e = parse_servers("nats://u:pw1x@a,nats://u:pw2x@b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("different credentials") && !e.contains("pw1x") && !e.contains("pw2x"),
+            "{e}"
+        );
+        let e = parse_servers("http://u:pw@a").unwrap_err().to_string();
+        assert!(e.contains("--nats-url") && !e.contains("pw"), "{e}");
+        assert!(parse_servers("a,,b").is_err());
+        assert!(format!("{:?}", Auth::Token("t0k".into())).contains("***"));
     }
 }

@@ -12,3 +12,6 @@ INSERT INTO tidings.outbox (id, topic, ordering_key, biz_id, payload, headers, c
 SELECT id, topic, ordering_key, biz_id, payload, headers, created_at
   FROM moved
  ORDER BY created_at, id
+-- The same id cannot be in the outbox twice (outbox_id_key); if it already is, that copy stays
+-- and is delivered, so nothing is lost.
+    ON CONFLICT (id) DO NOTHING

@@ -8,7 +8,10 @@
 -- Locking: every row named is locked by this transaction's claim_batch, so nothing else can
 --   have changed it.
 -- Retries: attempts + 1, last_error, and deliver_at = now + backoff, stored on the row so a
---   restarted relay keeps the schedule. Dead letters move to tidings.dead_letters with their last
+--   restarted relay keeps the schedule; first_due_at keeps when the message first became due
+--   (`tidings status` measures the oldest due message from there). attempts + 1 is computed
+--   from at most 2^31 - 2, so a row written with an absurd count (before the schema bounded it)
+--   cannot overflow the statement. Dead letters move to tidings.dead_letters with their last
 --   error; a replayed message dying again replaces its old dead-letter row (same id).
 WITH delivered AS (
     DELETE FROM tidings.outbox WHERE seq = ANY($1::bigint[])
@@ -21,7 +24,7 @@ dead AS (
     DELETE FROM tidings.outbox o USING failed f
      WHERE o.seq = f.seq AND f.dead_reason IS NOT NULL
     RETURNING o.id, o.topic, o.ordering_key, o.biz_id, o.payload, o.headers, o.created_at,
-              o.attempts + 1 AS attempts, f.error, f.dead_reason
+              least(o.attempts, 2147483646) + 1 AS attempts, f.error, f.dead_reason
 ),
 buried AS (
     INSERT INTO tidings.dead_letters
@@ -33,7 +36,8 @@ buried AS (
 ),
 retried AS (
     UPDATE tidings.outbox o
-       SET attempts = o.attempts + 1,
+       SET attempts = least(o.attempts + 1, 1000000),
+           first_due_at = coalesce(o.first_due_at, o.deliver_at),
            last_error = f.error,
            last_attempt_at = clock_timestamp(),
            deliver_at = clock_timestamp() + f.backoff * interval '1 second'
