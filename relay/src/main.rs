@@ -494,6 +494,7 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
         return Err(usage("--pool-size must be at least 1"));
     }
     let pool = pg.pool(args.pool_size)?;
+    pg.first_connection(&pool).await?;
 
     let sink: Arc<dyn tidings_relay::Sink> = match args.sink {
         SinkKind::Stdout => Arc::new(sink::StdoutSink::default()),

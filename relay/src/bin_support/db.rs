@@ -161,22 +161,15 @@ impl Db {
         work: impl AsyncFnOnce(&mut tokio_postgres::Client) -> Result<T, Failure>,
     ) -> Result<T, Failure> {
         let deadline = Instant::now() + self.timeout;
-        let no_answer = || Failure {
-            code: 1,
-            message: format!(
-                "the database did not answer within {} (--db-timeout)",
-                show(self.timeout)
-            ),
-        };
         let mut client = tokio::time::timeout_at(deadline, self.connect())
             .await
-            .map_err(|_| no_answer())??;
+            .map_err(|_| self.no_answer())??;
         // The server cancels a statement that outlives the command, so a migration cut short
         // by the client is also rolled back by the server.
         let set = format!("SET statement_timeout = {}", self.timeout.as_millis());
         tokio::time::timeout_at(deadline, client.batch_execute(&set))
             .await
-            .map_err(|_| no_answer())??;
+            .map_err(|_| self.no_answer())??;
         tokio::time::timeout_at(deadline, work(&mut client))
             .await
             .map_err(|_| Failure {
@@ -191,14 +184,7 @@ impl Db {
     /// One connection, driven on the runtime (not time-bounded beyond the TCP connect; callers
     /// bound it).
     async fn connect(&self) -> Result<tokio_postgres::Client, Failure> {
-        let failed = |e: tokio_postgres::Error| Failure {
-            code: 1,
-            message: format!(
-                "cannot connect to the database (sslmode={}): {}",
-                self.mode.name(),
-                ErrorChain(&e)
-            ),
-        };
+        let failed = |e: tokio_postgres::Error| self.cannot_connect(&e);
         let closed =
             |e: tokio_postgres::Error| tracing::warn!(error = %e, "database connection closed");
         match &self.tls {
@@ -243,6 +229,38 @@ impl Db {
             .recycle_timeout(Some(self.timeout))
             .build()
             .map_err(|e| usage(format!("cannot build the database pool: {e}")))
+    }
+
+    /// Waits for the pool's first connection, so that a relay which cannot reach the database
+    /// says why (and names --db-timeout) before it starts.
+    pub async fn first_connection(&self, pool: &deadpool_postgres::Pool) -> Result<(), Failure> {
+        match pool.get().await {
+            Ok(_) => Ok(()),
+            Err(deadpool_postgres::PoolError::Timeout(_)) => Err(self.no_answer()),
+            Err(deadpool_postgres::PoolError::Backend(e)) => Err(self.cannot_connect(&e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn no_answer(&self) -> Failure {
+        Failure {
+            code: 1,
+            message: format!(
+                "the database did not answer within {} (--db-timeout)",
+                show(self.timeout)
+            ),
+        }
+    }
+
+    fn cannot_connect(&self, e: &tokio_postgres::Error) -> Failure {
+        Failure {
+            code: 1,
+            message: format!(
+                "cannot connect to the database (sslmode={}): {}",
+                self.mode.name(),
+                ErrorChain(e)
+            ),
+        }
     }
 
     /// Gives the relay its LISTEN connection, with the same TLS, keepalives and connect timeout.
