@@ -166,7 +166,9 @@ impl Db {
             .map_err(|_| self.no_answer())??;
         // The server cancels a statement that outlives the command, so a migration cut short
         // by the client is also rolled back by the server.
-        let set = format!("SET statement_timeout = {}", self.timeout.as_millis());
+        // The setting's maximum is i32::MAX ms (about 24 days).
+        let ms = self.timeout.as_millis().min(i32::MAX as u128);
+        let set = format!("SET statement_timeout = {ms}");
         tokio::time::timeout_at(deadline, client.batch_execute(&set))
             .await
             .map_err(|_| self.no_answer())??;
@@ -364,7 +366,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+                .ok_or_else(|| "bad percent-encoding in the query string".to_owned())?;
             out.push(hex);
             i += 3;
         } else {
@@ -372,7 +374,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+    String::from_utf8(out).map_err(|_| "the query string is not UTF-8 once decoded".to_owned())
 }
 
 /// `key=value` pairs of a libpq conninfo string (values bare or single-quoted, `\` escapes).
@@ -390,10 +392,11 @@ fn conninfo_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if key.is_empty() || chars.next() != Some('=') {
-            return Err(format!(
-                "expected key=value near {:?}",
-                chars.collect::<String>()
-            ));
+            // Never the rest of the string: it may hold a password.
+            let after = pairs
+                .last()
+                .map_or("", |(k, _): &(String, String)| k.as_str());
+            return Err(format!("expected key=value after {after:?}"));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -660,6 +663,14 @@ mod tests {
         assert!(split_conninfo("host='h")
             .unwrap_err()
             .contains("unterminated"));
+        // Errors never echo the string: it may hold a password.
+        let e = split_conninfo("host=h password=s3cret =x").unwrap_err();
+        assert!(
+            e.contains("after \"password\"") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let e = split_conninfo("postgres://h/d?password=s3cret%zz").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]
