@@ -23,11 +23,38 @@ use tokio_util::sync::CancellationToken;
 )]
 struct Cli {
     /// PostgreSQL URL (postgres://user:password@host:port/db?sslmode=...). Passwords are never logged.
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    ///
+    /// sslmode, with libpq's meaning:
+    ///   disable      plain text
+    ///   prefer       the default: TLS if the server offers it, else plain text; certificate
+    ///                not verified
+    ///   require      TLS; certificate not verified, unless a CA is given (then as verify-ca)
+    ///   verify-ca    TLS; chain verified against the CA (--pg-ca-file or sslrootcert=<file>,
+    ///                required), host name not checked
+    ///   verify-full  TLS; chain and host name verified, against the CA or else the system roots
+    ///   (allow is taken as prefer; sslrootcert=system means the system roots, with verify-full)
+    /// Where Tidings differs from libpq: verify-ca needs a CA given explicitly and verify-full
+    /// without one uses the system roots (~/.postgresql/root.crt is never read); no client
+    /// certificates (sslcert, sslkey) or CRLs; rustls rules (TLS 1.2 or later, no SHA-1).
+    /// connect_timeout defaults to --db-timeout and TCP keepalives to 15s idle, 5s interval,
+    /// 3 probes, unless the URL sets connect_timeout or keepalives_idle/_interval/_retries.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        verbatim_doc_comment
+    )]
     database_url: Option<String>,
-    /// Extra CA certificate (PEM) to trust for PostgreSQL TLS (with sslmode=require).
+    /// CA certificate(s) (PEM) that PostgreSQL's certificate must chain to, instead of the system
+    /// roots (like libpq's sslrootcert); needs sslmode=require, verify-ca or verify-full.
     #[arg(long, env = "TIDINGS_PG_CA_FILE", global = true)]
     pg_ca_file: Option<std::path::PathBuf>,
+    /// Longest wait for PostgreSQL: bounds connecting and getting a pooled connection, and
+    /// each admin command (status, dlq, migrate, inbox prune) as a whole, also as its
+    /// statement_timeout. Raise it for long migrations or prunes.
+    #[arg(long, env = "TIDINGS_DB_TIMEOUT", value_parser = parse_duration, default_value = "30s", global = true)]
+    db_timeout: Duration,
     /// Log format.
     #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -335,7 +362,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let pg = Db::new(cli.database_url.as_deref(), cli.pg_ca_file.as_deref());
+    let pg = Db::new(
+        cli.database_url.as_deref(),
+        cli.pg_ca_file.as_deref(),
+        cli.db_timeout,
+    );
     match cli.command {
         Command::Migrate {
             action: MigrateAction::Sql,
@@ -343,9 +374,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{}", tidings_migrations::script());
             Ok(())
         }
-        Command::Migrate { action } => migrate(&pg?, action).await,
-        Command::Status { json } => status(&pg?, json).await,
-        Command::Dlq { action } => dlq(&pg?, action).await,
+        Command::Migrate { action } => pg?.admin(async |c| migrate(c, action).await).await,
+        Command::Status { json } => pg?.admin(async |c| status(c, json).await).await,
+        Command::Dlq { action } => pg?.admin(async |c| dlq(c, action).await).await,
         Command::Relay(args) => relay(pg?, *args).await,
         Command::Inbox {
             action:
@@ -364,21 +395,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "--older-than {older_than:?} would forget messages that may still be redelivered (the floor is 1h); pass --force if you mean it"
                 )));
             }
-            let client = pg?.connect().await?;
-            tidings_migrations::postgres::ensure_current(&client).await?;
-            let n = tidings_inbox::prune(&client, consumer.as_deref(), older_than, batch).await?;
-            println!("pruned {n} inbox records older than {older_than:?}");
-            Ok(())
+            pg?.admin(async |client| {
+                tidings_migrations::postgres::ensure_current(client).await?;
+                let n =
+                    tidings_inbox::prune(client, consumer.as_deref(), older_than, batch).await?;
+                println!("pruned {n} inbox records older than {older_than:?}");
+                Ok(())
+            })
+            .await
         }
     }
 }
 
-async fn migrate(pg: &Db, action: MigrateAction) -> Result<(), Failure> {
-    let mut client = pg.connect().await?;
+async fn migrate(
+    client: &mut tokio_postgres::Client,
+    action: MigrateAction,
+) -> Result<(), Failure> {
     use tidings_migrations::postgres as m;
     match action {
         MigrateAction::Up => {
-            let done = m::up(&mut client).await?;
+            let done = m::up(client).await?;
             for mig in &done {
                 println!("applied {} {}", mig.version, mig.name);
             }
@@ -388,9 +424,9 @@ async fn migrate(pg: &Db, action: MigrateAction) -> Result<(), Failure> {
         }
         MigrateAction::Down { steps, all, force } => {
             if !force {
-                guard_down(&client).await?;
+                guard_down(client).await?;
             }
-            let done = m::down(&mut client, if all { usize::MAX } else { steps }).await?;
+            let done = m::down(client, if all { usize::MAX } else { steps }).await?;
             for mig in &done {
                 println!("reverted {} {}", mig.version, mig.name);
             }
@@ -399,7 +435,7 @@ async fn migrate(pg: &Db, action: MigrateAction) -> Result<(), Failure> {
             }
         }
         MigrateAction::Status => {
-            let s = m::status(&client).await?;
+            let s = m::status(client).await?;
             for (mig, state) in &s.migrations {
                 let state = match state {
                     tidings_migrations::MigrationState::Pending => "pending".to_owned(),
@@ -450,10 +486,9 @@ async fn guard_down(client: &tokio_postgres::Client) -> Result<(), Failure> {
     )))
 }
 
-async fn status(pg: &Db, json: bool) -> Result<(), Failure> {
-    let client = pg.connect().await?;
-    tidings_migrations::postgres::ensure_current(&client).await?;
-    let s = tidings_relay::status(&client).await?;
+async fn status(client: &tokio_postgres::Client, json: bool) -> Result<(), Failure> {
+    tidings_migrations::postgres::ensure_current(client).await?;
+    let s = tidings_relay::status(client).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
         return Ok(());
@@ -497,9 +532,8 @@ fn shown(s: &str) -> String {
     out
 }
 
-async fn dlq(pg: &Db, action: DlqAction) -> Result<(), Failure> {
-    let client = pg.connect().await?;
-    tidings_migrations::postgres::ensure_current(&client).await?;
+async fn dlq(client: &tokio_postgres::Client, action: DlqAction) -> Result<(), Failure> {
+    tidings_migrations::postgres::ensure_current(client).await?;
     let pick = |ids: &[uuid::Uuid], all: bool| -> Result<Option<Vec<uuid::Uuid>>, Failure> {
         match (all, ids.is_empty()) {
             (true, _) => Ok(None),
@@ -509,7 +543,7 @@ async fn dlq(pg: &Db, action: DlqAction) -> Result<(), Failure> {
     };
     match action {
         DlqAction::List { limit } => {
-            for d in tidings_relay::dlq_list(&client, limit).await? {
+            for d in tidings_relay::dlq_list(client, limit).await? {
                 println!(
                     "{} {} key={} biz_id={} attempts={} {} at {}: {}",
                     d.id,
@@ -525,12 +559,12 @@ async fn dlq(pg: &Db, action: DlqAction) -> Result<(), Failure> {
         }
         DlqAction::Replay { ids, all } => {
             let ids = pick(&ids, all)?;
-            let n = tidings_relay::dlq_replay(&client, ids.as_deref()).await?;
+            let n = tidings_relay::dlq_replay(client, ids.as_deref()).await?;
             println!("replayed {n} messages");
         }
         DlqAction::Purge { ids, all } => {
             let ids = pick(&ids, all)?;
-            let n = tidings_relay::dlq_purge(&client, ids.as_deref()).await?;
+            let n = tidings_relay::dlq_purge(client, ids.as_deref()).await?;
             println!("purged {n} messages");
         }
     }
@@ -559,6 +593,7 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
         return Err(usage("--pool-size must be at least 1"));
     }
     let pool = pg.pool(args.pool_size)?;
+    pg.first_connection(&pool).await?;
 
     let sink: Arc<dyn tidings_relay::Sink> = match args.sink {
         SinkKind::Stdout => Arc::new(sink::StdoutSink::default()),

@@ -337,22 +337,266 @@ async fn relay_refuses_an_unmigrated_database_and_migrate_cli_round_trips() {
     );
 }
 
-#[tokio::test]
-async fn sslmode_require_uses_tls_and_says_so_when_the_server_has_none() {
-    let db = TestDb::migrated().await;
-    // The local test server has no TLS: the binary must try TLS (not fall back silently).
-    let (code, text) = output(
-        Command::new(BIN)
-            .args(["status"])
-            .env("DATABASE_URL", format!("{}?sslmode=require", db.url)),
+/// A server that accepts connections and never answers (nor reads), holding them open: a
+/// PostgreSQL that froze.
+async fn frozen_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    port
+}
+
+/// Waits for `child` (spawned with piped output at `started`) to exit, failing the test if
+/// that takes longer than `deadline`; returns its exit code, output and run time.
+async fn finish_within(
+    mut child: Child,
+    started: Instant,
+    deadline: Duration,
+) -> (i32, String, Duration) {
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > deadline {
+            child.kill().unwrap();
+            panic!("still running after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let o = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
     );
-    assert_eq!(code, 1, "{text}");
-    assert!(text.contains("cannot connect to the database"), "{text}");
-    assert!(text.to_lowercase().contains("tls"), "{text}");
-    let (code, text) = output(tidings(&db).args(["status", "--pg-ca-file", "/nonexistent.pem"]));
+    (o.status.code().unwrap_or(-1), text, took)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_commands_and_the_relay_give_up_on_a_frozen_database_naming_db_timeout() {
+    let port = frozen_server().await;
+    let url = format!("postgres://postgres:s3cret@127.0.0.1:{port}/x");
+    let started = Instant::now();
+    let children: Vec<_> = [
+        &["status"][..],
+        &["dlq", "list"],
+        &["dlq", "purge", "--all"],
+        &["migrate", "status"],
+        &["migrate", "up"],
+        &["inbox", "prune"],
+        &["relay", "--sink", "stdout"],
+    ]
+    .into_iter()
+    .map(|args| {
+        let child = Command::new(BIN)
+            .args(args)
+            .args(["--database-url", &url, "--db-timeout", "2s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (args, child)
+    })
+    .collect();
+    for (args, child) in children {
+        let (code, text, took) = finish_within(child, started, Duration::from_secs(10)).await;
+        assert_eq!(code, 1, "{args:?}: {text}");
+        assert!(
+            text.contains("error: the database did not answer within 2s (--db-timeout)"),
+            "{args:?}: {text}"
+        );
+        assert!(!text.contains("s3cret"), "{args:?}: {text}");
+        assert!(
+            took >= Duration::from_secs(2),
+            "{args:?} gave up early: {took:?}"
+        );
+    }
+    let (code, text) =
+        output(Command::new(BIN).args(["status", "--database-url", &url, "--db-timeout", "0s"]));
     assert_eq!(code, 2, "{text}");
     assert!(
-        text.contains("--pg-ca-file needs sslmode=require"),
+        text.contains("--db-timeout must be greater than 0"),
         "{text}"
     );
+}
+
+/// A server without TLS: answers PostgreSQL's SSLRequest with "N", then reports the first
+/// 8 bytes the client sends next (a plain-text startup message when the client falls back).
+async fn server_without_tls() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 8];
+            if socket.read_exact(&mut request).await.is_err() {
+                continue;
+            }
+            // SSLRequest: length 8, code 80877103.
+            assert_eq!(request, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+            socket.write_all(b"N").await.unwrap();
+            let mut next = [0u8; 8];
+            let got = match socket.read_exact(&mut next).await {
+                Ok(_) => next.to_vec(),
+                Err(_) => Vec::new(),
+            };
+            let _ = tx.send(got);
+        }
+    });
+    (port, rx)
+}
+
+// Multi-threaded: the fake server answers while this thread waits for the process.
+#[tokio::test(flavor = "multi_thread")]
+async fn sslmode_require_uses_tls_and_says_so_when_the_server_has_none() {
+    let (port, mut seen) = server_without_tls().await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/x");
+    let (code, text) = output(
+        Command::new(BIN)
+            .args(["status", "--db-timeout", "5s"])
+            .env("DATABASE_URL", format!("{url}?sslmode=require")),
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("cannot connect to the database (sslmode=require)"),
+        "{text}"
+    );
+    assert!(text.contains("TLS"), "{text}");
+    assert_eq!(
+        seen.recv().await.unwrap(),
+        Vec::<u8>::new(),
+        "no plain-text fallback"
+    );
+    // prefer (the default) falls back to plain text, as libpq does: the next thing the server
+    // reads is a protocol 3.0 startup message.
+    let (code, text) = output(
+        Command::new(BIN)
+            .args(["status", "--db-timeout", "5s"])
+            .env("DATABASE_URL", &url),
+    );
+    assert_eq!(code, 1, "{text}");
+    let startup = seen.recv().await.unwrap();
+    assert_eq!(startup[4..], [0, 3, 0, 0], "{startup:?}");
+}
+
+const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+#[tokio::test]
+async fn sslmodes_check_the_local_servers_certificate_as_documented() {
+    let db = TestDb::migrated().await;
+    // The local server's certificate is self-signed and names only localhost.
+    let status = |url: String, ca: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["status"]).env("DATABASE_URL", url);
+        if let Some(ca) = ca {
+            c.args(["--pg-ca-file", ca]);
+        }
+        // System roots: the public bundle only (this machine's SSL_CERT_DIR also holds the
+        // snakeoil certificate).
+        c.env_remove("SSL_CERT_DIR")
+            .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt");
+        output(&mut c)
+    };
+    let at = |mode: &str| format!("{}?sslmode={mode}", db.url);
+    let by_name = |mode: &str| at(mode).replace("127.0.0.1", "localhost");
+    for (url, ca) in [
+        (db.url.clone(), None),
+        (at("disable"), None),
+        (at("prefer"), None),
+        (at("require"), None),
+        (at("require"), Some(SNAKEOIL)),
+        (at("verify-ca"), Some(SNAKEOIL)),
+        (format!("{}&sslrootcert={SNAKEOIL}", at("verify-ca")), None),
+        (by_name("verify-full"), Some(SNAKEOIL)),
+    ] {
+        let (code, text) = status(url.clone(), ca);
+        assert!(
+            code == 0 && text.contains("backlog:"),
+            "{url} {ca:?}: {text}"
+        );
+    }
+    for (url, ca, want) in [
+        (
+            at("verify-full"),
+            Some(SNAKEOIL),
+            "certificate not valid for name \"127.0.0.1\"",
+        ),
+        (by_name("verify-full"), None, "UnknownIssuer"),
+        (
+            at("require"),
+            Some("/etc/ssl/certs/ISRG_Root_X1.pem"),
+            "UnknownIssuer",
+        ),
+    ] {
+        let (code, text) = status(url.clone(), ca);
+        assert_eq!(code, 1, "{url} {ca:?}: {text}");
+        assert!(
+            text.contains("cannot connect to the database (sslmode=") && text.contains(want),
+            "{url} {ca:?}: {text}"
+        );
+    }
+    for (url, ca, want) in [
+        (
+            at("verify-ca"),
+            None,
+            "sslmode=verify-ca needs a CA certificate: pass --pg-ca-file",
+        ),
+        (
+            db.url.clone(),
+            Some(SNAKEOIL),
+            "--pg-ca-file (or sslrootcert) needs sslmode=require, verify-ca or verify-full",
+        ),
+        (
+            format!("{}&sslrootcert=system", at("verify-ca")),
+            None,
+            "sslrootcert=system needs sslmode=verify-full",
+        ),
+        (
+            at("verify-fuller"),
+            None,
+            "sslmode \"verify-fuller\" is not one of",
+        ),
+        (
+            format!("{}&sslcert=/c.pem", at("require")),
+            None,
+            "sslcert is not supported",
+        ),
+    ] {
+        let (code, text) = status(url.clone(), ca);
+        assert_eq!(code, 2, "{url} {ca:?}: {text}");
+        assert!(text.contains(want), "{url} {ca:?}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_pg_ca_file_without_a_certificate_exits_2_naming_the_flag() {
+    let dir = std::env::temp_dir().join(format!("tidings-ca-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let no_pem = dir.join("key.pem");
+    std::fs::write(&no_pem, "not a certificate\n").unwrap();
+    let url = "postgres://postgres@127.0.0.1:5432/x?sslmode=verify-full";
+    for (file, want) in [
+        (empty.clone(), "holds no PEM certificate"),
+        (no_pem.clone(), "holds no PEM certificate"),
+        (dir.join("missing.pem"), "cannot read --pg-ca-file"),
+    ] {
+        let (code, text) = output(
+            Command::new(BIN)
+                .args(["status", "--pg-ca-file"])
+                .arg(&file)
+                .env("DATABASE_URL", url),
+        );
+        assert_eq!(code, 2, "{file:?}: {text}");
+        assert!(
+            text.contains("--pg-ca-file") && text.contains(want),
+            "{file:?}: {text}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
