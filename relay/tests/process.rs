@@ -4,6 +4,7 @@
 //! integration tests the path of its binary.)
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -599,4 +600,96 @@ async fn a_pg_ca_file_without_a_certificate_exits_2_naming_the_flag() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A TCP proxy to the test PostgreSQL that can be frozen: from then on it forwards nothing,
+/// in either direction, on old or new connections, and holds every socket open (a database
+/// host that hangs without closing anything).
+async fn freezable_proxy() -> (u16, Arc<AtomicBool>) {
+    let server = url::Url::parse(&tidings_tests::server_url()).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(5432)
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (f, upstream) = (f.clone(), upstream.clone());
+            tokio::spawn(async move {
+                if f.load(Ordering::SeqCst) {
+                    let _held = client;
+                    return std::future::pending().await;
+                }
+                let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::join!(pump(cr, sw, f.clone()), pump(sr, cw, f));
+            });
+        }
+    });
+    (port, frozen)
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await.unwrap_or(0);
+        if frozen.load(Ordering::SeqCst) {
+            let _held = (r, w);
+            return std::future::pending().await;
+        }
+        if n == 0 || w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_logs_within_seconds_when_its_database_freezes() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::migrated().await;
+    let (port, frozen) = freezable_proxy().await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_port(Some(port)).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["relay", "--sink", "stdout", "--db-timeout", "2s"])
+        .args(["--claim-timeout", "2s", "--publish-timeout", "1s"])
+        .env("DATABASE_URL", url.as_str())
+        .env("TIDINGS_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_line = async |within: Duration, what: &str| {
+        tokio::time::timeout(within, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no log line within {within:?}: {what}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("stderr closed: {what}"))
+    };
+    while !next_line(Duration::from_secs(20), "start")
+        .await
+        .contains("relay started")
+    {}
+    frozen.store(true, Ordering::SeqCst);
+    let frozen_at = Instant::now();
+    loop {
+        let line = next_line(Duration::from_secs(10), "a warning after the freeze").await;
+        if line.contains("WARN") || line.contains("ERROR") {
+            eprintln!("after {:?}: {line}", frozen_at.elapsed());
+            break;
+        }
+    }
+    assert!(frozen_at.elapsed() < Duration::from_secs(10));
 }
