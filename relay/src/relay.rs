@@ -256,7 +256,7 @@ impl Relay {
                     );
                     // Every failure while few, then one in 16: a long database outage logs
                     // about twice a minute, not on every attempt.
-                    if db_errors <= 3 || db_errors % 16 == 0 {
+                    if db_errors <= 3 || db_errors.is_multiple_of(16) {
                         tracing::warn!(error = %crate::ErrorChain(&e), failures = db_errors, retry_in = ?pause, "relay tick failed (database); retrying");
                     }
                     pause
