@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use tidings_inbox::{DedupKey, Inbox, Outcome, Recorded};
 use tidings_migrations::{ConsumerGrant, Grants};
 use tidings_outbox::{Message, Outbox};
@@ -138,6 +139,23 @@ impl Recipe {
             let _ = conn.await;
         });
         client
+    }
+
+    /// A connection as `role` that keeps the server's notices (warnings) it receives.
+    async fn connect_noting(&self, role: &str) -> (Client, Arc<Mutex<Vec<String>>>) {
+        let (client, mut conn) = self.config(role).connect(NoTls).await.unwrap();
+        let notes = Arc::new(Mutex::new(Vec::new()));
+        let keep = notes.clone();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+            // A notice is read (and kept) before the reply of the statement that raised it.
+            while let Some(Ok(m)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                    keep.lock().unwrap().push(n.message().to_owned());
+                }
+            }
+        });
+        (client, notes)
     }
 
     /// A pool connecting as `role`.
@@ -693,5 +711,54 @@ async fn rerunning_the_grants_converges_and_removes_stale_table_wide_grants() {
             .await
             .unwrap(),
         Recorded::First
+    );
+}
+
+#[tokio::test]
+async fn relay_role_cannot_vacuum_so_the_grants_warn_when_autovacuum_is_off_for_the_outbox() {
+    let r = Recipe::new().await;
+    let (owner, notes) = r.connect_noting(&r.owner).await;
+    let warned = |notes: &Mutex<Vec<String>>| {
+        std::mem::take(&mut *notes.lock().unwrap())
+            .into_iter()
+            .filter(|n| n.starts_with("tidings: autovacuum"))
+            .collect::<Vec<_>>()
+    };
+    let server_on: bool = owner
+        .query_one(
+            "SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    owner
+        .batch_execute(&r.grants().sql().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(warned(&notes).len(), usize::from(!server_on));
+
+    owner
+        .batch_execute("ALTER TABLE tidings.outbox SET (autovacuum_enabled = off)")
+        .await
+        .unwrap();
+    owner
+        .batch_execute(&r.grants().sql().unwrap())
+        .await
+        .unwrap();
+    let w = warned(&notes);
+    assert!(
+        w.iter().any(|n| n.contains("disabled for tidings.outbox")),
+        "{w:?}"
+    );
+
+    // PostgreSQL 15: VACUUM by a non-owner is skipped with a warning, not an error.
+    let (relay, notes) = r.connect_noting(&r.relay).await;
+    relay.batch_execute("VACUUM tidings.outbox").await.unwrap();
+    let n = notes.lock().unwrap().clone();
+    assert!(
+        n.iter()
+            .any(|n| n.contains("only table or database owner can vacuum it")),
+        "{n:?}"
     );
 }

@@ -25,6 +25,23 @@
 BEGIN;
 ALTER TABLE tidings.inbox ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tidings.inbox_dead_letters ENABLE ROW LEVEL SECURITY;
+-- Vacuum: in PostgreSQL 15 only the owner (or a superuser) may VACUUM a table, so a relay role
+-- granted here never vacuums the outbox itself (it checks, and warns once); autovacuum must,
+-- with the outbox's own thresholds from the core migration. Only reads settings: warns, never
+-- fails, when autovacuum cannot do that job.
+DO $$
+BEGIN
+    IF NOT (current_setting('autovacuum')::bool AND current_setting('track_counts')::bool) THEN
+        RAISE WARNING 'tidings: autovacuum is off on this server (autovacuum = %, track_counts = %); with least-privilege relays nothing vacuums tidings.outbox and claiming slows down as dead rows pile up',
+            current_setting('autovacuum'), current_setting('track_counts');
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_class c, pg_options_to_table(c.reloptions) o
+                WHERE c.oid = 'tidings.outbox'::regclass AND o.option_name = 'autovacuum_enabled'
+                  AND lower(o.option_value) IN ('false', 'off', 'no', '0', 'f', 'n')) THEN
+        RAISE WARNING 'tidings: autovacuum is disabled for tidings.outbox (autovacuum_enabled = off); with least-privilege relays nothing vacuums it: ALTER TABLE tidings.outbox RESET (autovacuum_enabled)';
+    END IF;
+END
+$$;
 
 --- section: reset
 -- {role}: start from nothing. Revoking a table privilege revokes its column privileges too,
