@@ -23,6 +23,8 @@
 
 --- section: begin
 BEGIN;
+-- Quiet the "policy ... does not exist, skipping" notices of a first run; warnings still show.
+SET LOCAL client_min_messages = warning;
 ALTER TABLE tidings.inbox ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tidings.inbox_dead_letters ENABLE ROW LEVEL SECURITY;
 -- Vacuum: in PostgreSQL 15 only the owner (or a superuser) may VACUUM a table, so a relay role
