@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod grants;
 mod plan;
 
 #[cfg(feature = "diesel")]
@@ -8,6 +9,7 @@ pub mod diesel;
 #[cfg(feature = "tokio-postgres")]
 pub mod postgres;
 
+pub use grants::{check_role, ConsumerGrant, Grants};
 pub use plan::{Applied, Migration, MigrationState, Status};
 
 /// Every migration embedded in this build, oldest first.
@@ -53,6 +55,16 @@ pub enum Error {
     Unknown {
         /// Version found in the ledger.
         version: String,
+    },
+    /// A role or consumer name given for the grants script breaks the rule it must follow.
+    #[error("invalid {what} {name:?}: {rule}")]
+    InvalidName {
+        /// `role name` or `consumer name`.
+        what: &'static str,
+        /// The name as given.
+        name: String,
+        /// What a valid name looks like.
+        rule: &'static str,
     },
     /// Migrations are pending, so the schema is not what this build expects.
     #[error("database is missing tidings migrations ({}): run `tidings migrate up`", versions.join(", "))]

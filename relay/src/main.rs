@@ -88,11 +88,45 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Print the SQL that gives each role least privilege on the tidings schema (no database
+    /// needed). Run it as the schema owner after every `migrate up`; it is idempotent.
+    Grants(GrantsArgs),
     /// Consumer-side maintenance of the inbox.
     Inbox {
         #[command(subcommand)]
         action: InboxAction,
     },
+}
+
+#[derive(clap::Args)]
+struct GrantsArgs {
+    /// Role that enqueues messages (repeatable).
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    producer: Vec<String>,
+    /// Role that consumes through the inbox, and the consumer names it alone may use
+    /// (repeatable); without `=`, the consumer name is the role name.
+    #[arg(long, value_name = "ROLE[=NAME,...]", value_parser = consumer_grant)]
+    consumer: Vec<tidings_migrations::ConsumerGrant>,
+    /// Role the relay runs as.
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    relay: Option<String>,
+    /// Role `tidings inbox prune` runs as (reads and deletes every consumer's inbox records).
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    pruner: Option<String>,
+    /// Role `tidings status` and `tidings dlq` run as.
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    operator: Option<String>,
+}
+
+fn role_name(s: &str) -> Result<String, String> {
+    tidings_migrations::check_role(s)
+        .map(str::to_owned)
+        .map_err(|e| e.to_string())
+}
+
+fn consumer_grant(s: &str) -> Result<tidings_migrations::ConsumerGrant, String> {
+    s.parse()
+        .map_err(|e: tidings_migrations::Error| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -372,6 +406,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             action: MigrateAction::Sql,
         } => {
             print!("{}", tidings_migrations::script());
+            Ok(())
+        }
+        Command::Grants(a) => {
+            let grants = tidings_migrations::Grants {
+                producers: a.producer,
+                consumers: a.consumer,
+                relay: a.relay,
+                pruner: a.pruner,
+                operator: a.operator,
+            };
+            if grants.producers.is_empty()
+                && grants.consumers.is_empty()
+                && [&grants.relay, &grants.pruner, &grants.operator]
+                    .iter()
+                    .all(|r| r.is_none())
+            {
+                return Err(usage("name at least one role (--producer, --consumer, --relay, --pruner, --operator)"));
+            }
+            print!("{}", grants.sql().map_err(|e| usage(e.to_string()))?);
             Ok(())
         }
         Command::Migrate { action } => pg?.admin(async |c| migrate(c, action).await).await,

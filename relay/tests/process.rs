@@ -298,6 +298,57 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
     assert!(text.contains("set DATABASE_URL"), "{text}");
 }
 
+#[test]
+fn grants_prints_sql_without_a_database_and_refuses_bad_names_with_exit_2() {
+    let (code, text) = output(
+        Command::new(BIN)
+            .args([
+                "grants",
+                "--producer",
+                "app",
+                "--consumer",
+                "card_service=card,card-refunds",
+            ])
+            .args([
+                "--relay",
+                "tidings_relay",
+                "--pruner",
+                "pruner",
+                "--operator",
+                "ops",
+            ])
+            .env_remove("DATABASE_URL"),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("-- grants:") && text.trim_end().ends_with("COMMIT;"),
+        "{text}"
+    );
+    assert!(
+        text.contains("USING (consumer IN ('card', 'card-refunds'))"),
+        "{text}"
+    );
+    for (args, flag) in [
+        (vec!["--producer", "app;drop table x"], "--producer <ROLE>"),
+        (vec!["--relay", "Relay"], "--relay <ROLE>"),
+        (vec!["--operator", "pg_monitor"], "--operator <ROLE>"),
+        (
+            vec!["--consumer", "svc=it's"],
+            "--consumer <ROLE[=NAME,...]>",
+        ),
+    ] {
+        let (code, text) = output(Command::new(BIN).arg("grants").args(&args));
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(
+            text.contains(flag) && !text.contains("GRANT"),
+            "{args:?}: {text}"
+        );
+    }
+    let (code, text) = output(Command::new(BIN).arg("grants"));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("name at least one role"), "{text}");
+}
+
 #[tokio::test]
 async fn no_password_reaches_the_output_when_the_database_is_unreachable() {
     let (code, text) = output(
