@@ -276,7 +276,7 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
         ),
         (
             vec!["relay", "--sink", "nats", "--nats-subject-prefix", "a b"],
-            "invalid NATS subject prefix \"a b\"",
+            "--nats-subject-prefix: invalid NATS subject prefix \"a b\"",
         ),
     ] {
         let (code, text) = output(tidings(&db).args(&args));

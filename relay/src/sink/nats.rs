@@ -190,7 +190,7 @@ impl NatsSink {
     pub async fn connect(config: NatsSinkConfig) -> Result<Self, Error> {
         tidings_outbox::validate_topic(&config.subject_prefix).map_err(|e| {
             config_err(format!(
-                "invalid NATS subject prefix {:?}: {e}",
+                "--nats-subject-prefix: invalid NATS subject prefix {:?}: {e}",
                 config.subject_prefix
             ))
         })?;
@@ -211,7 +211,7 @@ impl NatsSink {
         if let Some(creds) = &config.credentials_file {
             opts = opts.credentials_file(creds).await.map_err(|e| {
                 config_err(format!(
-                    "cannot read NATS credentials file {}: {e}",
+                    "--nats-creds: cannot read NATS credentials file {}: {e}",
                     creds.display()
                 ))
             })?;
