@@ -139,13 +139,17 @@ impl PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        // runuser waits for its child and passes SIGKILL's effect on: killing runuser alone
-        // would leave pgbouncer running, so signal the pgbouncer process by its pid file too.
+        // Under runuser, signal pgbouncer itself (its pid file) and let runuser reap it and
+        // exit: killing runuser first would orphan pgbouncer.
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
             let _ = Command::new("kill")
-                .args(["-KILL", pid.trim()])
+                .args(["-TERM", pid.trim()])
                 .stderr(Stdio::null())
                 .status();
+        }
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
