@@ -334,6 +334,7 @@ async fn bad_input_is_refused_before_anything_is_written() {
     let c = db.client().await;
     let outbox = Outbox::new(OutboxConfig {
         max_payload_bytes: 16,
+        ..Default::default()
     })
     .unwrap();
     let cases: Vec<(Message, &str)> = vec![
@@ -380,7 +381,8 @@ async fn bad_input_is_refused_before_anything_is_written() {
     );
     assert!(rows(&c).await.is_empty(), "nothing was written");
     assert!(Outbox::new(OutboxConfig {
-        max_payload_bytes: 0
+        max_payload_bytes: 0,
+        ..Default::default()
     })
     .is_err());
 }

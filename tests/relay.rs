@@ -411,6 +411,7 @@ async fn oversized_payload_for_the_broker_is_dead_lettered_at_once() {
     // nats-server's default max_payload is 1 MiB; the outbox allows up to 4 MiB here.
     let outbox = Outbox::new(tidings_outbox::OutboxConfig {
         max_payload_bytes: 4 << 20,
+        ..Default::default()
     })
     .unwrap();
     let c = db.client().await;

@@ -169,6 +169,16 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     let (null, _) = drain_relay(url, Arc::new(NullSink), config.clone()).await?;
     rows.push(("relay -> null sink", null));
 
+    // The PgBouncer transaction-mode setting, directly against PostgreSQL: what unnamed
+    // claim/finish statements (parsed and planned every batch) cost.
+    backlog(url, n, None).await?;
+    let uncached = RelayConfig {
+        statement_cache: false,
+        ..config.clone()
+    };
+    let (null_uncached, _) = drain_relay(url, Arc::new(NullSink), uncached).await?;
+    rows.push(("relay -> null sink, statement_cache off", null_uncached));
+
     backlog(url, n, Some(1000)).await?;
     let (null_keyed, _) = drain_relay(url, Arc::new(NullSink), config.clone()).await?;
     rows.push(("relay -> null sink, 1000 ordering keys", null_keyed));
@@ -203,7 +213,7 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         ok &= floor("relay -> NATS msg/s", nats, 1_000.0);
     }
     Ok((
-        json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": null, "null_keyed_msgs": null_keyed,
+        json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": null, "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
                "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw)}),
         ok,
     ))

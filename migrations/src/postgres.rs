@@ -2,6 +2,7 @@
 //! (a deadpool-postgres object derefs to one). Each migration runs in its own transaction under
 //! an advisory lock, together with its ledger row.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use crate::plan::{self, Applied, Migration};
@@ -11,16 +12,21 @@ fn db(e: tokio_postgres::Error) -> Error {
     Error::Database(Box::new(e))
 }
 
+/// Unnamed statements (`query_typed`): one round trip each, and safe through PgBouncer in
+/// transaction mode, where the relay checks the schema at start-up.
 async fn read_ledger(client: &impl tokio_postgres::GenericClient) -> Result<Vec<Applied>> {
     let present: bool = client
-        .query_one(plan::LEDGER_EXISTS, &[])
+        .query_typed_one(plan::LEDGER_EXISTS, &[])
         .await
         .map_err(db)?
         .get(0);
     if !present {
         return Ok(Vec::new());
     }
-    let rows = client.query(plan::LEDGER_SELECT, &[]).await.map_err(db)?;
+    let rows = client
+        .query_typed(plan::LEDGER_SELECT, &[])
+        .await
+        .map_err(db)?;
     Ok(rows
         .iter()
         .map(|r| Applied {
@@ -84,12 +90,20 @@ async fn step(client: &mut Client, forward: bool) -> Result<Option<&'static Migr
     };
     if forward {
         tx.batch_execute(m.up).await.map_err(failed)?;
-        tx.execute(plan::LEDGER_INSERT, &[&m.version, &m.name, &m.checksum()])
-            .await
-            .map_err(db)?;
+        let sum = m.checksum();
+        tx.query_typed(
+            plan::LEDGER_INSERT,
+            &[
+                (&m.version, Type::TEXT),
+                (&m.name, Type::TEXT),
+                (&sum, Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(db)?;
     } else {
         tx.batch_execute(m.down).await.map_err(failed)?;
-        tx.execute(plan::LEDGER_DELETE, &[&m.version])
+        tx.query_typed(plan::LEDGER_DELETE, &[(&m.version, Type::TEXT)])
             .await
             .map_err(db)?;
     }

@@ -35,12 +35,21 @@ pub struct OutboxConfig {
     /// `max_payload`, 1 MiB by default), or the relay will dead-letter the message.
     /// Defaults to 1 MiB (1,048,576).
     pub max_payload_bytes: usize,
+    /// Whether `enqueue_deadpool`/`enqueue_batch_deadpool` may prepare their statement once per
+    /// pooled connection and cache it there. Set it to false when the database URL goes
+    /// through PgBouncer in transaction mode (before 1.21, or without
+    /// `max_prepared_statements`): a cached statement lives on one server connection, and the
+    /// next transaction gets another. They then refuse with [`Error::Config`] instead of
+    /// failing at random; use `enqueue_pg`/`enqueue_batch_pg` (unnamed statements, one round
+    /// trip, safe through any pooler). Defaults to true.
+    pub statement_cache: bool,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
             max_payload_bytes: 1024 * 1024,
+            statement_cache: true,
         }
     }
 }

@@ -104,6 +104,7 @@ impl Outbox {
     }
 
     /// Like [`Outbox::enqueue_batch_pg`], with the statement cached per pooled connection.
+    /// Refused when `OutboxConfig::statement_cache` is off (PgBouncer in transaction mode).
     pub async fn enqueue_batch_deadpool<C>(
         &self,
         client: &C,
@@ -112,6 +113,15 @@ impl Outbox {
     where
         C: deadpool_postgres::GenericClient + Sync,
     {
+        // deadpool's GenericClient has no unnamed-statement call to fall back on, and an
+        // uncached named statement is no safer through a transaction pooler (its name can
+        // collide on the server connection another client gets next): refuse, naming the
+        // method that works.
+        if !self.config.statement_cache {
+            return Err(Error::Config(
+                "statement_cache is off: enqueue_deadpool caches prepared statements; use enqueue_pg (pass &*tx or &**client)",
+            ));
+        }
         let (c, ids) = Columns::build(&self.config, msgs)?;
         if ids.is_empty() {
             return Ok(ids);

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
@@ -92,11 +93,15 @@ pub struct DeadLetter {
     pub dead_at: DateTime<Utc>,
 }
 
+// Every admin statement is sent unnamed with typed parameters (`query_typed`): one round trip,
+// and safe through PgBouncer in transaction mode, where a named statement prepared in one
+// round trip may be gone (or belong to another client) in the next.
+
 /// Reads the liveness signals.
 pub async fn status(client: &impl GenericClient) -> Result<Status, Error> {
-    let row = client.query_one(STATUS, &[]).await?;
+    let row = client.query_typed_one(STATUS, &[]).await?;
     let relays = client
-        .query(RELAYS, &[])
+        .query_typed(RELAYS, &[])
         .await?
         .iter()
         .map(|r| RelayInfo {
@@ -126,7 +131,7 @@ pub async fn status(client: &impl GenericClient) -> Result<Status, Error> {
 /// The newest `limit` dead letters.
 pub async fn dlq_list(client: &impl GenericClient, limit: i64) -> Result<Vec<DeadLetter>, Error> {
     Ok(client
-        .query(DLQ_LIST, &[&limit])
+        .query_typed(DLQ_LIST, &[(&limit, Type::INT8)])
         .await?
         .iter()
         .map(|r| DeadLetter {
@@ -147,11 +152,36 @@ pub async fn dlq_list(client: &impl GenericClient, limit: i64) -> Result<Vec<Dea
 /// Returns how many were moved.
 pub async fn dlq_replay(client: &impl GenericClient, ids: Option<&[Uuid]>) -> Result<u64, Error> {
     let (ids, all) = (ids.unwrap_or(&[]), ids.is_none());
-    Ok(client.execute(DLQ_REPLAY, &[&ids, &all]).await?)
+    execute_typed(
+        client,
+        DLQ_REPLAY,
+        &[(&ids, Type::UUID_ARRAY), (&all, Type::BOOL)],
+    )
+    .await
 }
 
 /// Deletes dead letters for good; `None` means all. Returns how many were deleted.
 pub async fn dlq_purge(client: &impl GenericClient, ids: Option<&[Uuid]>) -> Result<u64, Error> {
     let (ids, all) = (ids.unwrap_or(&[]), ids.is_none());
-    Ok(client.execute(DLQ_PURGE, &[&ids, &all]).await?)
+    execute_typed(
+        client,
+        DLQ_PURGE,
+        &[(&ids, Type::UUID_ARRAY), (&all, Type::BOOL)],
+    )
+    .await
+}
+
+/// Runs an unnamed statement that returns no rows; returns how many rows it changed.
+async fn execute_typed(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<u64, Error> {
+    use futures::TryStreamExt;
+    let stream = client
+        .query_typed_raw(sql, params.iter().map(|(v, t)| (*v, t.clone())))
+        .await?;
+    futures::pin_mut!(stream);
+    while stream.try_next().await?.is_some() {}
+    Ok(stream.rows_affected().unwrap_or(0))
 }

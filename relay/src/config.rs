@@ -51,6 +51,14 @@ pub struct RelayConfig {
     /// index entries pile up. Needs the relay's role to own the table (PostgreSQL 15); without
     /// that it logs one warning and stops trying. Defaults to 20,000.
     pub vacuum_every: u64,
+    /// Prepare the claim and finish statements once per pooled connection and reuse them.
+    /// Turn it off when the pool goes through PgBouncer in transaction mode (before 1.21, or
+    /// without `max_prepared_statements`): a named statement lives on one server connection,
+    /// and the pooler hands the next transaction another one ("prepared statement does not
+    /// exist"). Off, every statement is sent unnamed with typed parameters (parsed and planned
+    /// each time). LISTEN does not work through such a pooler either: set `listen` to false
+    /// too, or give [`crate::Relay::with_listener`] a direct connection. Defaults to true.
+    pub statement_cache: bool,
 }
 
 impl Default for RelayConfig {
@@ -70,6 +78,7 @@ impl Default for RelayConfig {
             unavailable_backoff_max: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             vacuum_every: 20_000,
+            statement_cache: true,
         }
     }
 }

@@ -227,6 +227,10 @@ struct RelayArgs {
     /// transaction mode).
     #[arg(long, env = "TIDINGS_NO_LISTEN")]
     no_listen: bool,
+    /// The database URL goes through PgBouncer in transaction mode: no prepared statements
+    /// (every statement is sent unnamed) and no LISTEN (implies --no-listen).
+    #[arg(long, env = "TIDINGS_PGBOUNCER")]
+    pgbouncer: bool,
     /// Longest a relay may hold claimed rows while silent; bounds failover of a hung relay.
     #[arg(long, env = "TIDINGS_CLAIM_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
     claim_timeout: Duration,
@@ -629,7 +633,10 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
         batch_size: args.batch_size,
         poll_interval: args.poll_interval,
         busy_poll_interval: args.busy_poll_interval,
-        listen: !args.no_listen,
+        // LISTEN through a transaction pooler registers on whichever server connection the
+        // statement lands on: notifications then go to other clients or nowhere.
+        listen: !args.no_listen && !args.pgbouncer,
+        statement_cache: !args.pgbouncer,
         claim_timeout: args.claim_timeout,
         publish_timeout: args.publish_timeout,
         max_attempts: args.max_attempts,

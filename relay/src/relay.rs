@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tidings_outbox::MessageId;
 use tokio::sync::Notify;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -273,7 +274,11 @@ impl Relay {
             let _ = l.await;
         }
         if let Ok(client) = self.pool.get().await {
-            let _ = client.execute(DEREGISTER, &[&self.id]).await;
+            // Unnamed statements, here and below: safe through PgBouncer in transaction mode,
+            // and one round trip instead of a prepare plus an execute.
+            let _ = client
+                .query_typed(DEREGISTER, &[(&self.id, Type::UUID)])
+                .await;
         }
         tracing::info!(relay = %self.config.name, "relay stopped");
         Ok(())
@@ -333,16 +338,24 @@ impl Relay {
     async fn tick_inner(&self) -> Result<TickReport, Error> {
         let mut client = self.pool.get().await?;
         // Prepared once per pooled connection: no parse/plan and no extra round trip per batch.
-        let (claim, finish) = tokio::try_join!(
-            client.prepare_cached(CLAIM_BATCH),
-            client.prepare_cached(FINISH_BATCH)
-        )?;
+        // Without the cache (PgBouncer in transaction mode, where a named statement does not
+        // outlive the transaction's server connection) both run as unnamed statements with
+        // typed parameters: one round trip each, parsed and planned every time.
+        let (claim, finish) = if self.config.statement_cache {
+            let (claim, finish) = tokio::try_join!(
+                client.prepare_cached(CLAIM_BATCH),
+                client.prepare_cached(FINISH_BATCH)
+            )?;
+            (Stmt::Cached(claim), Stmt::Cached(finish))
+        } else {
+            (Stmt::Unnamed(CLAIM_BATCH), Stmt::Unnamed(FINISH_BATCH))
+        };
         let tx = client.transaction().await?;
         // The settings go in the same pipeline as the claim.
         let limit = self.config.batch_size as i64;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&limit, Type::INT8)];
         let (set, rows) =
-            tokio::join!(tx.batch_execute(&self.set_local), tx.query(&claim, &params));
+            tokio::join!(tx.batch_execute(&self.set_local), claim.query(&tx, &params));
         set?;
         let rows = rows?;
         let claim_deadline = Instant::now() + self.config.claim_timeout;
@@ -486,7 +499,7 @@ impl Relay {
     async fn record_outcomes(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        finish: &tokio_postgres::Statement,
+        finish: &Stmt,
         rec: &Outcomes,
     ) -> Result<Vec<i64>, Error> {
         let Err(err) = finish_step(tx, finish, rec).await? else {
@@ -683,7 +696,11 @@ impl Relay {
         let result = async {
             let c = self.pool.get().await?;
             // A non-owner's VACUUM only warns and skips the table: check ownership instead.
-            let may: bool = c.query_one(MAY_VACUUM, &[]).await?.get(0);
+            let rows = c.query_typed(MAY_VACUUM, &[]).await?;
+            let may = match rows.first() {
+                Some(row) => row.try_get::<_, bool>(0)?,
+                None => false,
+            };
             if !may {
                 return Ok(false);
             }
@@ -725,20 +742,21 @@ impl Relay {
         let client = self.pool.get().await?;
         let pid = std::process::id() as i32;
         let interval = self.config.heartbeat_interval.as_secs_f64();
+        let (host, sink) = (hostname(), self.sink.name());
         let res = client
-            .execute(
+            .query_typed(
                 HEARTBEAT,
                 &[
-                    &self.id,
-                    &self.config.name,
-                    &hostname(),
-                    &pid,
-                    &self.sink.name(),
-                    &c.delivered,
-                    &c.failed,
-                    &c.dead,
-                    &c.duplicates,
-                    &interval,
+                    (&self.id, Type::UUID),
+                    (&self.config.name, Type::TEXT),
+                    (&host, Type::TEXT),
+                    (&pid, Type::INT4),
+                    (&sink, Type::TEXT),
+                    (&c.delivered, Type::INT8),
+                    (&c.failed, Type::INT8),
+                    (&c.dead, Type::INT8),
+                    (&c.duplicates, Type::INT8),
+                    (&interval, Type::FLOAT8),
                 ],
             )
             .await;
@@ -753,6 +771,31 @@ impl Relay {
         }
         res?;
         Ok(())
+    }
+}
+
+/// The claim or finish statement: prepared and cached on the pooled connection, or sent as
+/// the unnamed statement with its parameter types (`RelayConfig::statement_cache`).
+enum Stmt {
+    Cached(tokio_postgres::Statement),
+    Unnamed(&'static str),
+}
+
+impl Stmt {
+    /// Runs the statement in `tx`; one round trip either way (the cached statement's types
+    /// were checked when it was prepared; the unnamed one is parsed with the given types).
+    async fn query(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        match self {
+            Stmt::Cached(s) => {
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                tx.query(s, &values).await
+            }
+            Stmt::Unnamed(sql) => tx.query_typed(sql, params).await,
+        }
     }
 }
 
@@ -791,17 +834,17 @@ impl Outcomes {
 /// refusing the statement, which has then been rolled back to the savepoint.
 async fn finish_step(
     tx: &tokio_postgres::Transaction<'_>,
-    finish: &tokio_postgres::Statement,
+    finish: &Stmt,
     rec: &Outcomes,
 ) -> Result<Result<(), tokio_postgres::Error>, Error> {
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-        &rec.delivered,
-        &rec.failed,
-        &rec.errors,
-        &rec.backoffs,
-        &rec.dead,
+    let params: [(&(dyn ToSql + Sync), Type); 5] = [
+        (&rec.delivered, Type::INT8_ARRAY),
+        (&rec.failed, Type::INT8_ARRAY),
+        (&rec.errors, Type::TEXT_ARRAY),
+        (&rec.backoffs, Type::FLOAT8_ARRAY),
+        (&rec.dead, Type::TEXT_ARRAY),
     ];
-    let (sp, done) = tokio::join!(tx.batch_execute(SAVEPOINT), tx.execute(finish, &params));
+    let (sp, done) = tokio::join!(tx.batch_execute(SAVEPOINT), finish.query(tx, &params));
     sp?;
     match done {
         Ok(_) => Ok(Ok(())),
