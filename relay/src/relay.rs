@@ -30,6 +30,10 @@ const VACUUM: &str = "VACUUM (SKIP_LOCKED) tidings.outbox";
 /// may_vacuum: whether the relay's role owns the outbox (or is a superuser).
 const MAY_VACUUM: &str = "SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
      OR pg_has_role(current_user, c.relowner, 'MEMBER') FROM pg_class c WHERE c.oid = 'tidings.outbox'::regclass";
+/// The longest a relay waits for its VACUUM of the outbox (client side).
+const VACUUM_LIMIT: Duration = Duration::from_secs(600);
+/// The longest a stopping relay waits to remove its row from `tidings.relays`.
+const DEREGISTER_LIMIT: Duration = Duration::from_secs(2);
 /// Added to claim timeout + publish timeout to bound a whole tick on the client side.
 const TICK_GRACE: Duration = Duration::from_secs(5);
 /// How long the run loop keeps busy-polling after the last batch that found messages.
@@ -199,9 +203,33 @@ impl Relay {
 
     /// Fails with an error naming `tidings migrate up` unless the schema is current.
     pub async fn check_schema(&self) -> Result<(), Error> {
-        let client = self.pool.get().await?;
-        tidings_migrations::postgres::ensure_current(&client).await?;
-        Ok(())
+        self.bounded(self.config.claim_timeout, async |client| {
+            tidings_migrations::postgres::ensure_current(&**client).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `work` on a pooled connection, bounded on the client side by `limit` (getting the
+    /// connection included): a server that stopped answering never enforces its own timeouts.
+    /// On timeout the connection is taken out of the pool and closed, so that the next user
+    /// gets a fresh one instead of queueing behind a request that will never be answered.
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut client = match tokio::time::timeout(limit, self.pool.get()).await {
+            Ok(c) => c?,
+            Err(_) => return Err(Error::DatabaseTimeout(limit)),
+        };
+        match tokio::time::timeout(limit, work(&mut client)).await {
+            Ok(r) => r,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(Error::DatabaseTimeout(limit))
+            }
+        }
     }
 
     /// Runs until `shutdown` is cancelled: refuses to start on a schema with pending migrations,
@@ -273,13 +301,16 @@ impl Relay {
         if let Some(l) = listener {
             let _ = l.await;
         }
-        if let Ok(client) = self.pool.get().await {
-            // Unnamed statements, here and below: safe through PgBouncer in transaction mode,
-            // and one round trip instead of a prepare plus an execute.
-            let _ = client
-                .query_typed(DEREGISTER, &[(&self.id, Type::UUID)])
-                .await;
-        }
+        // Unnamed statements, here and below: safe through PgBouncer in transaction mode, and
+        // one round trip instead of a prepare plus an execute. Bounded: shutdown must finish.
+        let _ = self
+            .bounded(DEREGISTER_LIMIT, async |client| {
+                client
+                    .query_typed(DEREGISTER, &[(&self.id, Type::UUID)])
+                    .await?;
+                Ok(())
+            })
+            .await;
         tracing::info!(relay = %self.config.name, "relay stopped");
         Ok(())
     }
@@ -317,11 +348,10 @@ impl Relay {
         // proxy) must not hang the relay silently: PostgreSQL ends a claim after the claim
         // timeout, so a tick that takes much longer is waiting on a server that is gone.
         let limit = self.config.claim_timeout + self.config.publish_timeout + TICK_GRACE;
-        let report =
-            match tokio::time::timeout(limit, self.tick_inner().instrument(span.clone())).await {
-                Ok(r) => r?,
-                Err(_) => return Err(Error::DatabaseTimeout(limit)),
-            };
+        let report = self
+            .bounded(limit, async |client| self.tick_inner(client).await)
+            .instrument(span.clone())
+            .await?;
         if report.claimed > 0 {
             span.record("claimed", report.claimed);
             span.record("delivered", report.delivered);
@@ -335,8 +365,10 @@ impl Relay {
         Ok(report)
     }
 
-    async fn tick_inner(&self) -> Result<TickReport, Error> {
-        let mut client = self.pool.get().await?;
+    async fn tick_inner(
+        &self,
+        client: &mut deadpool_postgres::Object,
+    ) -> Result<TickReport, Error> {
         // Prepared once per pooled connection: no parse/plan and no extra round trip per batch.
         // Without the cache (PgBouncer in transaction mode, where a named statement does not
         // outlive the transaction's server connection) both run as unnamed statements with
@@ -693,22 +725,22 @@ impl Relay {
             return;
         }
         let started = Instant::now();
-        let result = async {
-            let c = self.pool.get().await?;
-            // A non-owner's VACUUM only warns and skips the table: check ownership instead.
-            let rows = c.query_typed(MAY_VACUUM, &[]).await?;
-            let may = match rows.first() {
-                Some(row) => row.try_get::<_, bool>(0)?,
-                None => false,
-            };
-            if !may {
-                return Ok(false);
-            }
-            // SKIP_LOCKED: when another relay is vacuuming, do not queue behind it.
-            c.batch_execute(VACUUM).await?;
-            Ok::<_, Error>(true)
-        }
-        .await;
+        let result = self
+            .bounded(VACUUM_LIMIT, async |c| {
+                // A non-owner's VACUUM only warns and skips the table: check ownership instead.
+                let rows = c.query_typed(MAY_VACUUM, &[]).await?;
+                let may = match rows.first() {
+                    Some(row) => row.try_get::<_, bool>(0)?,
+                    None => false,
+                };
+                if !may {
+                    return Ok(false);
+                }
+                // SKIP_LOCKED: when another relay is vacuuming, do not queue behind it.
+                c.batch_execute(VACUUM).await?;
+                Ok(true)
+            })
+            .await;
         let Ok(mut s) = self.state.lock() else { return };
         s.last_vacuum = Some(Instant::now());
         match result {
@@ -739,26 +771,30 @@ impl Relay {
             s.last_heartbeat = Some(Instant::now());
             std::mem::take(&mut s.counters)
         };
-        let client = self.pool.get().await?;
         let pid = std::process::id() as i32;
         let interval = self.config.heartbeat_interval.as_secs_f64();
         let (host, sink) = (hostname(), self.sink.name());
-        let res = client
-            .query_typed(
-                HEARTBEAT,
-                &[
-                    (&self.id, Type::UUID),
-                    (&self.config.name, Type::TEXT),
-                    (&host, Type::TEXT),
-                    (&pid, Type::INT4),
-                    (&sink, Type::TEXT),
-                    (&c.delivered, Type::INT8),
-                    (&c.failed, Type::INT8),
-                    (&c.dead, Type::INT8),
-                    (&c.duplicates, Type::INT8),
-                    (&interval, Type::FLOAT8),
-                ],
-            )
+        let res = self
+            .bounded(self.config.claim_timeout, async |client| {
+                client
+                    .query_typed(
+                        HEARTBEAT,
+                        &[
+                            (&self.id, Type::UUID),
+                            (&self.config.name, Type::TEXT),
+                            (&host, Type::TEXT),
+                            (&pid, Type::INT4),
+                            (&sink, Type::TEXT),
+                            (&c.delivered, Type::INT8),
+                            (&c.failed, Type::INT8),
+                            (&c.dead, Type::INT8),
+                            (&c.duplicates, Type::INT8),
+                            (&interval, Type::FLOAT8),
+                        ],
+                    )
+                    .await?;
+                Ok(())
+            })
             .await;
         if res.is_err() {
             // Keep the counts for the next heartbeat.

@@ -284,3 +284,44 @@ async fn migrate_down_refuses_to_drop_undelivered_messages_without_force() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_dedup_window_shorter_than_the_retry_horizon_exits_2_naming_both() {
+    let db = TestDb::migrated().await;
+    let nats = NatsServer::start().await;
+    let o = Command::new(BIN)
+        .args(["relay", "--sink", "nats", "--nats-url", &nats.url])
+        .args(["--nats-duplicate-window", "30s"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    for want in [
+        "dedup window",
+        "30s",
+        "--claim-timeout",
+        "--publish-timeout",
+        "--backoff-max",
+        "--nats-duplicate-window",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // The same stream with a retry horizon inside its window: the relay starts.
+    let mut child = Command::new(BIN)
+        .args(["relay", "--sink", "nats", "--nats-url", &nats.url])
+        .args(["--backoff-max", "5s"])
+        .env("DATABASE_URL", &db.url)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("relay started") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "the relay stopped before it started");
+    }
+    kill(&child, "-TERM");
+    assert_eq!(exit_within(&mut child, Duration::from_secs(20)), 0);
+}

@@ -743,4 +743,15 @@ async fn relay_logs_within_seconds_when_its_database_freezes() {
         }
     }
     assert!(frozen_at.elapsed() < Duration::from_secs(10));
+    // ... and recovers when the database answers again: connections stuck on the frozen path
+    // are thrown away, fresh ones deliver.
+    frozen.store(false, Ordering::SeqCst);
+    db.enqueue((0..3).map(|i| Message::new("t", format!("{i}"))).collect())
+        .await;
+    eventually(
+        "the relay to deliver after the database came back",
+        Duration::from_secs(40),
+        || async { db.outbox_count().await == 0 },
+    )
+    .await;
 }
