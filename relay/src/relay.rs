@@ -204,7 +204,7 @@ impl Relay {
     /// Fails with an error naming `tidings migrate up` unless the schema is current.
     pub async fn check_schema(&self) -> Result<(), Error> {
         self.bounded(self.config.claim_timeout, async |client| {
-            tidings_migrations::postgres::ensure_current(&**client).await?;
+            tidings_migrations::postgres::ensure_current(client).await?;
             Ok(())
         })
         .await
