@@ -10,6 +10,7 @@ DROP INDEX IF EXISTS tidings.outbox_id_key;
 ALTER TABLE tidings.outbox DROP CONSTRAINT IF EXISTS attempts_between_0_and_1000000;
 ALTER TABLE tidings.outbox DROP CONSTRAINT IF EXISTS headers_string_values_token_names_none_reserved;
 ALTER TABLE tidings.outbox ADD CONSTRAINT outbox_headers_check CHECK (jsonb_typeof(headers) = 'object') NOT VALID;
+DROP FUNCTION IF EXISTS tidings.headers_are_valid(jsonb);
 ALTER TABLE tidings.outbox DROP CONSTRAINT IF EXISTS ordering_key_1_to_512_bytes_without_control_characters;
 ALTER TABLE tidings.outbox ADD CONSTRAINT outbox_ordering_key_check CHECK (ordering_key <> '') NOT VALID;
 ALTER TABLE tidings.outbox DROP CONSTRAINT IF EXISTS biz_id_1_to_512_bytes_without_control_characters;
