@@ -259,3 +259,41 @@ async fn vendored_sql_script_leaves_a_current_schema() {
         .unwrap();
     assert!(tables_present(&c).await.iter().all(|p| *p));
 }
+
+#[tokio::test]
+async fn upgrading_a_database_that_holds_poison_rows_succeeds_and_keeps_them() {
+    let db = TestDb::migrated().await;
+    let mut c = db.client().await;
+    // Back to the core schema, as an install before the hardening migration, holding rows that
+    // migration's rules refuse: two rows sharing an id, a biz-id with a line break.
+    tidings_migrations::postgres::down(&mut c, 1).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO tidings.outbox (id, topic, biz_id, payload) VALUES
+           ('0190a000-0000-7000-8000-000000000001', 't', 'a', 'first'),
+           ('0190a000-0000-7000-8000-000000000001', 't', 'b', 'second'),
+           (gen_random_uuid(), 't', E'pay_1\\nX', 'poison');",
+    )
+    .await
+    .unwrap();
+    let applied = tidings_migrations::postgres::up(&mut c).await.unwrap();
+    assert_eq!(applied.len(), 1, "the hardening migration applies");
+    let rows = c
+        .query(
+            "SELECT id::text, convert_from(payload, 'UTF8') FROM tidings.outbox ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows.len(), 3, "nothing lost: {rows:?}");
+    assert_eq!(
+        rows[0].0, "0190a000-0000-7000-8000-000000000001",
+        "the oldest keeps its id"
+    );
+    assert_ne!(rows[1].0, rows[0].0, "the later one got a fresh id");
+    // New rows are held to the rules; the old poison row is left for the relay to dead-letter.
+    assert!(c
+        .batch_execute("SELECT tidings.enqueue('t', '1', biz_id => E'x\\ny')")
+        .await
+        .is_err());
+}

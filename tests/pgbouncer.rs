@@ -218,7 +218,7 @@ fn pgbouncer_config(name: &str) -> RelayConfig {
         listen: false,
         statement_cache: false,
         claim_timeout: Duration::from_secs(5),
-        publish_timeout: Duration::from_secs(3),
+        publish_timeout: Duration::from_secs(2),
         heartbeat_interval: Duration::from_millis(100),
         vacuum_every: 200,
         ..Default::default()

@@ -419,3 +419,41 @@ async fn a_row_whose_outcome_cannot_be_recorded_is_isolated_not_republished_fore
         .get(0);
     assert!(err.contains("refused by a trigger"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transient_database_error_fails_the_tick_and_never_dead_letters() {
+    let db = TestDb::migrated().await;
+    let nats = NatsServer::start().await;
+    let c = db.client().await;
+    // Recording the retry of `boom` hits a serialization failure (SQLSTATE 40001): the
+    // database's state, not the row's data. Nothing may be dead-lettered for it.
+    c.batch_execute(
+        "CREATE FUNCTION pg_temp_busy() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.biz_id = 'boom' THEN RAISE EXCEPTION 'busy' USING ERRCODE = '40001'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER busy BEFORE UPDATE ON tidings.outbox FOR EACH ROW EXECUTE FUNCTION pg_temp_busy();",
+    )
+    .await
+    .unwrap();
+    let mut msgs: Vec<Message> = (0..5).map(|i| Message::new("t", format!("{i}"))).collect();
+    msgs.push(Message::new("t", "boom").biz_id("boom"));
+    db.enqueue(msgs).await;
+    let relay = Relay::new(
+        pool(&db, 2),
+        Arc::new(FailBoom(nats_sink(&nats).await)),
+        relay_config(),
+    )
+    .unwrap();
+    assert!(relay.tick().await.is_err(), "the tick fails and rolls back");
+    assert_eq!(db.outbox_count().await, 6, "nothing recorded, nothing lost");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tidings.dead_letters").await,
+        0
+    );
+    // Once the database is fine again, the batch is recorded; the broker dropped the re-sends.
+    c.batch_execute("DROP TRIGGER busy ON tidings.outbox")
+        .await
+        .unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.delivered, r.retried, r.duplicates), (5, 1, 5), "{r:?}");
+    assert_eq!(tidings_tests::stream_len(&nats.url, "TIDINGS").await, 5);
+}

@@ -175,6 +175,17 @@ impl Grants {
             }
         }
 
+        // The pruner's policy admits every consumer's rows: a consumer role that is also the
+        // pruner would read and delete other consumers' records through it.
+        if let Some(p) = &self.pruner {
+            if consumers.iter().any(|c| &c.role == p) {
+                return Err(Error::InvalidName {
+                    what: "role name",
+                    name: p.clone(),
+                    rule: "a role cannot be both a consumer and the pruner (the pruner sees every consumer's rows); use two roles",
+                });
+            }
+        }
         let mut out = String::from(header());
         out.push_str(section("begin"));
         for r in &roles {
@@ -244,7 +255,7 @@ mod tests {
                 "card_service=card.audit".parse().unwrap(),
             ],
             relay: Some("tidings_relay".into()),
-            pruner: Some("card_service".into()),
+            pruner: Some("card_pruner".into()),
             operator: Some("ops".into()),
         };
         let sql = g.sql().unwrap();
@@ -252,8 +263,17 @@ mod tests {
         assert!(sql.contains(
             "CREATE POLICY \"consumer_card_service\" ON tidings.inbox TO \"card_service\""
         ));
-        assert!(sql.contains("CREATE POLICY \"pruner_card_service\""));
-        assert_eq!(sql.matches("REVOKE ALL ON ALL TABLES").count(), 4);
+        assert!(sql.contains("CREATE POLICY \"pruner_card_pruner\""));
+        let both = Grants {
+            pruner: Some("card_service".into()),
+            ..g
+        };
+        assert!(both
+            .sql()
+            .unwrap_err()
+            .to_string()
+            .contains("both a consumer and the pruner"));
+        assert_eq!(sql.matches("REVOKE ALL ON ALL TABLES").count(), 5);
         assert!(
             !sql[header().len()..].contains('{'),
             "placeholder left: {sql}"

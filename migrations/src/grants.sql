@@ -83,7 +83,9 @@ CREATE POLICY "consumer_{name}" ON tidings.inbox_dead_letters TO {role}
 GRANT SELECT ON tidings.schema_migrations TO {role};
 GRANT SELECT, DELETE ON tidings.outbox TO {role};
 GRANT UPDATE (attempts, last_error, last_attempt_at, deliver_at, first_due_at) ON tidings.outbox TO {role};
-GRANT SELECT, INSERT, UPDATE ON tidings.dead_letters TO {role};
+GRANT SELECT, INSERT ON tidings.dead_letters TO {role};
+-- A message that dies again replaces its dead-letter row's bookkeeping, never its content.
+GRANT UPDATE (attempts, last_error, reason, dead_at) ON tidings.dead_letters TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON tidings.relays TO {role};
 
 --- section: pruner

@@ -24,8 +24,8 @@ pub struct RelayConfig {
     /// is idle (or a statement that runs) longer than this, releasing its rows to other relays.
     /// Bounds failover of a hung relay. Defaults to 15 seconds.
     pub claim_timeout: Duration,
-    /// Longest wait for one broker acknowledgement; must be at least 1 second below
-    /// `claim_timeout`. Messages of one key go one after another; a batch stops starting new
+    /// Longest wait for one broker acknowledgement (and for the broker health check after a
+    /// batch that failed as a whole); at most (`claim_timeout` - 1 second) / 2. Messages of one key go one after another; a batch stops starting new
     /// ones in time to finish inside `claim_timeout`.
     /// Defaults to 5 seconds.
     pub publish_timeout: Duration,
@@ -110,11 +110,13 @@ impl RelayConfig {
         {
             return bad("claim_timeout must be between 1 second and 1 hour");
         }
+        // A batch's publishes and, after a batch that failed as a whole, a health check of the
+        // broker (each bounded by the publish timeout) must end inside the claim.
         if self.publish_timeout.is_zero()
-            || self.publish_timeout + crate::relay::CLAIM_MARGIN > self.claim_timeout
+            || self.publish_timeout * 2 + crate::relay::CLAIM_MARGIN > self.claim_timeout
         {
             return bad(
-                "publish_timeout must be greater than 0 and less than claim_timeout (by at least 1 second)",
+                "publish_timeout must be greater than 0 and at most (claim_timeout - 1 second) / 2: a batch's publishes and a broker health check must both fit in the claim",
             );
         }
         if !(1..=10_000).contains(&self.max_attempts) {

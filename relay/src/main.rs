@@ -9,6 +9,20 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// `println!` that does not panic when stdout is closed (`tidings dlq list | head -1`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that does not panic when stdout is closed.
+macro_rules! out_raw {
+    ($($t:tt)*) => {{
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[path = "bin_support/db.rs"]
 mod db;
 use db::Db;
@@ -409,7 +423,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Migrate {
             action: MigrateAction::Sql,
         } => {
-            print!("{}", tidings_migrations::script());
+            out_raw!("{}", tidings_migrations::script());
             Ok(())
         }
         Command::Grants(a) => {
@@ -428,7 +442,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             {
                 return Err(usage("name at least one role (--producer, --consumer, --relay, --pruner, --operator)"));
             }
-            print!("{}", grants.sql().map_err(|e| usage(e.to_string()))?);
+            out_raw!("{}", grants.sql().map_err(|e| usage(e.to_string()))?);
             Ok(())
         }
         Command::Migrate { action } => pg?.admin(async |c| migrate(c, action).await).await,
@@ -456,7 +470,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 tidings_migrations::postgres::ensure_current(client).await?;
                 let n =
                     tidings_inbox::prune(client, consumer.as_deref(), older_than, batch).await?;
-                println!("pruned {n} inbox records older than {older_than:?}");
+                out!("pruned {n} inbox records older than {older_than:?}");
                 Ok(())
             })
             .await
@@ -473,10 +487,10 @@ async fn migrate(
         MigrateAction::Up => {
             let done = m::up(client).await?;
             for mig in &done {
-                println!("applied {} {}", mig.version, mig.name);
+                out!("applied {} {}", mig.version, mig.name);
             }
             if done.is_empty() {
-                println!("schema is current; nothing to apply");
+                out!("schema is current; nothing to apply");
             }
         }
         MigrateAction::Down { steps, all, force } => {
@@ -485,10 +499,10 @@ async fn migrate(
             }
             let done = m::down(client, if all { usize::MAX } else { steps }).await?;
             for mig in &done {
-                println!("reverted {} {}", mig.version, mig.name);
+                out!("reverted {} {}", mig.version, mig.name);
             }
             if done.is_empty() {
-                println!("nothing to revert");
+                out!("nothing to revert");
             }
         }
         MigrateAction::Status => {
@@ -501,10 +515,10 @@ async fn migrate(
                         format!("applied {t}, but CHANGED since (checksum mismatch)")
                     }
                 };
-                println!("{} {:<24} {state}", mig.version, mig.name);
+                out!("{} {:<24} {state}", mig.version, mig.name);
             }
             for v in &s.unknown {
-                println!("{v} (unknown to this build: applied by a newer tidings)");
+                out!("{v} (unknown to this build: applied by a newer tidings)");
             }
         }
         MigrateAction::Sql => unreachable!("handled without a database"),
@@ -526,10 +540,12 @@ async fn guard_down(client: &tokio_postgres::Client) -> Result<(), Failure> {
             "SELECT CASE WHEN to_regclass('tidings.{table}') IS NULL THEN 0 \
              ELSE (SELECT count(*) FROM (SELECT 1 FROM tidings.{table} LIMIT 1000000) t) END"
         );
-        let n: i64 = match client.query_one(&sql, &[]).await {
-            Ok(row) => row.get(0),
-            Err(_) => 0, // no schema at all: nothing to lose
-        };
+        // to_regclass makes a missing table count 0; any other failure stops the revert.
+        let n: i64 = client
+            .query_typed(&sql, &[])
+            .await?
+            .first()
+            .map_or(Ok(0), |row| row.try_get(0))?;
         if n > 0 {
             held.push(format!("{n} {what}"));
         }
@@ -547,24 +563,24 @@ async fn status(client: &tokio_postgres::Client, json: bool) -> Result<(), Failu
     tidings_migrations::postgres::ensure_current(client).await?;
     let s = tidings_relay::status(client).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
         return Ok(());
     }
-    println!("backlog:          {}", s.backlog);
-    println!("ready now:        {}", s.ready);
-    println!("retrying:         {}", s.retrying);
+    out!("backlog:          {}", s.backlog);
+    out!("ready now:        {}", s.ready);
+    out!("retrying:         {}", s.retrying);
     match s.oldest_ready_age_secs {
-        Some(a) => println!("oldest due age:   {a:.1}s (since first due)"),
-        None => println!("oldest due age:   -"),
+        Some(a) => out!("oldest due age:   {a:.1}s (since first due)"),
+        None => out!("oldest due age:   -"),
     }
-    println!("dead letters:     {}", s.dead_letters);
+    out!("dead letters:     {}", s.dead_letters);
     let alive = s.relays.iter().filter(|r| r.alive).count();
-    println!(
+    out!(
         "relays:           {alive} alive, {} dead",
         s.relays.len() - alive
     );
     for r in &s.relays {
-        println!(
+        out!(
             "  {} {} ({} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}, broker duplicates {}",
             if r.alive { "alive" } else { "DEAD " },
             shown(&r.name), shown(&r.host), r.pid, shown(&r.sink), r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered, r.duplicates
@@ -601,7 +617,7 @@ async fn dlq(client: &tokio_postgres::Client, action: DlqAction) -> Result<(), F
     match action {
         DlqAction::List { limit } => {
             for d in tidings_relay::dlq_list(client, limit).await? {
-                println!(
+                out!(
                     "{} {} key={} biz_id={} attempts={} {} at {}: {}",
                     d.id,
                     shown(&d.topic),
@@ -617,12 +633,12 @@ async fn dlq(client: &tokio_postgres::Client, action: DlqAction) -> Result<(), F
         DlqAction::Replay { ids, all } => {
             let ids = pick(&ids, all)?;
             let n = tidings_relay::dlq_replay(client, ids.as_deref()).await?;
-            println!("replayed {n} messages");
+            out!("replayed {n} messages");
         }
         DlqAction::Purge { ids, all } => {
             let ids = pick(&ids, all)?;
             let n = tidings_relay::dlq_purge(client, ids.as_deref()).await?;
-            println!("purged {n} messages");
+            out!("purged {n} messages");
         }
     }
     Ok(())

@@ -30,6 +30,9 @@ const VACUUM: &str = "VACUUM (SKIP_LOCKED) tidings.outbox";
 /// may_vacuum: whether the relay's role owns the outbox (or is a superuser).
 const MAY_VACUUM: &str = "SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
      OR pg_has_role(current_user, c.relowner, 'MEMBER') FROM pg_class c WHERE c.oid = 'tidings.outbox'::regclass";
+/// How long a row whose outcome the database refuses to record (and to dead-letter) is left
+/// alone by this relay before it is tried again.
+const QUARANTINE: Duration = Duration::from_secs(300);
 /// The longest a relay waits for its VACUUM of the outbox (client side).
 const VACUUM_LIMIT: Duration = Duration::from_secs(600);
 /// The longest a stopping relay waits to remove its row from `tidings.relays`.
@@ -43,6 +46,7 @@ const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
 /// without losing the claim (see `record_outcomes`).
 const SAVEPOINT: &str = "SAVEPOINT tidings_finish";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT tidings_finish";
+const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT tidings_finish";
 
 /// Every statement the relay runs, for a test that prepares them against a migrated database.
 pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER, MAY_VACUUM];
@@ -96,6 +100,9 @@ struct State {
     unavailable_since_log: Option<Instant>,
     /// Ticks run so far.
     ticks: u64,
+    /// Rows whose outcome could neither be recorded nor dead-lettered, by seq, with when: not
+    /// published again for `QUARANTINE`, so that such a row is not re-sent every busy tick.
+    quarantine: std::collections::HashMap<i64, Instant>,
 }
 
 /// Delivers committed outbox rows to a [`Sink`], at least once.
@@ -156,6 +163,7 @@ impl Relay {
                 unavailable_streak: 0,
                 unavailable_since_log: None,
                 ticks: 0,
+                quarantine: std::collections::HashMap::new(),
             }),
         })
     }
@@ -291,10 +299,22 @@ impl Relay {
                     pause
                 }
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+            // Long pauses (broker outage, database errors, a long poll interval) are cut into
+            // heartbeat intervals, so that `tidings status` never shows a live relay as dead.
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                let step = until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(self.config.heartbeat_interval);
+                let woke = tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = wake.notified() => true,
+                    _ = tokio::time::sleep(step) => false,
+                };
+                if woke || tokio::time::Instant::now() >= until {
+                    break;
+                }
+                self.heartbeat_if_due().await;
             }
         }
         listener_stop.cancel();
@@ -413,7 +433,17 @@ impl Relay {
             batch.push(env);
             invalid.push(bad);
         }
-        let mut outcomes = self.publish_all(&batch, &invalid).await;
+        let hold: Vec<bool> = match self.state.lock() {
+            Ok(mut s) => {
+                s.quarantine.retain(|_, since| since.elapsed() < QUARANTINE);
+                batch
+                    .iter()
+                    .map(|m| s.quarantine.contains_key(&m.seq))
+                    .collect()
+            }
+            Err(_) => vec![false; batch.len()],
+        };
+        let mut outcomes = self.publish_all(&batch, &invalid, &hold).await;
         self.check_outage(&mut outcomes, claim_deadline).await;
 
         let mut rec = Outcomes::default();
@@ -459,9 +489,9 @@ impl Relay {
         }
         report.delivered = rec.delivered.len();
         if !rec.delivered.is_empty() || !rec.failed.is_empty() {
-            let isolated = self.record_outcomes(&tx, &finish, &rec).await?;
-            for seq in &isolated {
-                // It was counted delivered or retried above; it is a dead letter now.
+            let recorded = self.record_outcomes(&tx, &finish, &rec).await?;
+            // Those rows were counted as delivered, retried or dead above; correct that.
+            let uncount = |report: &mut TickReport, seq: &i64| {
                 if rec.delivered.contains(seq) {
                     report.delivered -= 1;
                 } else if let Some(i) = rec.failed.iter().position(|s| s == seq) {
@@ -471,8 +501,22 @@ impl Relay {
                         report.dead_lettered -= 1;
                     }
                 }
+            };
+            for seq in &recorded.isolated {
+                uncount(&mut report, seq);
                 report.dead_lettered += 1;
                 report.isolated += 1;
+            }
+            for seq in &recorded.left {
+                uncount(&mut report, seq);
+                report.released += 1;
+            }
+            if !recorded.left.is_empty() {
+                if let Ok(mut s) = self.state.lock() {
+                    for seq in &recorded.left {
+                        s.quarantine.insert(*seq, Instant::now());
+                    }
+                }
             }
         }
         // If this commit is lost (crash, network), the rows stay and are published again later
@@ -487,20 +531,30 @@ impl Relay {
         Ok(report)
     }
 
-    /// When every message the batch tried failed retryably and none got through, asks the
-    /// broker whether it works at all (`Sink::check`, bounded by the publish timeout and the
-    /// time left in the claim). If it does not, the failures are the outage's, not the
-    /// messages': they become `Unavailable` (released, no attempt counted, the relay backs
-    /// off). A frozen or full broker therefore never burns attempts or dead-letters messages.
+    /// Decides whether the batch's failures are the messages' or the broker's. If something got
+    /// through, a message the broker refused as "unavailable" (e.g. no responders for one
+    /// subject) failed on its own account. Then, if any message failed retryably, the broker
+    /// is asked whether it works at all (`Sink::check`, one round trip, bounded by the publish
+    /// timeout and the time left in the claim). If it does not, the failures are the outage's
+    /// (a broker that froze or filled up, also in the middle of this batch): they become
+    /// `Unavailable` (released, no attempt counted, the relay backs off). A frozen or full
+    /// broker therefore never burns attempts or dead-letters messages.
     async fn check_outage(&self, outcomes: &mut [Outcome], claim_deadline: Instant) {
-        let mut failed = 0;
-        for o in outcomes.iter() {
-            match o {
-                Outcome::Delivered { .. } => return,
-                Outcome::Failed(SinkError::Retryable(_)) => failed += 1,
-                Outcome::Failed(_) | Outcome::Skipped => {}
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Delivered { .. }))
+        {
+            for o in outcomes.iter_mut() {
+                if let Outcome::Failed(SinkError::Unavailable(e)) = o {
+                    let cause = format!("refused while the broker accepted others: {e}");
+                    *o = Outcome::Failed(SinkError::Retryable(cause.into()));
+                }
             }
         }
+        let failed = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Failed(SinkError::Retryable(_))))
+            .count();
         if failed == 0 {
             return;
         }
@@ -533,13 +587,13 @@ impl Relay {
         tx: &tokio_postgres::Transaction<'_>,
         finish: &Stmt,
         rec: &Outcomes,
-    ) -> Result<Vec<i64>, Error> {
-        let Err(err) = finish_step(tx, finish, rec).await? else {
-            return Ok(Vec::new());
+    ) -> Result<Recorded, Error> {
+        let mut recorded = Recorded::default();
+        let Err(err) = finish_step(tx, finish, rec, false).await? else {
+            return Ok(recorded);
         };
         tracing::warn!(error = %crate::ErrorChain(&err), rows = rec.delivered.len() + rec.failed.len(),
             "the database refused the batch's outcome; recording its rows one by one");
-        let mut isolated = Vec::new();
         let rows = (0..rec.delivered.len())
             .map(|i| rec.one_delivered(i))
             .chain((0..rec.failed.len()).map(|i| rec.one_failed(i)));
@@ -550,7 +604,9 @@ impl Relay {
                 .or(one.failed.first())
                 .copied()
                 .unwrap_or(0);
-            let Err(e) = finish_step(tx, finish, &one).await? else {
+            // Each step releases its savepoint: a batch recorded row by row must not pile up
+            // hundreds of open subtransactions.
+            let Err(e) = finish_step(tx, finish, &one, true).await? else {
                 continue;
             };
             let id = rec.ids.get(&seq).map(|i| i.to_string());
@@ -565,21 +621,23 @@ impl Relay {
                 dead: vec![Some("permanent")],
                 ..Default::default()
             };
-            match finish_step(tx, finish, &bury).await? {
+            match finish_step(tx, finish, &bury, true).await? {
                 Ok(()) => {
                     tracing::error!(id, seq, error = %crate::ErrorChain(&e),
                         "message isolated: its outcome could not be recorded; dead-lettered alone");
-                    isolated.push(seq);
+                    recorded.isolated.push(seq);
                 }
                 Err(e2) => {
                     // Not even the dead-letter store takes it: leave the row as it was (it is
-                    // tried again with a later batch) but let the rest of this batch commit.
+                    // tried again with a later batch, not before its key's next claim) but let
+                    // the rest of this batch commit.
                     tracing::error!(id, seq, error = %crate::ErrorChain(&e2),
                         "message isolated but could not be dead-lettered either; left in the outbox");
+                    recorded.left.push(seq);
                 }
             }
         }
-        Ok(isolated)
+        Ok(recorded)
     }
 
     /// Publishes a batch concurrently: messages without a key all at once, messages of one key
@@ -587,15 +645,20 @@ impl Relay {
     ///
     /// The whole phase must end well inside the claim timeout, or PostgreSQL would end the
     /// claim while this relay still publishes and another relay would take the same rows. So
-    /// a chain starts its next message only while one more publish (bounded by
-    /// `publish_timeout`) still ends a second before the claim timeout; later messages of the
-    /// chain are skipped and stay for the next batch.
-    async fn publish_all(&self, batch: &[Envelope], invalid: &[Option<String>]) -> Vec<Outcome> {
+    /// a chain starts its next message only while one more publish and a broker health check
+    /// (each bounded by `publish_timeout`) still end a second before the claim timeout; later
+    /// messages of the chain are skipped and stay for the next batch.
+    async fn publish_all(
+        &self,
+        batch: &[Envelope],
+        invalid: &[Option<String>],
+        hold: &[bool],
+    ) -> Vec<Outcome> {
         let last_start = Instant::now()
             + self
                 .config
                 .claim_timeout
-                .saturating_sub(self.config.publish_timeout + CLAIM_MARGIN);
+                .saturating_sub(self.config.publish_timeout * 2 + CLAIM_MARGIN);
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut by_key: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, m) in batch.iter().enumerate() {
@@ -617,7 +680,7 @@ impl Relay {
                 // The first message of every chain always goes (validated: publish_timeout +
                 // CLAIM_MARGIN <= claim_timeout).
                 let out_of_time = n > 0 && Instant::now() > last_start;
-                let outcome = if failed || out_of_time {
+                let outcome = if failed || out_of_time || hold[i] {
                     Outcome::Skipped
                 } else if let Some(why) = &invalid[i] {
                     Outcome::Failed(SinkError::Permanent(why.clone().into()))
@@ -703,6 +766,20 @@ impl Relay {
             s.counters.duplicates += r.duplicates as i64;
             s.last_heartbeat
                 .is_none_or(|t| t.elapsed() >= self.config.heartbeat_interval)
+        };
+        if due {
+            if let Err(e) = self.heartbeat().await {
+                tracing::warn!(error = %crate::ErrorChain(&e), "relay heartbeat failed");
+            }
+        }
+    }
+
+    async fn heartbeat_if_due(&self) {
+        let due = match self.state.lock() {
+            Ok(s) => s
+                .last_heartbeat
+                .is_none_or(|t| t.elapsed() >= self.config.heartbeat_interval),
+            Err(_) => false,
         };
         if due {
             if let Err(e) = self.heartbeat().await {
@@ -835,6 +912,15 @@ impl Stmt {
     }
 }
 
+/// What recording a batch's outcome row by row did.
+#[derive(Default)]
+struct Recorded {
+    /// Dead-lettered alone because their outcome could not be recorded.
+    isolated: Vec<i64>,
+    /// Neither recorded nor dead-lettered: left untouched in the outbox.
+    left: Vec<i64>,
+}
+
 /// A batch's outcome, as the finish statement binds it.
 #[derive(Default)]
 struct Outcomes {
@@ -872,6 +958,7 @@ async fn finish_step(
     tx: &tokio_postgres::Transaction<'_>,
     finish: &Stmt,
     rec: &Outcomes,
+    release: bool,
 ) -> Result<Result<(), tokio_postgres::Error>, Error> {
     let params: [(&(dyn ToSql + Sync), Type); 5] = [
         (&rec.delivered, Type::INT8_ARRAY),
@@ -883,13 +970,29 @@ async fn finish_step(
     let (sp, done) = tokio::join!(tx.batch_execute(SAVEPOINT), finish.query(tx, &params));
     sp?;
     match done {
-        Ok(_) => Ok(Ok(())),
-        Err(e) if e.as_db_error().is_some() => {
+        Ok(_) => {
+            if release {
+                tx.batch_execute(RELEASE_SAVEPOINT).await?;
+            }
+            Ok(Ok(()))
+        }
+        // Only a refusal caused by the rows' data is a row's problem. A timeout, a deadlock, a
+        // serialization failure, a full disk or a missing privilege is the database's: the tick
+        // fails, the claim rolls back, and the batch is tried again later (nothing is counted).
+        Err(e) if e.code().is_some_and(|c| is_data_error(c.code())) => {
             tx.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
             Ok(Err(e))
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// SQLSTATEs that blame the data of a statement, not the database's state: cardinality
+/// violations (21, e.g. ON CONFLICT touching a row twice), data exceptions (22, e.g. numeric
+/// overflow), integrity constraint violations (23) and errors raised by PL/pgSQL (P0, e.g. a
+/// trigger's RAISE).
+fn is_data_error(code: &str) -> bool {
+    ["21", "22", "23", "P0"].iter().any(|c| code.starts_with(c))
 }
 
 /// Reads one claimed row. A row the schema's rules would refuse today (written before them, or

@@ -77,7 +77,15 @@ ALTER TABLE tidings.outbox ADD CONSTRAINT attempts_between_0_and_1000000
 
 -- The message id is the broker's dedup id and the dead-letter store's key: one row per id.
 -- (A relay that met two rows with one id could not record their outcome.) UUIDv7 ids are
--- time-ordered, so this index grows at its right edge.
+-- time-ordered, so this index grows at its right edge. Rows already sharing an id (written
+-- before this rule) would make the index build fail, and with it the upgrade meant to rescue
+-- such a database: every row but the oldest of an id gets a fresh id first (they are distinct
+-- messages that happened to share one; the broker would otherwise have dropped all but one).
+-- The build holds a SHARE lock on the outbox: producers wait for it (about a second per
+-- million rows here); migrate while the backlog is small.
+UPDATE tidings.outbox o
+   SET id = tidings.uuid_v7()
+ WHERE EXISTS (SELECT 1 FROM tidings.outbox p WHERE p.id = o.id AND p.seq < o.seq);
 CREATE UNIQUE INDEX outbox_id_key ON tidings.outbox (id);
 
 -- When the message first became due, set by the relay at its first failed attempt (deliver_at

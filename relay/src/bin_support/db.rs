@@ -10,7 +10,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
-use tidings_relay::{redact_url, ErrorChain, Relay};
+use tidings_relay::{ErrorChain, Relay};
 use tokio::time::Instant;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -93,7 +93,11 @@ impl Db {
             return Err(usage("--db-timeout must be greater than 0"));
         }
         let invalid = |e: &dyn std::fmt::Display| {
-            usage(format!("invalid database URL {}: {e}", redact_url(url)))
+            // Never the URL itself, not even redacted: a password may hold a comma, a quote or
+            // a space that defeats redaction of a string that does not parse.
+            usage(format!(
+                "invalid database URL (--database-url / DATABASE_URL): {e}"
+            ))
         };
         let (rest, params) = split_conninfo(url).map_err(|e| invalid(&e))?;
         let mut config = rest

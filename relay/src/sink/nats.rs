@@ -33,7 +33,7 @@ pub enum StreamSetup {
 }
 
 /// NATS JetStream sink settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NatsSinkConfig {
     /// Server URL(s), comma-separated (`nats://`, `tls://`, or `host:port`); `user:password@` or
     /// `token@` in the URLs are taken out and sent as the connection's credentials (the same
@@ -58,6 +58,26 @@ pub struct NatsSinkConfig {
     pub tls_client_cert: Option<(PathBuf, PathBuf)>,
     /// NATS credentials file (JWT + nkey). Defaults to none.
     pub credentials_file: Option<PathBuf>,
+}
+
+/// Shows the servers without their credentials (the URL may carry a password or token).
+impl std::fmt::Debug for NatsSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers = parse_servers(&self.url)
+            .map(|s| s.addrs.join(","))
+            .unwrap_or_else(|_| "<invalid>".into());
+        f.debug_struct("NatsSinkConfig")
+            .field("url", &servers)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("stream", &self.stream)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("credentials_file", &self.credentials_file)
+            .finish()
+    }
 }
 
 impl Default for NatsSinkConfig {
@@ -136,10 +156,12 @@ fn parse_servers(urls: &str) -> Result<Servers, Error> {
         } else {
             format!("nats://{part}")
         };
+        // Errors never show the URL, not even redacted: a password may hold a comma (which
+        // splits it here) or other characters that defeat redaction. Percent-encode them.
         let mut url = url::Url::parse(&with_scheme).map_err(|e| {
             config_err(format!(
-                "--nats-url: {} is not a server URL: {e}",
-                crate::redact_url(&with_scheme)
+                "--nats-url: server {} of the list is not a server URL ({e}); percent-encode special characters in credentials",
+                i + 1
             ))
         })?;
         if !matches!(url.scheme(), "nats" | "tls" | "ws" | "wss") {
@@ -323,10 +345,14 @@ fn classify(e: jetstream::context::PublishError) -> SinkError {
         }
         _ => {}
     }
-    let code = std::error::Error::source(&e)
-        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-        .map(|j| j.error_code());
-    match code {
+    let api = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+    // "maximum messages per subject exceeded" (a per-subject limit with discard new) concerns
+    // this message's subject, not the stream: retryable, and counted.
+    if api.is_some_and(|j| j.to_string().contains("per subject")) {
+        return SinkError::Retryable(Box::new(e));
+    }
+    match api.map(|j| j.error_code()) {
         // The stream refuses this message's size for good (max_msg_size, header limit).
         Some(
             ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
@@ -446,6 +472,13 @@ mod tests {
         let e = parse_servers("http://u:pw@a").unwrap_err().to_string();
         assert!(e.contains("--nats-url") && !e.contains("pw"), "{e}");
         assert!(parse_servers("a,,b").is_err());
+        let e = parse_servers("nats://u:pa,ss@h").unwrap_err().to_string();
+        assert!(!e.contains("u:pa") && e.contains("percent-encode"), "{e}");
         assert!(format!("{:?}", Auth::Token("t0k".into())).contains("***"));
+        let c = NatsSinkConfig {
+            url: "nats://u:hunter2@h:4222".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
     }
 }

@@ -36,7 +36,7 @@ buried AS (
 ),
 retried AS (
     UPDATE tidings.outbox o
-       SET attempts = least(o.attempts + 1, 1000000),
+       SET attempts = least(greatest(o.attempts, 0), 999999) + 1,
            first_due_at = coalesce(o.first_due_at, o.deliver_at),
            last_error = f.error,
            last_attempt_at = clock_timestamp(),
