@@ -991,3 +991,210 @@ async fn status_counts_age_from_first_due_and_shows_dead_relays() {
         "{by_name:?}"
     );
 }
+
+/// A sink for the contract tests: answers each message with `answer`, records the size of every
+/// `publish_batch` call, and counts `close` calls.
+struct Contract {
+    answer: Box<dyn Fn(&Envelope) -> Result<Delivery, SinkError> + Send + Sync>,
+    in_flight: bool,
+    rounds: std::sync::Mutex<Vec<usize>>,
+    closed: AtomicUsize,
+}
+
+impl Contract {
+    fn new(
+        in_flight: bool,
+        answer: impl Fn(&Envelope) -> Result<Delivery, SinkError> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Contract {
+            answer: Box::new(answer),
+            in_flight,
+            rounds: Default::default(),
+            closed: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Sink for Contract {
+    fn name(&self) -> &'static str {
+        "contract"
+    }
+    fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        Box::pin(async move { (self.answer)(msg) })
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        msgs: &'a [&'a Envelope],
+    ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
+        self.rounds.lock().unwrap().push(msgs.len());
+        Box::pin(async move { msgs.iter().map(|m| (self.answer)(m)).collect() })
+    }
+    fn capabilities(&self) -> tidings_relay::Capabilities {
+        tidings_relay::Capabilities {
+            ordered_in_flight: self.in_flight,
+            ..Default::default()
+        }
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_goes_one_at_a_time_unless_the_sink_keeps_order_in_flight() {
+    for (in_flight, rounds) in [(false, vec![2, 1, 1, 1, 1]), (true, vec![6])] {
+        let db = TestDb::migrated().await;
+        let mut msgs: Vec<Message> = (0..5)
+            .map(|i| Message::new("t", format!("{i}")).key("k"))
+            .collect();
+        msgs.push(Message::new("t", "unkeyed"));
+        db.enqueue(msgs).await;
+        let sink = Contract::new(in_flight, |_| Ok(Delivery::default()));
+        let config = RelayConfig {
+            claim_timeout: Duration::from_secs(10),
+            ..fast_config()
+        };
+        let relay = Relay::new(pool(&db, 2), sink.clone(), config).unwrap();
+        let r = relay.tick().await.unwrap();
+        assert_eq!(r.delivered, 6, "{r:?}");
+        assert_eq!(
+            *sink.rounds.lock().unwrap(),
+            rounds,
+            "in_flight = {in_flight}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_hint_becomes_the_rows_next_attempt_time() {
+    let db = TestDb::migrated().await;
+    db.enqueue(vec![Message::new("t", "throttled")]).await;
+    let sink = Contract::new(false, |_| {
+        Err(SinkError::RetryAfter(
+            Duration::from_secs(45),
+            "429 Too Many Requests".into(),
+        ))
+    });
+    let relay = Relay::new(
+        pool(&db, 2),
+        sink,
+        RelayConfig {
+            backoff_max: Duration::from_secs(60),
+            ..fast_config()
+        },
+    )
+    .unwrap();
+    assert_eq!(relay.tick().await.unwrap().retried, 1);
+    let wait: f64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM deliver_at - now())::float8 FROM tidings.outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (43.0..=46.0).contains(&wait),
+        "next attempt in {wait} s, not 45"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_that_panics_on_one_message_fails_only_that_message() {
+    let db = TestDb::migrated().await;
+    db.enqueue(
+        (0..5)
+            .map(|i| Message::new("t", format!("{i}")).biz_id(format!("b{i}")))
+            .collect(),
+    )
+    .await;
+    let sink = Contract::new(false, |m| {
+        if m.biz_id.as_deref() == Some("b3") {
+            panic!("client library assertion");
+        }
+        Ok(Delivery::default())
+    });
+    let relay = Relay::new(pool(&db, 2), sink, fast_config()).unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.delivered, r.dead_lettered), (4, 1), "{r:?}");
+    let d = &tidings_relay::dlq_list(&db.client().await, 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (d.biz_id.as_deref(), d.reason.as_str()),
+        (Some("b3"), "permanent")
+    );
+    assert!(d.last_error.contains("panicked"), "{}", d.last_error);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_abandons_a_batch_that_outlives_the_deadline_and_closes_the_sink() {
+    struct Stuck(Arc<Contract>);
+    impl Sink for Stuck {
+        fn name(&self) -> &'static str {
+            "stuck"
+        }
+        fn publish<'a>(&'a self, _: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+            Box::pin(std::future::pending())
+        }
+        fn close(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+            self.0.close()
+        }
+    }
+    let db = TestDb::migrated().await;
+    db.enqueue(vec![Message::new("t", "x")]).await;
+    let closes = Contract::new(false, |_| Ok(Delivery::default()));
+    let relay = Arc::new(
+        Relay::new(
+            pool(&db, 2),
+            Arc::new(Stuck(closes.clone())),
+            RelayConfig {
+                claim_timeout: Duration::from_secs(30),
+                publish_timeout: Duration::from_secs(10),
+                shutdown_timeout: Duration::from_millis(500),
+                listen: false,
+                ..fast_config()
+            },
+        )
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    eventually(
+        "the batch to be in flight",
+        Duration::from_secs(10),
+        || async { relay.ticks() > 0 },
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    stop.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns after the shutdown deadline")
+        .unwrap();
+    assert!(
+        matches!(result, Err(tidings_relay::Error::ShutdownTimeout(_))),
+        "{result:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        closes.closed.load(Ordering::SeqCst),
+        1,
+        "the sink was closed"
+    );
+    assert_eq!(
+        db.outbox_count().await,
+        1,
+        "the abandoned row is still there"
+    );
+}

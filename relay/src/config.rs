@@ -59,6 +59,10 @@ pub struct RelayConfig {
     /// each time). LISTEN does not work through such a pooler either: set `listen` to false
     /// too, or give [`crate::Relay::with_listener`] a direct connection. Defaults to true.
     pub statement_cache: bool,
+    /// After shutdown is requested, how long [`crate::Relay::run`] lets the batch in flight
+    /// finish before abandoning it (its rows are released and delivered again later).
+    /// Defaults to 20 seconds.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -79,6 +83,7 @@ impl Default for RelayConfig {
             heartbeat_interval: Duration::from_secs(5),
             vacuum_every: 20_000,
             statement_cache: true,
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -136,6 +141,9 @@ impl RelayConfig {
         }
         if self.unavailable_backoff_max.is_zero() || self.heartbeat_interval.is_zero() {
             return bad("unavailable_backoff_max and heartbeat_interval must be greater than 0");
+        }
+        if self.shutdown_timeout.is_zero() || self.shutdown_timeout > Duration::from_secs(3600) {
+            return bad("shutdown_timeout must be between 0 and 1 hour");
         }
         if self.name.is_empty() {
             return bad("name must not be empty");

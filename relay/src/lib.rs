@@ -39,6 +39,10 @@ pub enum Error {
     /// proxy, lost network); the relay logs it and tries again.
     #[error("the database did not answer within {0:?}")]
     DatabaseTimeout(std::time::Duration),
+    /// The batch in flight at shutdown did not finish within the shutdown timeout and was
+    /// abandoned (its rows are released, nothing is lost).
+    #[error("in-flight work did not finish within {0:?}")]
+    ShutdownTimeout(std::time::Duration),
 }
 
 /// Displays an error with its whole source chain, for log lines.

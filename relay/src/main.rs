@@ -660,6 +660,7 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
         backoff_max: args.backoff_max,
         heartbeat_interval: args.heartbeat_interval,
         vacuum_every: args.vacuum_every,
+        shutdown_timeout: args.shutdown_timeout,
         ..Default::default()
     };
     if let Some(name) = args.name {
@@ -723,16 +724,14 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
         tracing::info!("shutdown requested: finishing the batch in flight");
         signals.cancel();
     });
-    let run = relay.run(shutdown.clone());
-    tokio::pin!(run);
-    tokio::select! {
-        r = &mut run => r.map_err(Failure::from),
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(args.shutdown_timeout).await } => {
-            // Rows of an unfinished batch are released when the process exits and its
-            // connections close; they are delivered again later (the broker drops duplicates).
-            Err(Failure { code: 1, message: format!("in-flight work did not finish within {:?}", args.shutdown_timeout) })
-        }
-    }
+    // The run loop owns the shutdown deadline (--shutdown-timeout).
+    relay.run(shutdown).await.map_err(|e| match e {
+        tidings_relay::Error::ShutdownTimeout(d) => Failure {
+            code: 1,
+            message: format!("in-flight work did not finish within {d:?} (--shutdown-timeout)"),
+        },
+        other => Failure::from(other),
+    })
 }
 
 /// Names the flags in a library config error: `claim_timeout` becomes `--claim-timeout`.
@@ -750,6 +749,7 @@ fn flagify(message: &str) -> String {
         ("backoff_base", "--backoff-base"),
         ("max_attempts", "--max-attempts"),
         ("vacuum_every", "--vacuum-every"),
+        ("shutdown_timeout", "--shutdown-timeout"),
         ("backoff_max", "--backoff-max"),
         ("batch_size", "--batch-size"),
     ];

@@ -256,8 +256,23 @@ impl Relay {
             listen = listener.is_some(), "relay started");
         let mut db_errors = 0u32;
         let mut last_traffic = Instant::now() - BUSY_LINGER;
+        // After shutdown is requested, the batch in flight gets `shutdown_timeout` to finish;
+        // then it is abandoned: dropping it rolls its claim back, and its rows are released
+        // (delivered again later; the broker drops what it already has).
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.config.shutdown_timeout).await;
+        };
+        tokio::pin!(deadline);
+        let mut abandoned = false;
         while !shutdown.is_cancelled() {
-            let tick = self.tick().await;
+            let tick = tokio::select! {
+                t = self.tick() => t,
+                _ = &mut deadline => {
+                    abandoned = true;
+                    break;
+                }
+            };
             if tick.is_ok() {
                 self.maybe_vacuum().await;
             }
@@ -331,6 +346,16 @@ impl Relay {
                 Ok(())
             })
             .await;
+        match tokio::time::timeout(self.config.publish_timeout, self.sink.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the sink failed"),
+            Err(_) => tracing::warn!("the sink did not close within the publish timeout"),
+        }
+        if abandoned {
+            tracing::warn!(relay = %self.config.name, timeout = ?self.config.shutdown_timeout,
+                "the batch in flight did not finish in time and was abandoned; its rows are released");
+            return Err(Error::ShutdownTimeout(self.config.shutdown_timeout));
+        }
         tracing::info!(relay = %self.config.name, "relay stopped");
         Ok(())
     }
@@ -468,7 +493,13 @@ impl Relay {
                         _ if attempt >= self.config.max_attempts => Some("max_attempts"),
                         _ => None,
                     };
-                    let backoff = self.config.backoff(attempt);
+                    let backoff = match &e {
+                        // The broker said when; capped, so the dedup window check still holds.
+                        SinkError::RetryAfter(after, _) => {
+                            (*after).clamp(Duration::from_millis(1), self.config.backoff_max)
+                        }
+                        _ => self.config.backoff(attempt),
+                    };
                     if dead.is_some() {
                         report.dead_lettered += 1;
                         tracing::warn!(id = %msg.id, topic = %msg.topic, attempt, error = %e, reason = dead, "message dead-lettered");
@@ -553,7 +584,12 @@ impl Relay {
         }
         let failed = outcomes
             .iter()
-            .filter(|o| matches!(o, Outcome::Failed(SinkError::Retryable(_))))
+            .filter(|o| {
+                matches!(
+                    o,
+                    Outcome::Failed(SinkError::Retryable(_) | SinkError::RetryAfter(_, _))
+                )
+            })
             .count();
         if failed == 0 {
             return;
@@ -568,7 +604,8 @@ impl Relay {
             Err(_) => format!("the broker did not answer a health check within {limit:?}"),
         };
         for o in outcomes.iter_mut() {
-            if let Outcome::Failed(SinkError::Retryable(e)) = o {
+            if let Outcome::Failed(e @ (SinkError::Retryable(_) | SinkError::RetryAfter(_, _))) = o
+            {
                 let cause = format!("{verdict} (after: {e})");
                 *o = Outcome::Failed(SinkError::Unavailable(cause.into()));
             }
@@ -673,67 +710,133 @@ impl Relay {
                 },
             }
         }
-        let results = futures::future::join_all(chains.into_iter().map(|chain| async move {
-            let mut out = Vec::with_capacity(chain.len());
-            let mut failed = false;
-            for (n, i) in chain.into_iter().enumerate() {
-                // The first message of every chain always goes (validated: publish_timeout +
-                // CLAIM_MARGIN <= claim_timeout).
-                let out_of_time = n > 0 && Instant::now() > last_start;
-                let outcome = if failed || out_of_time || hold[i] {
-                    Outcome::Skipped
-                } else if let Some(why) = &invalid[i] {
-                    Outcome::Failed(SinkError::Permanent(why.clone().into()))
-                } else {
-                    self.publish_one(&batch[i]).await
-                };
-                failed |= !matches!(outcome, Outcome::Delivered { .. });
-                out.push((i, outcome));
-            }
-            out
-        }))
-        .await;
+        let in_flight = self.sink.capabilities().ordered_in_flight;
         let mut outcomes: Vec<Option<Outcome>> = (0..batch.len()).map(|_| None).collect();
-        for (i, o) in results.into_iter().flatten() {
-            outcomes[i] = Some(o);
+        // Next position in each chain; a chain ends at its first message that is not delivered
+        // (the rest of the key waits for the next batch).
+        let mut pos = vec![0usize; chains.len()];
+        let mut open = vec![true; chains.len()];
+        loop {
+            // One round: the next message of every open chain (or, for a broker that keeps a
+            // key's order with several in flight, the whole rest of each chain), published
+            // together. The first round always goes (validated: 2 x publish_timeout +
+            // CLAIM_MARGIN <= claim_timeout); later rounds only while there is time.
+            let late = Instant::now() > last_start;
+            let mut round: Vec<usize> = Vec::new();
+            let mut round_chain: Vec<usize> = Vec::new();
+            for (c, chain) in chains.iter().enumerate() {
+                if !open[c] {
+                    continue;
+                }
+                if pos[c] > 0 && late {
+                    open[c] = false;
+                    continue;
+                }
+                let take = if in_flight { chain.len() - pos[c] } else { 1 };
+                for &i in &chain[pos[c]..pos[c] + take] {
+                    if hold[i] {
+                        open[c] = false;
+                        break;
+                    }
+                    if let Some(why) = &invalid[i] {
+                        outcomes[i] =
+                            Some(Outcome::Failed(SinkError::Permanent(why.clone().into())));
+                        open[c] = false;
+                        break;
+                    }
+                    round.push(i);
+                    round_chain.push(c);
+                }
+            }
+            if round.is_empty() {
+                break;
+            }
+            let results = self.publish_round(batch, &round).await;
+            for ((i, c), outcome) in round.into_iter().zip(round_chain).zip(results) {
+                if open[c] {
+                    pos[c] += 1;
+                }
+                if !matches!(outcome, Outcome::Delivered { .. }) {
+                    open[c] = false;
+                }
+                outcomes[i] = Some(outcome);
+            }
+            for (c, chain) in chains.iter().enumerate() {
+                if pos[c] >= chain.len() {
+                    open[c] = false;
+                }
+            }
         }
-        // Every index belongs to exactly one chain, so every slot is filled.
+        // Whatever a chain did not get to stays for the next batch.
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or(Outcome::Skipped))
             .collect()
     }
 
+    /// Publishes one round through `Sink::publish_batch`, bounded by the publish timeout. A
+    /// panic inside the sink (a client library's assertion) is narrowed down by publishing the
+    /// round's messages one by one, so that only the message that causes it fails, for good.
+    async fn publish_round(&self, batch: &[Envelope], round: &[usize]) -> Vec<Outcome> {
+        let msgs: Vec<&Envelope> = round.iter().map(|&i| &batch[i]).collect();
+        let publish = std::panic::AssertUnwindSafe(self.sink.publish_batch(&msgs)).catch_unwind();
+        match tokio::time::timeout(self.config.publish_timeout, publish).await {
+            Ok(Ok(results)) => {
+                let mut results = results.into_iter();
+                (0..msgs.len())
+                    .map(|_| match results.next() {
+                        Some(Ok(d)) => Outcome::Delivered {
+                            duplicate: d.duplicate,
+                        },
+                        Some(Err(e)) => Outcome::Failed(e),
+                        None => Outcome::Failed(SinkError::Retryable(
+                            "the sink returned fewer results than messages".into(),
+                        )),
+                    })
+                    .collect()
+            }
+            Ok(Err(_)) if msgs.len() > 1 => {
+                futures::future::join_all(msgs.iter().map(|m| self.publish_one(m))).await
+            }
+            Ok(Err(panic)) => vec![self.panicked(panic)],
+            Err(_) => (0..msgs.len()).map(|_| self.no_ack()).collect(),
+        }
+    }
+
+    fn no_ack(&self) -> Outcome {
+        Outcome::Failed(SinkError::Retryable(
+            format!(
+                "no acknowledgement within {:?}",
+                self.config.publish_timeout
+            )
+            .into(),
+        ))
+    }
+
+    fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> Outcome {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Outcome::Failed(SinkError::Permanent(
+            format!(
+                "the {} sink panicked on this message: {what}",
+                self.sink.name()
+            )
+            .into(),
+        ))
+    }
+
     async fn publish_one(&self, msg: &Envelope) -> Outcome {
-        // A sink that panics on a message (a client library's assertion) fails that message
-        // for good instead of taking the relay down.
         let publish = std::panic::AssertUnwindSafe(self.sink.publish(msg)).catch_unwind();
         match tokio::time::timeout(self.config.publish_timeout, publish).await {
             Ok(Ok(Ok(d))) => Outcome::Delivered {
                 duplicate: d.duplicate,
             },
             Ok(Ok(Err(e))) => Outcome::Failed(e),
-            Ok(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
-                Outcome::Failed(SinkError::Permanent(
-                    format!(
-                        "the {} sink panicked on this message: {what}",
-                        self.sink.name()
-                    )
-                    .into(),
-                ))
-            }
-            Err(_) => Outcome::Failed(SinkError::Retryable(
-                format!(
-                    "no acknowledgement within {:?}",
-                    self.config.publish_timeout
-                )
-                .into(),
-            )),
+            Ok(Err(panic)) => self.panicked(panic),
+            Err(_) => self.no_ack(),
         }
     }
 

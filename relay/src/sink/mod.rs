@@ -85,15 +85,23 @@ pub enum SinkError {
     /// The broker as a whole is unreachable or misconfigured: the message is released untouched
     /// (no attempt counted) and the relay backs off before claiming again.
     Unavailable(Box<dyn std::error::Error + Send + Sync>),
+    /// Like `Retryable`, with the broker's own word on when to try again (HTTP `Retry-After`,
+    /// back-pressure): the relay stores it as the row's next attempt time (capped by the
+    /// relay's longest backoff, which the dedup window was checked against).
+    RetryAfter(
+        std::time::Duration,
+        Box<dyn std::error::Error + Send + Sync>,
+    ),
 }
 
 impl SinkError {
     /// The cause.
     pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         match self {
-            SinkError::Retryable(e) | SinkError::Permanent(e) | SinkError::Unavailable(e) => {
-                e.as_ref()
-            }
+            SinkError::Retryable(e)
+            | SinkError::Permanent(e)
+            | SinkError::Unavailable(e)
+            | SinkError::RetryAfter(_, e) => e.as_ref(),
         }
     }
 }
@@ -104,6 +112,7 @@ impl fmt::Display for SinkError {
             SinkError::Retryable(_) => "retryable",
             SinkError::Permanent(_) => "permanent",
             SinkError::Unavailable(_) => "broker unavailable",
+            SinkError::RetryAfter(_, _) => "retry later",
         };
         // The whole source chain, so what is stored as last_error keeps the cause.
         write!(f, "{class}: {}", self.cause())?;
@@ -133,6 +142,11 @@ pub struct Capabilities {
     pub dedup_window: Option<Duration>,
     /// Largest message (payload and headers) the broker accepts, when known.
     pub max_message_bytes: Option<usize>,
+    /// Several messages of one ordering key may be in flight at once without losing their
+    /// order, also when one fails (Kafka's idempotent producer: a failure fails the ones behind
+    /// it). The relay then hands a key's whole chain to [`Sink::publish_batch`] at once;
+    /// otherwise it sends a key's messages one at a time, each after the previous one's ack.
+    pub ordered_in_flight: bool,
 }
 
 /// A broker the relay publishes to. Implementations must be safe to call concurrently: the relay
@@ -147,9 +161,28 @@ pub trait Sink: Send + Sync + 'static {
     /// must come back as [`SinkError::Permanent`], never as a panic.
     fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>>;
 
+    /// Publishes several messages and waits for all their acknowledgements; one result per
+    /// message, in order. The relay calls it with the messages it may send at once (one per key,
+    /// or whole key chains when `ordered_in_flight`). Defaults to calling [`Sink::publish`] for
+    /// all of them concurrently; brokers that pipeline or batch (Kafka, Redis) override it.
+    fn publish_batch<'a>(
+        &'a self,
+        msgs: &'a [&'a Envelope],
+    ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
+        Box::pin(futures::future::join_all(
+            msgs.iter().map(|m| self.publish(m)),
+        ))
+    }
+
     /// What the broker can do. Defaults to promising nothing.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+    }
+
+    /// Flushes what the client still buffers and closes, at shutdown (the relay bounds it with
+    /// the publish timeout). Defaults to nothing to do.
+    fn close(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// Asks the broker whether it works as a whole (a round trip to the server, no message).

@@ -317,6 +317,9 @@ impl NatsSink {
         let capabilities = Capabilities {
             dedup_window: Some(info.config.duplicate_window),
             max_message_bytes: Some(stream_max.map_or(server_max, |m| m.min(server_max))),
+            // A publish that fails (e.g. its ack times out) does not fail the ones sent after
+            // it, so a key's messages go one at a time.
+            ordered_in_flight: false,
         };
         Ok(NatsSink {
             client,
@@ -426,6 +429,17 @@ impl Sink for NatsSink {
 
     fn capabilities(&self) -> Capabilities {
         self.capabilities.clone()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            // Writes out whatever the client still buffers; every publish the relay counted
+            // was acknowledged already, so this only matters for abandoned ones.
+            self.client
+                .flush()
+                .await
+                .map_err(|e| SinkError::Unavailable(Box::new(e)))
+        })
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
