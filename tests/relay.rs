@@ -994,8 +994,10 @@ async fn status_counts_age_from_first_due_and_shows_dead_relays() {
 
 /// A sink for the contract tests: answers each message with `answer`, records the size of every
 /// `publish_batch` call, and counts `close` calls.
+type Answer = Box<dyn Fn(&Envelope) -> Result<Delivery, SinkError> + Send + Sync>;
+
 struct Contract {
-    answer: Box<dyn Fn(&Envelope) -> Result<Delivery, SinkError> + Send + Sync>,
+    answer: Answer,
     in_flight: bool,
     rounds: std::sync::Mutex<Vec<usize>>,
     closed: AtomicUsize,

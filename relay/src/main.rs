@@ -4,7 +4,6 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -26,7 +25,7 @@ macro_rules! out_raw {
 #[path = "bin_support/db.rs"]
 mod db;
 use db::Db;
-use tidings_relay::{sink, ErrorChain, Relay, RelayConfig};
+use tidings_relay::{parse_duration, sink, ErrorChain, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -212,19 +211,11 @@ enum DlqAction {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum SinkKind {
-    /// JSON lines on standard output.
-    Stdout,
-    /// NATS JetStream.
-    Nats,
-}
-
 #[derive(clap::Args)]
 struct RelayArgs {
-    /// Where to deliver messages.
-    #[arg(long, env = "TIDINGS_SINK", value_enum, default_value_t = SinkKind::Stdout)]
-    sink: SinkKind,
+    /// Where to deliver messages, and each sink's own flags (behind its cargo feature).
+    #[command(flatten)]
+    sink: sink::SinkArgs,
     /// Instance name shown in `tidings status` [default: <host>-<pid>].
     #[arg(long, env = "TIDINGS_RELAY_NAME")]
     name: Option<String>,
@@ -273,82 +264,10 @@ struct RelayArgs {
     /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     shutdown_timeout: Duration,
-    /// NATS server URL(s), comma-separated; credentials in the URL are never logged.
-    #[arg(
-        long,
-        env = "TIDINGS_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        hide_env_values = true
-    )]
-    nats_url: String,
-    /// Subject prefix: topic `t` is published on `<prefix>.t`.
-    #[arg(long, env = "TIDINGS_NATS_SUBJECT_PREFIX", default_value = "tidings")]
-    nats_subject_prefix: String,
-    /// Stream to create when none captures `<prefix>.>` (with --nats-create-stream).
-    #[arg(long, env = "TIDINGS_NATS_STREAM", default_value = "TIDINGS")]
-    nats_stream: String,
-    /// Create the stream if missing (true), or require an existing one and fail clearly (false).
-    #[arg(long, env = "TIDINGS_NATS_CREATE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
-    nats_create_stream: bool,
-    /// Duplicate window of a created stream: re-sends within it are dropped by message id. An
-    /// existing stream keeps its own; either way it must outlast --claim-timeout +
-    /// --publish-timeout + --backoff-max (checked at start-up).
-    #[arg(long, env = "TIDINGS_NATS_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
-    nats_duplicate_window: Duration,
-    /// Require TLS to NATS.
-    #[arg(long, env = "TIDINGS_NATS_TLS")]
-    nats_tls: bool,
-    /// Extra CA certificate (PEM) for NATS TLS.
-    #[arg(long, env = "TIDINGS_NATS_TLS_CA")]
-    nats_tls_ca: Option<std::path::PathBuf>,
-    /// NATS credentials file (JWT + nkey).
-    #[arg(long, env = "TIDINGS_NATS_CREDS")]
-    nats_creds: Option<std::path::PathBuf>,
-}
-
-/// JetStream stream names: no whitespace, `.`, `*`, `>`, path separators or control characters.
-fn check_stream_name(name: &str) -> Result<(), Failure> {
-    let bad = name.is_empty()
-        || name.len() > 255
-        || name
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c));
-    if bad {
-        return Err(usage(format!(
-            "--nats-stream {:?} is not a JetStream stream name (1-255 characters, none of whitespace . * > / \\)",
-            shown(name)
-        )));
-    }
-    Ok(())
 }
 
 /// `tidings inbox prune` refuses a retention below this unless --force.
 const PRUNE_FLOOR: Duration = Duration::from_secs(3600);
-
-/// Parses `250ms`, `15s`, `5m`, `1h`, `7d` (a bare number is seconds).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (use e.g. 500ms, 15s, 5m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
 
 /// An error with the exit code it maps to.
 struct Failure {
@@ -672,47 +591,19 @@ async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
     let pool = pg.pool(args.pool_size)?;
     pg.first_connection(&pool).await?;
 
-    let sink: Arc<dyn tidings_relay::Sink> = match args.sink {
-        SinkKind::Stdout => Arc::new(sink::StdoutSink::default()),
-        SinkKind::Nats => {
-            check_stream_name(&args.nats_stream)?;
-            for (flag, path) in [
-                ("--nats-tls-ca", args.nats_tls_ca.as_ref()),
-                ("--nats-creds", args.nats_creds.as_ref()),
-            ] {
-                if let Some(p) = path {
-                    std::fs::metadata(p)
-                        .map_err(|e| usage(format!("{flag}: cannot read {}: {e}", p.display())))?;
-                }
-            }
-            let cfg = sink::NatsSinkConfig {
-                url: args.nats_url,
-                subject_prefix: args.nats_subject_prefix,
-                stream: if args.nats_create_stream {
-                    sink::StreamSetup::Create {
-                        name: args.nats_stream,
-                        duplicate_window: args.nats_duplicate_window,
-                    }
-                } else {
-                    sink::StreamSetup::Existing
-                },
-                ack_timeout: args.publish_timeout,
-                tls_required: args.nats_tls,
-                tls_ca_file: args.nats_tls_ca,
-                credentials_file: args.nats_creds,
-                ..Default::default()
-            };
-            Arc::new(sink::NatsSink::connect(cfg).await.map_err(|e| match e {
-                tidings_relay::Error::Config(m) => usage(m),
-                other => Failure::from(other),
-            })?)
-        }
-    };
-    let is_nats = args.sink == SinkKind::Nats;
+    let dedup_hint = args.sink.dedup_window_hint();
+    let sink = args
+        .sink
+        .connect(args.publish_timeout)
+        .await
+        .map_err(|e| match e {
+            tidings_relay::Error::Config(m) => usage(m),
+            other => Failure::from(other),
+        })?;
     let relay = pg.with_listener(Relay::new(pool, sink, config).map_err(|e| {
         let mut m = flagify(&e.to_string());
-        if is_nats && m.contains("dedup window") {
-            m.push_str(" (--nats-duplicate-window sets it for a stream tidings creates; an existing stream keeps its own duplicate_window)");
+        if let Some(hint) = dedup_hint.filter(|_| m.contains("dedup window")) {
+            m.push_str(&format!(" ({hint})"));
         }
         usage(m)
     })?);

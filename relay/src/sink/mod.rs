@@ -15,8 +15,60 @@ mod nats;
 mod stdout;
 
 #[cfg(feature = "nats")]
-pub use nats::{NatsSink, NatsSinkConfig, StreamSetup};
+pub use nats::{NatsArgs, NatsSink, NatsSinkConfig, StreamSetup};
 pub use stdout::StdoutSink;
+
+/// The sinks this build has (each behind its cargo feature; stdout always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    /// JSON lines on standard output.
+    Stdout,
+    /// NATS JetStream (feature `nats`).
+    #[cfg(feature = "nats")]
+    Nats,
+}
+
+/// The `--sink` choice and every sink's own flags and environment variables, for the
+/// `tidings relay` command line. A new broker adds its `Args` group here, behind its feature.
+#[derive(clap::Args)]
+pub struct SinkArgs {
+    /// Where to deliver messages.
+    #[arg(long, env = "TIDINGS_SINK", value_enum, default_value_t = SinkKind::Stdout)]
+    pub sink: SinkKind,
+    /// NATS JetStream sink settings.
+    #[cfg(feature = "nats")]
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+impl SinkArgs {
+    /// Builds the chosen sink; `publish_timeout` bounds its acknowledgements. Configuration
+    /// errors are `Error::Config` naming the flag.
+    pub async fn connect(
+        self,
+        publish_timeout: std::time::Duration,
+    ) -> Result<std::sync::Arc<dyn Sink>, crate::Error> {
+        // Without any broker feature, only stdout exists and `publish_timeout` is unused.
+        let _ = publish_timeout;
+        Ok(match self.sink {
+            SinkKind::Stdout => std::sync::Arc::new(StdoutSink::default()),
+            #[cfg(feature = "nats")]
+            SinkKind::Nats => std::sync::Arc::new(self.nats.connect(publish_timeout).await?),
+        })
+    }
+
+    /// Which flag sets the chosen broker's dedup window, for the start-up error when it is too
+    /// short.
+    pub fn dedup_window_hint(&self) -> Option<&'static str> {
+        match self.sink {
+            SinkKind::Stdout => None,
+            #[cfg(feature = "nats")]
+            SinkKind::Nats => Some(
+                "--nats-duplicate-window sets it for a stream tidings creates; an existing stream keeps its own duplicate_window",
+            ),
+        }
+    }
+}
 
 /// One outbox row on its way to a broker.
 #[derive(Debug, Clone, PartialEq)]

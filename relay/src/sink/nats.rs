@@ -99,6 +99,89 @@ impl Default for NatsSinkConfig {
     }
 }
 
+/// The NATS sink's flags and environment variables (`tidings relay --sink nats`).
+#[derive(clap::Args)]
+#[command(next_help_heading = "NATS JetStream sink (--sink nats)")]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated; credentials in the URL are never logged.
+    #[arg(
+        long,
+        env = "TIDINGS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
+    pub nats_url: String,
+    /// Subject prefix: topic `t` is published on `<prefix>.t`.
+    #[arg(long, env = "TIDINGS_NATS_SUBJECT_PREFIX", default_value = "tidings")]
+    pub nats_subject_prefix: String,
+    /// Stream to create when none captures `<prefix>.>` (with --nats-create-stream).
+    #[arg(long, env = "TIDINGS_NATS_STREAM", default_value = "TIDINGS")]
+    pub nats_stream: String,
+    /// Create the stream if missing (true), or require an existing one and fail clearly (false).
+    #[arg(long, env = "TIDINGS_NATS_CREATE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nats_create_stream: bool,
+    /// Duplicate window of a created stream: re-sends within it are dropped by message id. An
+    /// existing stream keeps its own; either way it must outlast --claim-timeout +
+    /// --publish-timeout + --backoff-max (checked at start-up).
+    #[arg(long, env = "TIDINGS_NATS_DUPLICATE_WINDOW", value_parser = crate::parse_duration, default_value = "2m")]
+    pub nats_duplicate_window: Duration,
+    /// Require TLS to NATS.
+    #[arg(long, env = "TIDINGS_NATS_TLS")]
+    pub nats_tls: bool,
+    /// Extra CA certificate (PEM) for NATS TLS.
+    #[arg(long, env = "TIDINGS_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// NATS credentials file (JWT + nkey).
+    #[arg(long, env = "TIDINGS_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+}
+
+impl NatsArgs {
+    /// Checks the flags and connects (see [`NatsSink::connect`]); publishes wait
+    /// `ack_timeout` for their PubAck.
+    pub async fn connect(self, ack_timeout: Duration) -> Result<NatsSink, Error> {
+        let name = &self.nats_stream;
+        if name.is_empty()
+            || name.len() > 255
+            || name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c))
+        {
+            return Err(config_err(format!(
+                "--nats-stream {:?} is not a JetStream stream name (1-255 characters, none of whitespace . * > / \\)",
+                name.escape_debug().to_string()
+            )));
+        }
+        for (flag, path) in [
+            ("--nats-tls-ca", self.nats_tls_ca.as_ref()),
+            ("--nats-creds", self.nats_creds.as_ref()),
+        ] {
+            if let Some(p) = path {
+                std::fs::metadata(p)
+                    .map_err(|e| config_err(format!("{flag}: cannot read {}: {e}", p.display())))?;
+            }
+        }
+        NatsSink::connect(NatsSinkConfig {
+            url: self.nats_url,
+            subject_prefix: self.nats_subject_prefix,
+            stream: if self.nats_create_stream {
+                StreamSetup::Create {
+                    name: self.nats_stream,
+                    duplicate_window: self.nats_duplicate_window,
+                }
+            } else {
+                StreamSetup::Existing
+            },
+            ack_timeout,
+            tls_required: self.nats_tls,
+            tls_ca_file: self.nats_tls_ca,
+            credentials_file: self.nats_creds,
+            ..Default::default()
+        })
+        .await
+    }
+}
+
 /// Publishes to NATS JetStream.
 pub struct NatsSink {
     client: async_nats::Client,
