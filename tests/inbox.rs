@@ -332,19 +332,21 @@ impl Handler for IssueCard {
 
 fn envelope(biz: &str) -> Envelope {
     Envelope {
-        id: MessageId::from_uuid(uuid::Uuid::now_v7()),
         seq: 0,
-        topic: "payment.succeeded".into(),
-        key: None,
-        biz_id: Some(biz.into()),
-        payload: bytes::Bytes::from_static(b"{}"),
-        headers: [(
-            "traceparent".to_owned(),
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
-        )]
-        .into(),
-        created_at: chrono::Utc::now(),
-        attempts: 0,
+        message: tidings_outbox::WireMessage {
+            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            topic: "payment.succeeded".into(),
+            key: None,
+            biz_id: Some(biz.into()),
+            payload: bytes::Bytes::from_static(b"{}"),
+            headers: [(
+                "traceparent".to_owned(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            )]
+            .into(),
+            created_at: Some(chrono::Utc::now()),
+            attempts: 0,
+        },
     }
 }
 
@@ -363,7 +365,10 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
         let e = envelope(&format!("pay_{i}"));
         sink.publish(&e).await.unwrap();
         sink.publish(&Envelope {
-            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            message: tidings_outbox::WireMessage {
+                id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+                ..e.message.clone()
+            },
             ..e
         })
         .await

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tidings_outbox::MessageId;
+use tidings_outbox::{MessageId, WireMessage};
 use tidings_relay::sink::{NatsSink, NatsSinkConfig, StdoutSink};
 use tidings_relay::{Envelope, Sink, SinkError};
 use tidings_tests::NatsServer;
@@ -24,15 +24,20 @@ type Received = (String, BTreeMap<String, String>, Vec<u8>);
 
 fn envelope(i: i64, key: Option<&str>) -> Envelope {
     Envelope {
-        id: MessageId::from_uuid(uuid::Uuid::now_v7()),
         seq: i,
-        topic: "conformance.test".into(),
-        key: key.map(str::to_owned),
-        biz_id: Some(format!("biz-{i}")),
-        payload: Bytes::from(format!("{{\"n\":{i}}}")),
-        headers: BTreeMap::from([("traceparent".to_owned(), format!("00-{i:032x}-{i:016x}-01"))]),
-        created_at: chrono::Utc::now(),
-        attempts: 0,
+        message: WireMessage {
+            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            topic: "conformance.test".into(),
+            key: key.map(str::to_owned),
+            biz_id: Some(format!("biz-{i}")),
+            payload: Bytes::from(format!("{{\"n\":{i}}}")),
+            headers: BTreeMap::from([(
+                "traceparent".to_owned(),
+                format!("00-{i:032x}-{i:016x}-01"),
+            )]),
+            created_at: Some(chrono::Utc::now()),
+            attempts: 0,
+        },
     }
 }
 

@@ -106,15 +106,20 @@ async fn drain_relay(
 async fn publish_raw(sink: &NatsSink, n: usize, batch: usize) -> Result<f64, BoxError> {
     let msgs: Vec<Envelope> = (0..n)
         .map(|i| Envelope {
-            id: tidings_outbox::MessageId::from_uuid(uuid::Uuid::now_v7()),
             seq: i as i64,
-            topic: "drain".into(),
-            key: None,
-            biz_id: Some(format!("b{i}")),
-            payload: bytes::Bytes::from(format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(80))),
-            headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
-            created_at: chrono::Utc::now(),
-            attempts: 0,
+            message: tidings_outbox::WireMessage {
+                id: tidings_outbox::MessageId::from_uuid(uuid::Uuid::now_v7()),
+                topic: "drain".into(),
+                key: None,
+                biz_id: Some(format!("b{i}")),
+                payload: bytes::Bytes::from(format!(
+                    "{{\"n\":{i},\"pad\":\"{}\"}}",
+                    "x".repeat(80)
+                )),
+                headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
+                created_at: Some(chrono::Utc::now()),
+                attempts: 0,
+            },
         })
         .collect();
     let started = Instant::now();

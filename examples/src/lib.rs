@@ -90,7 +90,7 @@ impl Handler for IssueCard {
         Box::pin(async move {
             tx.execute(
                 "INSERT INTO absorbed (message_id) VALUES ($1)",
-                &[&msg.message_id.as_uuid()],
+                &[&msg.id.as_uuid()],
             )
             .await?;
             Ok(())

@@ -260,10 +260,7 @@ async fn run() -> Result<bool, BoxError> {
             let pg: &mut tokio_postgres::Client = &mut pg;
             let tx = pg.transaction().await?;
             if inbox
-                .record_pg(
-                    &tx,
-                    &DedupKey::for_message(d.biz_id.as_deref(), d.message_id),
-                )
+                .record_pg(&tx, &DedupKey::for_message(d.biz_id.as_deref(), d.id))
                 .await?
                 == Recorded::First
             {

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tidings_outbox::{envelope, MessageId};
+use tidings_outbox::{envelope, MessageId, WireMessage};
 use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -18,25 +17,24 @@ use tracing::Instrument;
 use crate::postgres::map_err;
 use crate::{DedupKey, Error, Inbox, Recorded};
 
-/// A message as the handler sees it.
+/// A message as the handler sees it: the message decoded from the wire format every sink
+/// writes ([`WireMessage`]; `Nats-Msg-Id` stands in for a missing `Tidings-Message-Id`), plus
+/// what NATS says about this delivery. Derefs to the message (`d.id`, `d.biz_id`, ...).
 #[derive(Debug, Clone)]
 pub struct Delivered {
-    /// The producer's message id (`Tidings-Message-Id`, else `Nats-Msg-Id`).
-    pub message_id: MessageId,
-    /// The producer's biz-id, if any.
-    pub biz_id: Option<String>,
-    /// The ordering key, if any.
-    pub key: Option<String>,
-    /// The producer's topic (`Tidings-Topic`), else the subject.
-    pub topic: String,
+    /// The message.
+    pub message: WireMessage,
     /// The NATS subject.
     pub subject: String,
-    /// All headers (first value of each).
-    pub headers: BTreeMap<String, String>,
-    /// Payload bytes.
-    pub payload: Bytes,
     /// Which delivery this is (1 = first).
     pub delivery: i64,
+}
+
+impl std::ops::Deref for Delivered {
+    type Target = WireMessage;
+    fn deref(&self) -> &WireMessage {
+        &self.message
+    }
 }
 
 /// A handler failure: the transaction is rolled back and the message retried (nak with delay)
@@ -272,7 +270,7 @@ impl NatsConsumer {
         let mut parts = traceparent.split('-');
         let (trace_id, parent_id) = (parts.nth(1).unwrap_or(""), parts.next().unwrap_or(""));
         let span = tracing::info_span!("tidings_consume", consumer = %self.config.name,
-            message_id = %delivered.message_id, biz_id = delivered.biz_id.as_deref().unwrap_or(""),
+            message_id = %delivered.id, biz_id = delivered.biz_id.as_deref().unwrap_or(""),
             delivery = delivered.delivery, trace_id, parent_span_id = parent_id);
         #[cfg(feature = "opentelemetry")]
         set_remote_parent(&span, &traceparent);
@@ -318,7 +316,7 @@ impl NatsConsumer {
             .map_err(|e| Error::Database(Box::new(e)))?;
         let client: &mut tokio_postgres::Client = &mut obj;
         let tx = client.transaction().await.map_err(map_err)?;
-        let key = DedupKey::for_message(d.biz_id.as_deref(), d.message_id);
+        let key = DedupKey::for_message(d.biz_id.as_deref(), d.id);
         match self.inbox.record_pg(&tx, &key).await? {
             Recorded::Duplicate => {
                 if let Err(e) = self.handler.duplicate(&tx, d).await {
@@ -384,7 +382,7 @@ impl NatsConsumer {
                     PARK,
                     &[
                         &self.config.name,
-                        &d.message_id.as_uuid(),
+                        &d.id.as_uuid(),
                         &d.biz_id,
                         &d.topic,
                         &d.payload.to_vec(),
@@ -422,13 +420,17 @@ impl Delivered {
     /// A message without a usable id, under a fresh one, so it can be parked.
     fn unidentified(msg: &jetstream::Message) -> Delivered {
         Delivered {
-            message_id: MessageId::from_uuid(uuid::Uuid::now_v7()),
-            biz_id: None,
-            key: None,
-            topic: msg.subject.to_string(),
+            message: WireMessage {
+                id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+                topic: msg.subject.to_string(),
+                key: None,
+                biz_id: None,
+                headers: headers_of(msg),
+                payload: msg.payload.clone(),
+                created_at: None,
+                attempts: 0,
+            },
             subject: msg.subject.to_string(),
-            headers: headers_of(msg),
-            payload: msg.payload.clone(),
             delivery: msg.info().map(|i| i.delivered).unwrap_or(1),
         }
     }
@@ -442,25 +444,30 @@ fn headers_of(msg: &jetstream::Message) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// JetStream's own dedup id header: the message id when `Tidings-Message-Id` is missing, and
+/// never one of the producer's headers.
+const NATS_MSG_ID: &str = "Nats-Msg-Id";
+
 fn parse(msg: &jetstream::Message) -> Option<Delivered> {
     let headers = headers_of(msg);
-    let id = headers
-        .get(envelope::HEADER_MESSAGE_ID)
-        .or_else(|| headers.get("Nats-Msg-Id"))?
-        .parse::<MessageId>()
-        .ok()?;
+    let nats_id = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(NATS_MSG_ID))
+        .and_then(|(_, v)| v.parse::<MessageId>().ok());
+    let message = WireMessage::decode(
+        headers
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case(NATS_MSG_ID))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+        msg.payload.clone(),
+        nats_id,
+        &msg.subject,
+    )
+    .ok()?;
     Some(Delivered {
-        message_id: id,
-        biz_id: headers.get(envelope::HEADER_BIZ_ID).cloned(),
-        key: headers.get(envelope::HEADER_KEY).cloned(),
-        topic: headers
-            .get(envelope::HEADER_TOPIC)
-            .cloned()
-            .unwrap_or_else(|| msg.subject.to_string()),
+        message,
         subject: msg.subject.to_string(),
         delivery: msg.info().map(|i| i.delivered).unwrap_or(1),
-        headers,
-        payload: msg.payload.clone(),
     })
 }
 

@@ -22,6 +22,7 @@ mod diesel_sync;
 #[cfg(feature = "tokio-postgres")]
 mod postgres;
 
+pub use envelope::{WireError, WireMessage};
 pub use error::Error;
 pub use message::{
     is_reserved_header, validate_biz_id, validate_header_pair, validate_key, validate_topic,

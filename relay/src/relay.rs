@@ -1154,15 +1154,17 @@ fn envelope_from_row(row: &tokio_postgres::Row) -> Result<(Envelope, Option<Stri
     });
     let attempts: i32 = row.try_get("attempts").unwrap_or(0).max(0);
     let env = Envelope {
-        id: MessageId::from_uuid(id),
         seq,
-        topic,
-        key,
-        biz_id,
-        payload,
-        headers,
-        created_at,
-        attempts,
+        message: tidings_outbox::WireMessage {
+            id: MessageId::from_uuid(id),
+            topic,
+            key,
+            biz_id,
+            headers,
+            payload,
+            created_at: Some(created_at),
+            attempts,
+        },
     };
     Ok((env, bad))
 }

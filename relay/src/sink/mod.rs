@@ -1,14 +1,10 @@
 //! The seam between the relay and a broker: one `publish` per message, with failure classes.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use tidings_outbox::envelope;
-use tidings_outbox::MessageId;
+use tidings_outbox::WireMessage;
 
 #[cfg(feature = "nats")]
 mod nats;
@@ -70,52 +66,35 @@ impl SinkArgs {
     }
 }
 
-/// One outbox row on its way to a broker.
+/// One outbox row on its way to a broker: its position in the outbox and the message as it
+/// goes on the wire ([`WireMessage`], the type every consumer adapter decodes too). Derefs to
+/// the message, so `envelope.id`, `envelope.topic`, ... read its fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
-    /// Internal message id; sinks send it as the broker's dedup id.
-    pub id: MessageId,
     /// Position in the outbox (database-assigned insertion order).
     pub seq: i64,
-    /// Topic the producer wrote.
-    pub topic: String,
-    /// Ordering key, if any.
-    pub key: Option<String>,
-    /// Business id, if any.
-    pub biz_id: Option<String>,
-    /// Payload bytes.
-    pub payload: Bytes,
-    /// Producer headers (string map; `traceparent` lives here).
-    pub headers: BTreeMap<String, String>,
-    /// When the producer enqueued it.
-    pub created_at: DateTime<Utc>,
-    /// Attempts already made before this one (0 on the first).
-    pub attempts: i32,
+    /// The message.
+    pub message: WireMessage,
+}
+
+impl std::ops::Deref for Envelope {
+    type Target = WireMessage;
+    fn deref(&self) -> &WireMessage {
+        &self.message
+    }
+}
+
+impl std::ops::DerefMut for Envelope {
+    fn deref_mut(&mut self) -> &mut WireMessage {
+        &mut self.message
+    }
 }
 
 impl Envelope {
-    /// Producer headers plus the `Tidings-*` headers every sink should carry.
+    /// Producer headers plus the `Tidings-*` headers every sink carries (see
+    /// [`WireMessage::encode_headers`]).
     pub fn wire_headers(&self) -> Vec<(&str, String)> {
-        let mut h: Vec<(&str, String)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.clone()))
-            .collect();
-        h.push((envelope::HEADER_MESSAGE_ID, self.id.to_string()));
-        h.push((envelope::HEADER_TOPIC, self.topic.clone()));
-        h.push((
-            envelope::HEADER_CREATED_AT,
-            self.created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        ));
-        h.push((envelope::HEADER_ATTEMPT, self.attempts.to_string()));
-        if let Some(b) = &self.biz_id {
-            h.push((envelope::HEADER_BIZ_ID, b.clone()));
-        }
-        if let Some(k) = &self.key {
-            h.push((envelope::HEADER_KEY, k.clone()));
-        }
-        h
+        self.message.encode_headers()
     }
 }
 
