@@ -185,3 +185,67 @@ async fn execute_typed(
     while stream.try_next().await?.is_some() {}
     Ok(stream.rows_affected().unwrap_or(0))
 }
+
+/// Text from the database made safe for an operator's terminal: control characters (which can
+/// clear the screen or forge lines) and bidirectional overrides (which can disguise text) are
+/// shown escaped, e.g. `\n`, `\u{1b}`.
+pub fn shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The operator's view of `tidings status`, message fields escaped.
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "backlog:          {}", self.backlog)?;
+        writeln!(f, "ready now:        {}", self.ready)?;
+        writeln!(f, "retrying:         {}", self.retrying)?;
+        match self.oldest_ready_age_secs {
+            Some(a) => writeln!(f, "oldest due age:   {a:.1}s (since first due)")?,
+            None => writeln!(f, "oldest due age:   -")?,
+        }
+        writeln!(f, "dead letters:     {}", self.dead_letters)?;
+        let alive = self.relays.iter().filter(|r| r.alive).count();
+        writeln!(
+            f,
+            "relays:           {alive} alive, {} dead",
+            self.relays.len() - alive
+        )?;
+        for r in &self.relays {
+            writeln!(
+                f,
+                "  {} {} ({} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}, broker duplicates {}",
+                if r.alive { "alive" } else { "DEAD " },
+                shown(&r.name), shown(&r.host), r.pid, shown(&r.sink), r.heartbeat_age_secs,
+                r.delivered, r.failed, r.dead_lettered, r.duplicates
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One line of `tidings dlq list`, message fields escaped.
+impl std::fmt::Display for DeadLetter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} key={} biz_id={} attempts={} {} at {}: {}",
+            self.id,
+            shown(&self.topic),
+            shown(self.key.as_deref().unwrap_or("-")),
+            shown(self.biz_id.as_deref().unwrap_or("-")),
+            self.attempts,
+            shown(&self.reason),
+            self.dead_at,
+            shown(&self.last_error)
+        )
+    }
+}

@@ -65,6 +65,91 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
 }
 
+#[derive(clap::Args)]
+/// The `tidings relay` flags and environment variables: the relay's settings, its pool and the
+/// sink with its own flags. [`RelayArgs::config`] turns them into a [`RelayConfig`].
+pub struct RelayArgs {
+    /// Where to deliver messages, and each sink's own flags (behind its cargo feature).
+    #[command(flatten)]
+    pub sink: crate::sink::SinkArgs,
+    /// Instance name shown in `tidings status` [default: <host>-<pid>].
+    #[arg(long, env = "TIDINGS_RELAY_NAME")]
+    pub name: Option<String>,
+    /// Rows claimed and published per batch.
+    #[arg(long, env = "TIDINGS_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Polling interval when no notification arrives (e.g. 500ms, 2s).
+    #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
+    pub poll_interval: Duration,
+    /// Polling interval right after a batch that found messages (while traffic flows).
+    #[arg(long, env = "TIDINGS_BUSY_POLL_INTERVAL", value_parser = parse_duration, default_value = "2ms")]
+    pub busy_poll_interval: Duration,
+    /// Do not LISTEN for producers' notifications; find work by polling only (PgBouncer in
+    /// transaction mode).
+    #[arg(long, env = "TIDINGS_NO_LISTEN")]
+    pub no_listen: bool,
+    /// The database URL goes through PgBouncer in transaction mode: no prepared statements
+    /// (every statement is sent unnamed) and no LISTEN (implies --no-listen).
+    #[arg(long, env = "TIDINGS_PGBOUNCER")]
+    pub pgbouncer: bool,
+    /// Longest a relay may hold claimed rows while silent; bounds failover of a hung relay.
+    #[arg(long, env = "TIDINGS_CLAIM_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub claim_timeout: Duration,
+    /// Longest wait for one broker acknowledgement (below --claim-timeout).
+    #[arg(long, env = "TIDINGS_PUBLISH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub publish_timeout: Duration,
+    /// Attempts before a message is dead-lettered.
+    #[arg(long, env = "TIDINGS_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: i32,
+    /// First retry backoff; doubles per attempt, with jitter.
+    #[arg(long, env = "TIDINGS_BACKOFF_BASE", value_parser = parse_duration, default_value = "1s")]
+    pub backoff_base: Duration,
+    /// Longest retry backoff; claim timeout + publish timeout + this must fit in the broker's
+    /// dedup window (checked at start-up).
+    #[arg(long, env = "TIDINGS_BACKOFF_MAX", value_parser = parse_duration, default_value = "1m")]
+    pub backoff_max: Duration,
+    /// How often the relay refreshes its row (and counters) in tidings.relays.
+    #[arg(long, env = "TIDINGS_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub heartbeat_interval: Duration,
+    /// VACUUM tidings.outbox after this many rows left it (0 = never; needs table ownership).
+    #[arg(long, env = "TIDINGS_VACUUM_EVERY", default_value_t = 20_000)]
+    pub vacuum_every: u64,
+    /// Database connections in the relay's pool (the LISTEN connection is extra).
+    #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
+    pub pool_size: usize,
+    /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    pub shutdown_timeout: Duration,
+}
+
+impl RelayArgs {
+    /// The relay settings these flags ask for (checked by `Relay::new`).
+    pub fn config(&self) -> RelayConfig {
+        let mut config = RelayConfig {
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            busy_poll_interval: self.busy_poll_interval,
+            // LISTEN through a transaction pooler registers on whichever server connection the
+            // statement lands on: notifications then go to other clients or nowhere.
+            listen: !self.no_listen && !self.pgbouncer,
+            statement_cache: !self.pgbouncer,
+            claim_timeout: self.claim_timeout,
+            publish_timeout: self.publish_timeout,
+            max_attempts: self.max_attempts,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            heartbeat_interval: self.heartbeat_interval,
+            vacuum_every: self.vacuum_every,
+            shutdown_timeout: self.shutdown_timeout,
+            ..Default::default()
+        };
+        if let Some(name) = &self.name {
+            config.name = name.clone();
+        }
+        config
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         let host = hostname();

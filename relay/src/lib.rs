@@ -8,9 +8,9 @@ mod relay;
 pub mod sink;
 
 pub use admin::{
-    dlq_list, dlq_purge, dlq_replay, status, DeadLetter, RelayInfo, Status, ADMIN_STATEMENTS,
+    dlq_list, dlq_purge, dlq_replay, shown, status, DeadLetter, RelayInfo, Status, ADMIN_STATEMENTS,
 };
-pub use config::{parse_duration, RelayConfig};
+pub use config::{parse_duration, RelayArgs, RelayConfig};
 pub use listener::CHANNEL;
 pub use relay::{Relay, TickReport, STATEMENTS};
 pub use sink::{Capabilities, Delivery, Envelope, Sink, SinkError};

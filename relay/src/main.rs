@@ -25,7 +25,7 @@ macro_rules! out_raw {
 #[path = "bin_support/db.rs"]
 mod db;
 use db::Db;
-use tidings_relay::{parse_duration, sink, ErrorChain, Relay, RelayConfig};
+use tidings_relay::{parse_duration, ErrorChain, Relay};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -89,7 +89,7 @@ enum Command {
         action: MigrateAction,
     },
     /// Run the relay: deliver committed outbox rows to a broker until SIGTERM/SIGINT.
-    Relay(Box<RelayArgs>),
+    Relay(Box<tidings_relay::RelayArgs>),
     /// Show backlog, oldest waiting message, dead letters and relay heartbeats.
     Status {
         /// Print JSON instead of text.
@@ -209,61 +209,6 @@ enum DlqAction {
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
-}
-
-#[derive(clap::Args)]
-struct RelayArgs {
-    /// Where to deliver messages, and each sink's own flags (behind its cargo feature).
-    #[command(flatten)]
-    sink: sink::SinkArgs,
-    /// Instance name shown in `tidings status` [default: <host>-<pid>].
-    #[arg(long, env = "TIDINGS_RELAY_NAME")]
-    name: Option<String>,
-    /// Rows claimed and published per batch.
-    #[arg(long, env = "TIDINGS_BATCH_SIZE", default_value_t = 500)]
-    batch_size: usize,
-    /// Polling interval when no notification arrives (e.g. 500ms, 2s).
-    #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
-    poll_interval: Duration,
-    /// Polling interval right after a batch that found messages (while traffic flows).
-    #[arg(long, env = "TIDINGS_BUSY_POLL_INTERVAL", value_parser = parse_duration, default_value = "2ms")]
-    busy_poll_interval: Duration,
-    /// Do not LISTEN for producers' notifications; find work by polling only (PgBouncer in
-    /// transaction mode).
-    #[arg(long, env = "TIDINGS_NO_LISTEN")]
-    no_listen: bool,
-    /// The database URL goes through PgBouncer in transaction mode: no prepared statements
-    /// (every statement is sent unnamed) and no LISTEN (implies --no-listen).
-    #[arg(long, env = "TIDINGS_PGBOUNCER")]
-    pgbouncer: bool,
-    /// Longest a relay may hold claimed rows while silent; bounds failover of a hung relay.
-    #[arg(long, env = "TIDINGS_CLAIM_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
-    claim_timeout: Duration,
-    /// Longest wait for one broker acknowledgement (below --claim-timeout).
-    #[arg(long, env = "TIDINGS_PUBLISH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
-    publish_timeout: Duration,
-    /// Attempts before a message is dead-lettered.
-    #[arg(long, env = "TIDINGS_MAX_ATTEMPTS", default_value_t = 10)]
-    max_attempts: i32,
-    /// First retry backoff; doubles per attempt, with jitter.
-    #[arg(long, env = "TIDINGS_BACKOFF_BASE", value_parser = parse_duration, default_value = "1s")]
-    backoff_base: Duration,
-    /// Longest retry backoff; claim timeout + publish timeout + this must fit in the broker's
-    /// dedup window (checked at start-up).
-    #[arg(long, env = "TIDINGS_BACKOFF_MAX", value_parser = parse_duration, default_value = "1m")]
-    backoff_max: Duration,
-    /// How often the relay refreshes its row (and counters) in tidings.relays.
-    #[arg(long, env = "TIDINGS_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
-    heartbeat_interval: Duration,
-    /// VACUUM tidings.outbox after this many rows left it (0 = never; needs table ownership).
-    #[arg(long, env = "TIDINGS_VACUUM_EVERY", default_value_t = 20_000)]
-    vacuum_every: u64,
-    /// Database connections in the relay's pool (the LISTEN connection is extra).
-    #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
-    pool_size: usize,
-    /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
-    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
-    shutdown_timeout: Duration,
 }
 
 /// `tidings inbox prune` refuses a retention below this unless --force.
@@ -485,43 +430,8 @@ async fn status(client: &tokio_postgres::Client, json: bool) -> Result<(), Failu
         out!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
         return Ok(());
     }
-    out!("backlog:          {}", s.backlog);
-    out!("ready now:        {}", s.ready);
-    out!("retrying:         {}", s.retrying);
-    match s.oldest_ready_age_secs {
-        Some(a) => out!("oldest due age:   {a:.1}s (since first due)"),
-        None => out!("oldest due age:   -"),
-    }
-    out!("dead letters:     {}", s.dead_letters);
-    let alive = s.relays.iter().filter(|r| r.alive).count();
-    out!(
-        "relays:           {alive} alive, {} dead",
-        s.relays.len() - alive
-    );
-    for r in &s.relays {
-        out!(
-            "  {} {} ({} pid {}, sink {}): heartbeat {:.1}s ago, delivered {}, failed {}, dead-lettered {}, broker duplicates {}",
-            if r.alive { "alive" } else { "DEAD " },
-            shown(&r.name), shown(&r.host), r.pid, shown(&r.sink), r.heartbeat_age_secs, r.delivered, r.failed, r.dead_lettered, r.duplicates
-        );
-    }
+    out_raw!("{s}");
     Ok(())
-}
-
-/// Text from the database made safe for an operator's terminal: control characters (which can
-/// clear the screen or forge lines) and bidirectional overrides (which can disguise text) are
-/// shown escaped, e.g. `\n`, `\u{1b}`.
-fn shown(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
-        if c.is_control() || bidi {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 async fn dlq(client: &tokio_postgres::Client, action: DlqAction) -> Result<(), Failure> {
@@ -536,17 +446,7 @@ async fn dlq(client: &tokio_postgres::Client, action: DlqAction) -> Result<(), F
     match action {
         DlqAction::List { limit } => {
             for d in tidings_relay::dlq_list(client, limit).await? {
-                out!(
-                    "{} {} key={} biz_id={} attempts={} {} at {}: {}",
-                    d.id,
-                    shown(&d.topic),
-                    shown(d.key.as_deref().unwrap_or("-")),
-                    shown(d.biz_id.as_deref().unwrap_or("-")),
-                    d.attempts,
-                    shown(&d.reason),
-                    d.dead_at,
-                    shown(&d.last_error)
-                );
+                out!("{d}");
             }
         }
         DlqAction::Replay { ids, all } => {
@@ -563,28 +463,8 @@ async fn dlq(client: &tokio_postgres::Client, action: DlqAction) -> Result<(), F
     Ok(())
 }
 
-async fn relay(pg: Db, args: RelayArgs) -> Result<(), Failure> {
-    let mut config = RelayConfig {
-        batch_size: args.batch_size,
-        poll_interval: args.poll_interval,
-        busy_poll_interval: args.busy_poll_interval,
-        // LISTEN through a transaction pooler registers on whichever server connection the
-        // statement lands on: notifications then go to other clients or nowhere.
-        listen: !args.no_listen && !args.pgbouncer,
-        statement_cache: !args.pgbouncer,
-        claim_timeout: args.claim_timeout,
-        publish_timeout: args.publish_timeout,
-        max_attempts: args.max_attempts,
-        backoff_base: args.backoff_base,
-        backoff_max: args.backoff_max,
-        heartbeat_interval: args.heartbeat_interval,
-        vacuum_every: args.vacuum_every,
-        shutdown_timeout: args.shutdown_timeout,
-        ..Default::default()
-    };
-    if let Some(name) = args.name {
-        config.name = name;
-    }
+async fn relay(pg: Db, args: tidings_relay::RelayArgs) -> Result<(), Failure> {
+    let config = args.config();
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
@@ -692,7 +572,7 @@ async fn wait_for_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::{flagify, shown};
+    use super::flagify;
 
     #[test]
     fn config_errors_name_flags_not_fields() {
@@ -708,8 +588,11 @@ mod tests {
 
     #[test]
     fn control_characters_are_shown_escaped() {
-        assert_eq!(shown("pay_1\u{1b}[2J\nX"), "pay_1\\u{1b}[2J\\nX");
-        assert_eq!(shown("a\u{202e}b"), "a\\u{202e}b");
-        assert_eq!(shown("plain é"), "plain é");
+        assert_eq!(
+            tidings_relay::shown("pay_1\u{1b}[2J\nX"),
+            "pay_1\\u{1b}[2J\\nX"
+        );
+        assert_eq!(tidings_relay::shown("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(tidings_relay::shown("plain é"), "plain é");
     }
 }
