@@ -4,6 +4,8 @@
 //! The server is the local one (`postgres://postgres@127.0.0.1:5432`, trust auth); set
 //! `TIDINGS_TEST_PG` to point elsewhere on 127.0.0.1.
 
+pub mod conformance;
+
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
