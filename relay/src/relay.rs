@@ -194,6 +194,13 @@ impl Relay {
         self
     }
 
+    /// The longest one database round trip of a tick may take on the client side: a third of
+    /// the claim timeout, between 1 and 10 seconds (5 s by default). A claim or finish that
+    /// takes longer is a database in trouble; the tick fails, rolls back, and is retried.
+    fn db_step_limit(&self) -> Duration {
+        (self.config.claim_timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
     /// How many ticks this relay has run (a test and metrics hook).
     pub fn ticks(&self) -> u64 {
         self.state.lock().map(|s| s.ticks).unwrap_or(0)
@@ -232,6 +239,11 @@ impl Relay {
             Err(_) => return Err(Error::DatabaseTimeout(limit)),
         };
         match tokio::time::timeout(limit, work(&mut client)).await {
+            // A step inside `work` gave up on the database: same treatment.
+            Ok(Err(Error::DatabaseTimeout(d))) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(Error::DatabaseTimeout(d))
+            }
             Ok(r) => r,
             Err(_) => {
                 drop(deadpool_postgres::Object::take(client));
@@ -418,30 +430,38 @@ impl Relay {
         // Without the cache (PgBouncer in transaction mode, where a named statement does not
         // outlive the transaction's server connection) both run as unnamed statements with
         // typed parameters: one round trip each, parsed and planned every time.
+        // Each database step is bounded on its own, so that a database that stops answering is
+        // noticed (and logged) within seconds, not only after a whole tick's allowance.
+        let step = self.db_step_limit();
         let (claim, finish) = if self.config.statement_cache {
-            let (claim, finish) = tokio::try_join!(
-                client.prepare_cached(CLAIM_BATCH),
-                client.prepare_cached(FINISH_BATCH)
-            )?;
+            let (claim, finish) = bounded_step(step, async {
+                tokio::try_join!(
+                    client.prepare_cached(CLAIM_BATCH),
+                    client.prepare_cached(FINISH_BATCH)
+                )
+            })
+            .await?;
             (Stmt::Cached(claim), Stmt::Cached(finish))
         } else {
             (Stmt::Unnamed(CLAIM_BATCH), Stmt::Unnamed(FINISH_BATCH))
         };
-        let tx = client.transaction().await?;
+        let tx = bounded_step(step, client.transaction()).await?;
         // The settings go in the same pipeline as the claim.
         let limit = self.config.batch_size as i64;
         let params: [(&(dyn ToSql + Sync), Type); 1] = [(&limit, Type::INT8)];
-        let (set, rows) =
-            tokio::join!(tx.batch_execute(&self.set_local), claim.query(&tx, &params));
-        set?;
-        let rows = rows?;
+        let rows = bounded_step(step, async {
+            let (set, rows) =
+                tokio::join!(tx.batch_execute(&self.set_local), claim.query(&tx, &params));
+            set.and(rows)
+        })
+        .await?;
         let claim_deadline = Instant::now() + self.config.claim_timeout;
         let mut report = TickReport {
             claimed: rows.len(),
             ..Default::default()
         };
         if rows.is_empty() {
-            tx.commit().await?;
+            bounded_step(step, tx.commit()).await?;
             return Ok(report);
         }
         let mut batch = Vec::with_capacity(rows.len());
@@ -520,7 +540,11 @@ impl Relay {
         }
         report.delivered = rec.delivered.len();
         if !rec.delivered.is_empty() || !rec.failed.is_empty() {
-            let recorded = self.record_outcomes(&tx, &finish, &rec).await?;
+            let recorded =
+                match tokio::time::timeout(step, self.record_outcomes(&tx, &finish, &rec)).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Error::DatabaseTimeout(step)),
+                };
             // Those rows were counted as delivered, retried or dead above; correct that.
             let uncount = |report: &mut TickReport, seq: &i64| {
                 if rec.delivered.contains(seq) {
@@ -552,7 +576,7 @@ impl Relay {
         }
         // If this commit is lost (crash, network), the rows stay and are published again later
         // with the same message id, which the broker drops as a duplicate.
-        tx.commit().await?;
+        bounded_step(step, tx.commit()).await?;
         if report.retried > 0 {
             tracing::warn!(
                 retried = report.retried,
@@ -1012,6 +1036,17 @@ impl Stmt {
             }
             Stmt::Unnamed(sql) => tx.query_typed(sql, params).await,
         }
+    }
+}
+
+/// Awaits one database step, at most `limit`.
+async fn bounded_step<T>(
+    limit: Duration,
+    step: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::DatabaseTimeout(limit)),
     }
 }
 
