@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use tidings_outbox::{Message, Outbox};
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
 use tidings_relay::{Delivery, Envelope, Relay, RelayConfig, Sink, SinkError, TickReport};
-use tidings_tests::{eventually, pool, NatsServer, TestDb};
+use tidings_tests::{drain, eventually, nats_sink, pool, NatsServer, TestDb};
 use tokio_util::sync::CancellationToken;
 
 fn fast_config() -> RelayConfig {
@@ -24,48 +24,6 @@ fn fast_config() -> RelayConfig {
         publish_timeout: Duration::from_secs(2),
         ..Default::default()
     }
-}
-
-async fn nats_sink(nats: &NatsServer) -> Arc<NatsSink> {
-    Arc::new(
-        NatsSink::connect(NatsSinkConfig {
-            url: nats.url.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
-    )
-}
-
-/// Ticks until the outbox is empty; returns the summed reports.
-async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
-    let mut total = TickReport::default();
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = relay.tick().await.unwrap();
-        add(&mut total, &r);
-        if r.claimed == 0 && db.outbox_count().await == 0 {
-            return total;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "outbox did not drain: {total:?}"
-        );
-        if r.claimed == 0 {
-            // Only rows waiting for their retry time are left: let the (millisecond) backoff pass.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-fn add(total: &mut TickReport, r: &TickReport) {
-    total.claimed += r.claimed;
-    total.delivered += r.delivered;
-    total.duplicates += r.duplicates;
-    total.retried += r.retried;
-    total.dead_lettered += r.dead_lettered;
-    total.held_back += r.held_back;
-    total.released += r.released;
 }
 
 /// Every message in the TIDINGS stream, in stream order: (message id header, key header, payload).

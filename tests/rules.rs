@@ -9,9 +9,9 @@ use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tidings_outbox::Message;
-use tidings_relay::sink::{NatsSink, NatsSinkConfig};
-use tidings_relay::{Delivery, Envelope, Relay, RelayConfig, Sink, SinkError, TickReport};
-use tidings_tests::{pool, NatsServer, TestDb};
+use tidings_relay::sink::NatsSink;
+use tidings_relay::{Delivery, Envelope, Relay, RelayConfig, Sink, SinkError};
+use tidings_tests::{drain, nats_sink, pool, NatsServer, TestDb};
 
 /// Characters that break one rule or another, mixed with ordinary ones.
 const POOL: &[char] = &[
@@ -198,45 +198,6 @@ fn relay_config() -> RelayConfig {
         publish_timeout: Duration::from_secs(2),
         max_attempts: 3,
         ..Default::default()
-    }
-}
-
-async fn nats_sink(nats: &NatsServer) -> Arc<NatsSink> {
-    Arc::new(
-        NatsSink::connect(NatsSinkConfig {
-            url: nats.url.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
-    )
-}
-
-/// Ticks until the outbox is empty (bounded); sums the reports.
-async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
-    let mut total = TickReport::default();
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = relay
-            .tick()
-            .await
-            .expect("a tick never fails on message content");
-        total.claimed += r.claimed;
-        total.delivered += r.delivered;
-        total.dead_lettered += r.dead_lettered;
-        total.isolated += r.isolated;
-        total.retried += r.retried;
-        if r.claimed == 0 && db.outbox_count().await == 0 {
-            return total;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "outbox did not drain: {total:?}"
-        );
-        if r.claimed == 0 {
-            // Only rows waiting for their (millisecond) retry time are left.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 }
 

@@ -76,6 +76,21 @@ pub struct TickReport {
     pub sink_unavailable: bool,
 }
 
+impl std::ops::AddAssign<&TickReport> for TickReport {
+    /// Sums counts (for a drain of several ticks); `sink_unavailable` if any tick had it.
+    fn add_assign(&mut self, r: &TickReport) {
+        self.claimed += r.claimed;
+        self.delivered += r.delivered;
+        self.duplicates += r.duplicates;
+        self.retried += r.retried;
+        self.dead_lettered += r.dead_lettered;
+        self.isolated += r.isolated;
+        self.held_back += r.held_back;
+        self.released += r.released;
+        self.sink_unavailable |= r.sink_unavailable;
+    }
+}
+
 type ListenerFactory =
     Box<dyn Fn(Arc<Notify>, CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>;
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use tidings_outbox::Message;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
-use tidings_relay::{Relay, RelayConfig, TickReport};
-use tidings_tests::{eventually, pool, NatsServer, TestDb};
+use tidings_relay::{Relay, RelayConfig};
+use tidings_tests::{drain, eventually, pool, NatsServer, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
@@ -39,18 +39,6 @@ async fn enqueue(db: &TestDb, n: usize, payload_len: usize) {
         })
         .collect();
     db.enqueue(msgs).await;
-}
-
-async fn drain(relay: &Relay, db: &TestDb) -> TickReport {
-    let mut total = TickReport::default();
-    let end = Instant::now() + Duration::from_secs(60);
-    while db.outbox_count().await > 0 {
-        let r = relay.tick().await.unwrap();
-        total.delivered += r.delivered;
-        total.duplicates += r.duplicates;
-        assert!(Instant::now() < end, "did not drain");
-    }
-    total
 }
 
 fn kill(child: &mut Child, signal: &str) {

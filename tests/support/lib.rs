@@ -403,3 +403,39 @@ pub async fn stream_len(url: &str, stream: &str) -> u64 {
         .state
         .messages
 }
+
+/// A NATS JetStream sink on `nats` (the default `TIDINGS` stream, created if missing).
+pub async fn nats_sink(nats: &NatsServer) -> std::sync::Arc<tidings_relay::sink::NatsSink> {
+    std::sync::Arc::new(
+        tidings_relay::sink::NatsSink::connect(tidings_relay::sink::NatsSinkConfig {
+            url: nats.url.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
+}
+
+/// Ticks `relay` until the outbox is empty (60 s deadline); returns the summed reports.
+pub async fn drain(relay: &tidings_relay::Relay, db: &TestDb) -> tidings_relay::TickReport {
+    let mut total = tidings_relay::TickReport::default();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = relay
+            .tick()
+            .await
+            .expect("a tick never fails on a working database");
+        total += &r;
+        if r.claimed == 0 && db.outbox_count().await == 0 {
+            return total;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "outbox did not drain: {total:?}"
+        );
+        if r.claimed == 0 {
+            // Only rows waiting for their (millisecond) retry time are left.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
