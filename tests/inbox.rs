@@ -602,3 +602,117 @@ async fn swallowed_sql_error_is_not_acked_as_processed_and_unidentified_messages
     );
     assert!(parked.iter().any(|e| e.contains("aborted")), "{parked:?}");
 }
+
+/// Applies `k:i` payloads in a table, in the order it runs them; fails the first attempt of
+/// every message whose index is 1 (a handler error, counted), and the first attempt of index 3
+/// with a serialization failure (transient: not counted).
+struct Ordered {
+    tried: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Handler for Ordered {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        msg: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let p = String::from_utf8(msg.payload.to_vec())?;
+            let first = self.tried.lock().unwrap().insert(p.clone());
+            if first && p.ends_with(":1") {
+                return Err("first attempt of index 1 fails".into());
+            }
+            if first && p.ends_with(":3") {
+                tx.batch_execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+                )
+                .await?;
+            }
+            tx.execute("INSERT INTO applied (payload) VALUES ($1)", &[&p])
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_applies_each_keys_messages_in_order_across_retries() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    c.batch_execute("CREATE TABLE applied (n bigserial PRIMARY KEY, payload text NOT NULL)")
+        .await
+        .unwrap();
+    let sink = NatsSink::connect(NatsSinkConfig {
+        url: nats.url.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // 4 keys x 5 messages, interleaved as a relay would publish them.
+    for i in 0..5 {
+        for k in 0..4 {
+            let mut e = envelope(&format!("pay_{k}_{i}"));
+            e.message.key = Some(format!("k{k}"));
+            e.message.payload = bytes::Bytes::from(format!("k{k}:{i}"));
+            sink.publish(&e).await.unwrap();
+        }
+    }
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let config = ConsumerConfig {
+        name: "ordered".into(),
+        filter_subject: "tidings.payment.succeeded".into(),
+        // One counted failure is allowed; the transient one must not count.
+        max_deliveries: 2,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let handler = Arc::new(Ordered {
+        tried: Default::default(),
+    });
+    let consumer = Arc::new(
+        NatsConsumer::new(pool(&db, 4), client, config, handler)
+            .await
+            .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually("all 20 applied", Duration::from_secs(30), || async {
+        consumer.stats().processed.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let applied: Vec<String> = c
+        .query("SELECT payload FROM applied ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for k in 0..4 {
+        let of_key: Vec<&String> = applied
+            .iter()
+            .filter(|p| p.starts_with(&format!("k{k}:")))
+            .collect();
+        let want: Vec<String> = (0..5).map(|i| format!("k{k}:{i}")).collect();
+        assert_eq!(
+            of_key,
+            want.iter().collect::<Vec<_>>(),
+            "key k{k} applied in order"
+        );
+    }
+    let s = consumer.stats();
+    assert_eq!(s.parked.load(Ordering::SeqCst), 0, "nothing parked");
+    assert_eq!(
+        s.failed.load(Ordering::SeqCst),
+        4,
+        "one counted failure per key (index 1); the serialization failures did not count"
+    );
+}

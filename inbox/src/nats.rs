@@ -1,15 +1,17 @@
 //! A NATS JetStream consumer that runs a handler inside the inbox transaction and acks only after
 //! that transaction commits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
 use futures::future::BoxFuture;
+use futures::future::{FutureExt, Shared};
 use futures::StreamExt;
 use tidings_outbox::{envelope, MessageId, WireMessage};
+use tokio::sync::oneshot;
 use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -230,20 +232,45 @@ impl NatsConsumer {
                     }
                 }
             };
+            // Per-key order: each message of an ordering key waits for the one of its key that
+            // arrived before it (a chain of completion signals set up here, in arrival order);
+            // different keys and unkeyed messages run concurrently. A predecessor always started
+            // earlier, so the concurrency bound cannot deadlock the chain.
+            let mut last_of_key: HashMap<String, Shared<oneshot::Receiver<()>>> = HashMap::new();
+            let mut seen = 0u64;
+            let shutdown = &shutdown;
             messages
                 .take_until(shutdown.cancelled())
-                .for_each_concurrent(self.config.concurrency, |m| async move {
+                .map(|m| {
+                    seen += 1;
+                    if seen.is_multiple_of(1024) {
+                        last_of_key.retain(|_, done| done.peek().is_none());
+                    }
+                    let (done, finished) = oneshot::channel();
+                    let key = m
+                        .as_ref()
+                        .ok()
+                        .and_then(Delivered::from_message)
+                        .and_then(|d| d.message.key);
+                    let before = key.and_then(|k| last_of_key.insert(k, finished.shared()));
+                    (m, before, done)
+                })
+                .for_each_concurrent(self.config.concurrency, |(m, before, done)| async move {
+                    if let Some(before) = before {
+                        let _ = before.await;
+                    }
                     match m {
-                        Ok(m) => self.handle(m).await,
+                        Ok(m) => self.handle(m, shutdown).await,
                         Err(e) => tracing::warn!(error = %e, "JetStream message stream error"),
                     }
+                    let _ = done.send(());
                 })
                 .await;
         }
         Ok(())
     }
 
-    async fn handle(&self, msg: jetstream::Message) {
+    async fn handle(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
         let delivered = match Delivered::from_message(&msg) {
             Some(d) => d,
             None => {
@@ -275,31 +302,49 @@ impl NatsConsumer {
         #[cfg(feature = "opentelemetry")]
         set_remote_parent(&span, &traceparent);
         async {
-            let step = self.transact(&delivered).await;
-            match step {
-                Ok(Step::Processed) | Ok(Step::Duplicate) => {
-                    if matches!(step, Ok(Step::Processed)) {
-                        self.stats.processed.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!("redelivery recognised by the inbox; effect skipped");
+            let mut d = delivered;
+            loop {
+                let failure: HandlerError = match self.transact(&d).await {
+                    Ok(step @ (Step::Processed | Step::Duplicate)) => {
+                        if matches!(step, Step::Processed) {
+                            self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!("redelivery recognised by the inbox; effect skipped");
+                        }
+                        // Acked only now, after the commit. A lost ack means a redelivery,
+                        // which the inbox recognises.
+                        if let Err(e) = msg.ack().await {
+                            tracing::warn!(error = %e, "ack failed; the redelivery will be recognised");
+                        }
+                        return;
                     }
-                    // Acked only now, after the commit. A lost ack means a redelivery, which the
-                    // inbox recognises.
-                    if let Err(e) = msg.ack().await {
-                        tracing::warn!(error = %e, "ack failed; the redelivery will be recognised");
-                    }
-                }
-                Ok(Step::Failed(e)) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    self.retry_or_park(&msg, &delivered, &*e).await;
-                }
-                Err(e) => {
+                    Ok(Step::Failed(e)) => e,
                     // The inbox transaction failed (database down, a failing COMMIT, a key the
-                    // inbox refuses): retried like a handler failure, and parked after
-                    // max_deliveries, so it cannot circle forever.
+                    // inbox refuses).
+                    Err(e) => Box::new(e),
+                };
+                // A transient database condition (deadlock, serialization failure, lock
+                // timeout, lost connection) is not the message's fault: retried without
+                // counting towards parking.
+                let transient = is_transient(&*failure);
+                if !transient {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    self.retry_or_park(&msg, &delivered, &e).await;
+                    if d.delivery >= self.config.max_deliveries {
+                        self.retry_or_park(&msg, &d, &*failure).await;
+                        return;
+                    }
+                }
+                // Retried here, not with a delayed nak: later messages of this key wait behind
+                // it (a nak would let them overtake it). The ack deadline is extended meanwhile.
+                let delay = self.backoff(d.delivery);
+                tracing::warn!(error = %failure, retry_in = ?delay, transient, "handler failed; will retry");
+                if !self.wait_holding(&msg, delay, shutdown).await {
+                    // Shutting down: leave it unacked; JetStream redelivers it after ack_wait.
+                    return;
+                }
+                if !transient {
+                    d.delivery += 1;
                 }
             }
         }
@@ -342,6 +387,31 @@ impl NatsConsumer {
                     Ok(Step::Failed(e))
                 }
             },
+        }
+    }
+
+    /// Waits `delay` while keeping the message: JetStream is told the work is in progress (which
+    /// restarts its ack timer) at the start and every half `ack_wait`. False when shutdown came
+    /// first.
+    async fn wait_holding(
+        &self,
+        msg: &jetstream::Message,
+        delay: Duration,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            let _ = msg.ack_with(AckKind::Progress).await;
+            let step = until
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(self.config.ack_wait / 2);
+            if step.is_zero() {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(step) => {}
+            }
         }
     }
 
@@ -409,6 +479,33 @@ impl NatsConsumer {
             }
         }
     }
+}
+
+/// Whether a failure is a transient database condition: serialization failure (40001),
+/// deadlock (40P01), lock not available (55P03), an administrator's or crash shutdown (57P01,
+/// 57P02, 57P03), a connection failure (class 08), a closed connection, or no pooled connection.
+fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+            if pg.is_closed() {
+                return true;
+            }
+            if let Some(code) = pg.code() {
+                let c = code.code();
+                if ["40001", "40P01", "55P03", "57P01", "57P02", "57P03"].contains(&c)
+                    || c.starts_with("08")
+                {
+                    return true;
+                }
+            }
+        }
+        if err.downcast_ref::<deadpool_postgres::PoolError>().is_some() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl Delivered {
