@@ -8,7 +8,9 @@ use std::time::Duration;
 use diesel::Connection as _;
 use diesel_async::AsyncConnection as _;
 use futures::future::BoxFuture;
-use tidings_inbox::nats::{ConsumerConfig, Delivered, Handler, HandlerError, NatsConsumer};
+use tidings_inbox::nats::{
+    ConsumerConfig, ConsumerStats, Delivered, Handler, HandlerError, NatsConsumer,
+};
 use tidings_inbox::{DedupKey, Inbox, Outcome, Recorded};
 use tidings_outbox::MessageId;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
@@ -330,6 +332,30 @@ impl Handler for IssueCard {
     }
 }
 
+/// Runs `consumer` until `done` holds for its counters (30 s deadline), then stops it and
+/// waits (10 s at most) for it to return.
+async fn run_until(
+    consumer: &Arc<NatsConsumer>,
+    what: &str,
+    done: impl Fn(&ConsumerStats) -> bool,
+) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually(what, Duration::from_secs(30), || async {
+        done(consumer.stats())
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 fn envelope(biz: &str) -> Envelope {
     Envelope {
         seq: 0,
@@ -390,27 +416,15 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
             .await
             .unwrap(),
     );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run(stop).await }
-    });
-    eventually(
+    run_until(
+        &consumer,
         "all payments handled and the poison parked",
-        Duration::from_secs(30),
-        || async {
-            let s = consumer.stats();
+        |s| {
             s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst) == 100
                 && s.parked.load(Ordering::SeqCst) == 1
         },
     )
     .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
 
     let s = consumer.stats();
     assert_eq!(s.processed.load(Ordering::SeqCst), 50);
@@ -563,21 +577,10 @@ async fn swallowed_sql_error_is_not_acked_as_processed_and_unidentified_messages
             .await
             .unwrap(),
     );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run(stop).await }
-    });
-    eventually("both messages parked", Duration::from_secs(20), || async {
-        consumer.stats().parked.load(Ordering::SeqCst) == 2
+    run_until(&consumer, "both messages parked", |s| {
+        s.parked.load(Ordering::SeqCst) == 2
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
     assert_eq!(consumer.stats().processed.load(Ordering::SeqCst), 0);
     let recorded: i64 = c
         .query_one("SELECT count(*) FROM tidings.inbox", &[])
@@ -674,21 +677,10 @@ async fn consumer_applies_each_keys_messages_in_order_across_retries() {
             .await
             .unwrap(),
     );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run(stop).await }
-    });
-    eventually("all 20 applied", Duration::from_secs(30), || async {
-        consumer.stats().processed.load(Ordering::SeqCst) == 20
+    run_until(&consumer, "all 20 applied", |s| {
+        s.processed.load(Ordering::SeqCst) == 20
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
     let applied: Vec<String> = c
         .query("SELECT payload FROM applied ORDER BY n", &[])
         .await

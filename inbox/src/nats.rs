@@ -276,10 +276,9 @@ impl NatsConsumer {
             None => {
                 // Not from a Tidings relay (no usable message id): park it under a fresh id
                 // rather than drop it.
-                let mut d = Delivered::unidentified(&msg);
-                d.delivery = d.delivery.max(self.config.max_deliveries);
+                let d = Delivered::unidentified(&msg);
                 tracing::error!(subject = %msg.subject, "message without a usable Tidings-Message-Id or Nats-Msg-Id");
-                self.retry_or_park(
+                self.park(
                     &msg,
                     &d,
                     &*HandlerError::from("message has no usable message id"),
@@ -331,7 +330,7 @@ impl NatsConsumer {
                 if !transient {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     if d.delivery >= self.config.max_deliveries {
-                        self.retry_or_park(&msg, &d, &*failure).await;
+                        self.park(&msg, &d, &*failure).await;
                         return;
                     }
                 }
@@ -423,18 +422,14 @@ impl NatsConsumer {
         exp.min(self.config.backoff_max)
     }
 
-    async fn retry_or_park(
+    /// Keeps a message the consumer gave up on in `tidings.inbox_dead_letters`, then acks it.
+    /// If parking fails, the message is nak'ed for a later redelivery.
+    async fn park(
         &self,
         msg: &jetstream::Message,
         d: &Delivered,
         e: &(dyn std::error::Error + Send + Sync),
     ) {
-        if d.delivery < self.config.max_deliveries {
-            let delay = self.backoff(d.delivery);
-            tracing::warn!(error = %e, retry_in = ?delay, "handler failed; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            return;
-        }
         let headers = serde_json::Value::Object(
             d.headers
                 .iter()

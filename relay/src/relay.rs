@@ -892,7 +892,7 @@ impl Relay {
     }
 
     async fn after_tick(&self, r: &TickReport) {
-        let due = {
+        {
             let Ok(mut s) = self.state.lock() else { return };
             if r.sink_unavailable {
                 s.unavailable_streak += 1;
@@ -906,14 +906,8 @@ impl Relay {
             s.counters.failed += r.retried as i64;
             s.counters.dead += r.dead_lettered as i64;
             s.counters.duplicates += r.duplicates as i64;
-            s.last_heartbeat
-                .is_none_or(|t| t.elapsed() >= self.config.heartbeat_interval)
-        };
-        if due {
-            if let Err(e) = self.heartbeat().await {
-                tracing::warn!(error = %crate::ErrorChain(&e), "relay heartbeat failed");
-            }
         }
+        self.heartbeat_if_due().await;
     }
 
     async fn heartbeat_if_due(&self) {
