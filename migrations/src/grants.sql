@@ -66,11 +66,14 @@ GRANT EXECUTE ON FUNCTION tidings.enqueue(text, jsonb, text, text, jsonb, timest
                           tidings.uuid_v7(), tidings.topic_is_valid(text) TO {role};
 
 --- section: consumer
--- {role} consumes as: {consumers}. Record biz-ids in the inbox and park messages, for those
--- consumer names only (the policies below).
+-- {role} consumes as: {consumers}. Record biz-ids in the inbox, park messages, and run the
+-- replays an operator asked for (delete the parked row with the effect, or park it again), for
+-- those consumer names only (the policies below).
 GRANT SELECT, INSERT (consumer, biz_id, message_id) ON tidings.inbox TO {role};
-GRANT SELECT, INSERT (consumer, message_id, biz_id, topic, payload, headers, deliveries, last_error),
-      UPDATE (deliveries, last_error, dead_at) ON tidings.inbox_dead_letters TO {role};
+GRANT SELECT, INSERT (consumer, message_id, biz_id, topic, ordering_key, payload, headers,
+                      created_at, deliveries, last_error),
+      UPDATE (deliveries, last_error, dead_at, replay_requested_at), DELETE
+      ON tidings.inbox_dead_letters TO {role};
 CREATE POLICY "consumer_{name}" ON tidings.inbox TO {role}
     USING (consumer IN ({consumers})) WITH CHECK (consumer IN ({consumers}));
 CREATE POLICY "consumer_{name}" ON tidings.inbox_dead_letters TO {role}
