@@ -264,7 +264,7 @@ async fn run() -> Result<bool, BoxError> {
                 .await?
                 == Recorded::First
             {
-                IssueCard.handle(&tx, &d).await?;
+                IssueCard.handle(&tx, &d).await.map_err(|e| e.to_string())?;
             }
             tx.commit().await?;
             committed += 1;

@@ -19,6 +19,8 @@ pub mod nats;
 mod postgres;
 #[cfg(feature = "tokio-postgres")]
 mod prune;
+#[cfg(feature = "runner")]
+pub mod runner;
 
 use tidings_outbox::MessageId;
 
@@ -115,6 +117,10 @@ pub enum Error {
     /// The database failed.
     #[error("database error in the inbox")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A consumer runner's messages in flight did not finish within its shutdown timeout; they
+    /// were left unacked for the broker to redeliver.
+    #[error("messages in flight did not finish within {0:?}; left for redelivery")]
+    ShutdownTimeout(std::time::Duration),
 }
 
 fn check(what: &'static str, v: &str) -> Result<(), Error> {

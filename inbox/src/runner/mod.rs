@@ -1,0 +1,821 @@
+//! The broker-independent consumer runner: a broker adapter ([`Adapter`]) hands it deliveries,
+//! a store ([`Store`]: tokio-postgres/deadpool or diesel-async) runs the handler and the inbox
+//! record in one transaction, and the runner acks the broker only after that commit.
+//!
+//! What the runner guarantees, whatever the broker:
+//! - **ack after commit**: a delivery is acked only after the transaction holding its effect and
+//!   its inbox record committed (a handler that swallowed an SQL error is caught before COMMIT);
+//!   a lost ack means a redelivery, which the inbox recognises;
+//! - **per-key order**: messages of one ordering key are handled one at a time in arrival order,
+//!   different keys and unkeyed messages concurrently (up to `concurrency`); a failing message is
+//!   retried in place, with the broker told it is still being worked on, so later messages of
+//!   its key never overtake it;
+//! - **error classes**: a handler error is retried later ([`HandlerError::retry`], the default
+//!   for `?`) until `max_deliveries`, or parked at once ([`HandlerError::park`]); transient
+//!   database conditions (serialization failure, deadlock, lock timeout, lost connection, empty
+//!   pool) are retried without counting towards parking;
+//! - **parking and replay**: a message given up on is kept in `tidings.inbox_dead_letters` with
+//!   its payload, headers, key and error, then acked; `tidings inbox dlq replay` asks the runner
+//!   to run it again, which it does from the database (no broker involved), deleting the parked
+//!   row in the transaction of the effect;
+//! - **no spinning**: a broker that fails to deliver (consumer deleted, connection lost) is
+//!   reopened with a growing pause, never in a tight loop;
+//! - **bounded shutdown**: on shutdown no new delivery is started, those in flight get
+//!   `shutdown_timeout` to finish, and anything unfinished is left unacked for redelivery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tidings_outbox::{envelope, WireMessage};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{Error, Inbox};
+
+#[cfg(feature = "diesel-async")]
+pub mod diesel;
+#[cfg(feature = "tokio-postgres")]
+pub mod postgres;
+
+/// A message as a handler sees it: the message decoded from the wire format every sink writes
+/// ([`WireMessage`]), plus what the broker says about this delivery. Derefs to the message
+/// (`d.id`, `d.biz_id`, `d.payload`, ...).
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// The message.
+    pub message: WireMessage,
+    /// Where the broker delivered it from: the NATS subject, Kafka topic, queue or stream.
+    pub source: String,
+    /// Which delivery this is (1 = first). For a replay of a parked message, one more than its
+    /// deliveries so far.
+    pub delivery: i64,
+    /// Whether this is an operator's replay of a parked message (run from the database).
+    pub replayed: bool,
+}
+
+impl std::ops::Deref for Delivered {
+    type Target = WireMessage;
+    fn deref(&self) -> &WireMessage {
+        &self.message
+    }
+}
+
+/// What a handler failure asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Roll back and try again later (with backoff), parking after `max_deliveries`.
+    Retry,
+    /// Roll back and park the message now: trying again cannot help (a payload that does not
+    /// parse, a business rule that refuses it).
+    Park,
+}
+
+/// A handler failure: its class and cause. Any error converts into one with `?` (class
+/// [`ErrorClass::Retry`]); [`HandlerError::park`] asks for parking at once.
+pub struct HandlerError {
+    class: ErrorClass,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl HandlerError {
+    /// A failure worth retrying later (the default for `?`).
+    pub fn retry(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError {
+            class: ErrorClass::Retry,
+            source: e.into(),
+        }
+    }
+
+    /// A failure no retry can fix: park the message now.
+    pub fn park(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError {
+            class: ErrorClass::Park,
+            source: e.into(),
+        }
+    }
+
+    /// Its class.
+    pub fn class(&self) -> ErrorClass {
+        self.class
+    }
+
+    /// The cause.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+}
+
+// HandlerError is deliberately not std::error::Error, so that every error converts into it.
+impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError::retry(e)
+    }
+}
+
+impl std::fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}({:?})", self.class, self.source)
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&chain(&*self.source))
+    }
+}
+
+/// An adapter's failure to receive (connection lost, consumer deleted, ...).
+pub type AdapterError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One delivery from a broker, as its adapter exposes it to the runner.
+pub trait Delivery: Send + Sync + 'static {
+    /// The message, decoded from the wire format. `Err` for a message without a usable message
+    /// id (not from a Tidings relay): the runner parks it, under the fresh id the adapter gives
+    /// it, with the reason.
+    fn decode(&self) -> Result<Delivered, (Delivered, String)>;
+
+    /// Acknowledges it: the broker will not deliver it again (to this consumer).
+    fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>>;
+
+    /// Tells the broker the message is still being worked on (restarting its redelivery timer
+    /// where it has one). Called every [`Adapter::hold_interval`] while the runner handles or
+    /// retries it. The default does nothing.
+    fn hold(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// Gives the message back for a redelivery after about `delay` (used when it can neither
+    /// be handled nor parked, e.g. the database is down at parking time). The default does
+    /// nothing: the broker redelivers an unacked message on its own.
+    fn retry_later(&self, _delay: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A broker's side of a consumer: opens a stream of deliveries for the runner.
+pub trait Adapter: Send + Sync + 'static {
+    /// The broker's delivery.
+    type Delivery: Delivery;
+
+    /// Opens (or reopens, after a failure) the stream of deliveries. An error item, or the
+    /// stream ending, makes the runner reopen it after a pause that grows while nothing is
+    /// delivered.
+    fn open(
+        &self,
+    ) -> BoxFuture<'_, Result<BoxStream<'_, Result<Self::Delivery, AdapterError>>, AdapterError>>;
+
+    /// How often [`Delivery::hold`] must be called to keep a message from being redelivered
+    /// while it is handled or waits for a retry; `None` when the broker has no such timer.
+    fn hold_interval(&self) -> Option<Duration>;
+}
+
+/// The outcome of one inbox transaction.
+#[derive(Debug)]
+pub enum Step {
+    /// The effect committed with its inbox record.
+    Processed,
+    /// The inbox already held the key: the effect was skipped (and the transaction committed).
+    Duplicate,
+    /// The handler failed: rolled back.
+    Failed(HandlerError),
+}
+
+/// A parked message as the runner writes it.
+#[derive(Debug)]
+pub struct Parked<'a> {
+    /// The consumer.
+    pub consumer: &'a str,
+    /// The message.
+    pub message: &'a Delivered,
+    /// Deliveries so far.
+    pub deliveries: i32,
+    /// Why it was parked, with its sources.
+    pub error: &'a str,
+}
+
+/// The database side of a runner: runs a handler with the inbox record in one transaction,
+/// parks messages, and reads the replays an operator asked for. Implemented for tokio-postgres
+/// through deadpool ([`postgres::PgStore`]) and for diesel-async ([`diesel::DieselStore`]).
+pub trait Store: Send + Sync + 'static {
+    /// One transaction: record the message's dedup key in `inbox`; on a first delivery run the
+    /// handler; commit unless it failed. With `replayed`, the parked row of the message is
+    /// deleted in the same transaction.
+    fn transact<'a>(
+        &'a self,
+        inbox: &'a Inbox,
+        d: &'a Delivered,
+    ) -> BoxFuture<'a, Result<Step, Error>>;
+
+    /// Keeps a message the runner gave up on (replacing an earlier parking of it, and clearing
+    /// a replay request).
+    fn park<'a>(&'a self, parked: Parked<'a>) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Up to `limit` parked messages of `consumer` whose replay was requested, oldest first.
+    fn replays<'a>(
+        &'a self,
+        consumer: &'a str,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<Delivered>, Error>>;
+
+    /// Whether an error (a handler's cause or the store's own) is a transient database
+    /// condition: retried without counting towards parking.
+    fn is_transient(&self, e: &(dyn std::error::Error + 'static)) -> bool;
+}
+
+/// Runner settings (a broker adapter's own settings live in the adapter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerConfig {
+    /// Inbox consumer name (1-512 bytes, no control characters). Deduplication is per (name,
+    /// biz-id).
+    pub name: String,
+    /// Messages handled at once (different keys). Defaults to 16.
+    pub concurrency: usize,
+    /// Deliveries before a failing message is parked. Defaults to 5.
+    pub max_deliveries: i64,
+    /// Delay of the first retry after a failure; doubles per delivery. Defaults to 1 second.
+    pub backoff_base: Duration,
+    /// Longest retry delay. Defaults to 1 minute.
+    pub backoff_max: Duration,
+    /// How often the runner looks for replays an operator asked for; `None` turns replays off
+    /// (call [`Runner::replay_parked`] yourself). Defaults to 5 seconds.
+    pub replay_poll_interval: Option<Duration>,
+    /// How long messages in flight may take to finish after shutdown is asked for; past it they
+    /// are abandoned unacked (the broker redelivers them) and `run` returns
+    /// [`Error::ShutdownTimeout`]. Defaults to 10 seconds.
+    pub shutdown_timeout: Duration,
+    /// Longest pause before reopening a broker stream that failed. Defaults to 30 seconds.
+    pub reopen_backoff_max: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            name: "tidings-consumer".into(),
+            concurrency: 16,
+            max_deliveries: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            replay_poll_interval: Some(Duration::from_secs(5)),
+            shutdown_timeout: Duration::from_secs(10),
+            reopen_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// Checks the settings together.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |reason| {
+            Err(Error::Invalid {
+                what: "consumer config",
+                reason,
+            })
+        };
+        if self.concurrency == 0 || self.max_deliveries < 1 {
+            return bad("concurrency and max_deliveries must be at least 1");
+        }
+        if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
+            return bad("backoff_base must be above 0 and backoff_max at least backoff_base");
+        }
+        if self.shutdown_timeout.is_zero() || self.reopen_backoff_max.is_zero() {
+            return bad("shutdown_timeout and reopen_backoff_max must be above 0");
+        }
+        if self.replay_poll_interval.is_some_and(|d| d.is_zero()) {
+            return bad("replay_poll_interval must be above 0 (or None)");
+        }
+        Ok(())
+    }
+}
+
+/// Counters of one runner (since it started).
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Effects committed.
+    pub processed: AtomicU64,
+    /// Redeliveries the inbox recognised (effect skipped).
+    pub duplicates: AtomicU64,
+    /// Failed handler runs counted towards parking (rolled back, retried or parked).
+    pub failed: AtomicU64,
+    /// Transient database failures (retried, not counted).
+    pub transient: AtomicU64,
+    /// Messages parked.
+    pub parked: AtomicU64,
+    /// Parked messages replayed (effect committed, or found a duplicate, and the parked row
+    /// deleted).
+    pub replayed: AtomicU64,
+    /// Broker stream failures (each followed by a growing pause before reopening).
+    pub receive_errors: AtomicU64,
+    /// Acks the broker refused or lost (the redelivery is recognised by the inbox).
+    pub ack_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A consumer runner: one broker adapter, one store, one inbox consumer name.
+pub struct Runner<A: Adapter, S: Store> {
+    adapter: A,
+    store: S,
+    inbox: Inbox,
+    config: RunnerConfig,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<A: Adapter, S: Store> Runner<A, S> {
+    /// A runner of `adapter`'s deliveries through `store`, after checking `config`.
+    pub fn new(adapter: A, store: S, config: RunnerConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Runner {
+            inbox: Inbox::new(config.name.clone())?,
+            adapter,
+            store,
+            config,
+            stats: Arc::new(ConsumerStats::default()),
+        })
+    }
+
+    /// The runner's counters.
+    pub fn stats(&self) -> &ConsumerStats {
+        &self.stats
+    }
+
+    /// The broker adapter.
+    pub fn adapter(&self) -> &A {
+        &self.adapter
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    /// Consumes until `shutdown` is cancelled, and runs requested replays every
+    /// `replay_poll_interval`. Messages in flight at shutdown get `shutdown_timeout` to finish
+    /// (committed and acked, or rolled back and left for redelivery).
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        let work = async {
+            tokio::join!(self.consume(&shutdown), self.poll_replays(&shutdown));
+        };
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.config.shutdown_timeout).await;
+        };
+        tokio::select! {
+            () = work => Ok(()),
+            () = deadline => {
+                tracing::warn!(timeout = ?self.config.shutdown_timeout,
+                    "messages in flight did not finish in time; left unacked for redelivery");
+                Err(Error::ShutdownTimeout(self.config.shutdown_timeout))
+            }
+        }
+    }
+
+    async fn poll_replays(&self, shutdown: &CancellationToken) {
+        let Some(every) = self.config.replay_poll_interval else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.replay_parked().await {
+                tracing::warn!(error = %chain(&e), "cannot read requested replays; will retry");
+            }
+        }
+    }
+
+    /// Runs the replays an operator asked for (`tidings inbox dlq replay`), oldest first, one
+    /// at a time: each runs the handler with the inbox record and deletes its parked row in one
+    /// transaction; a failure parks it again with the new error (and clears the request).
+    /// Returns how many were replayed (processed or found to be duplicates).
+    pub async fn replay_parked(&self) -> Result<u64, Error> {
+        let mut done = 0;
+        loop {
+            let batch = self.store.replays(&self.config.name, 100).await?;
+            let n = batch.len();
+            let mut progressed = false;
+            for d in batch {
+                let span = consume_span(&self.config.name, &d);
+                let outcome = async {
+                    match self.store.transact(&self.inbox, &d).await {
+                        Ok(Step::Processed) => {
+                            bump(&self.stats.processed);
+                            Ok(true)
+                        }
+                        Ok(Step::Duplicate) => {
+                            bump(&self.stats.duplicates);
+                            Ok(true)
+                        }
+                        Ok(Step::Failed(e)) if self.store.is_transient(e.cause()) => {
+                            bump(&self.stats.transient);
+                            Ok(false)
+                        }
+                        Err(e) if self.store.is_transient(&e) => Err(e),
+                        Ok(Step::Failed(e)) => {
+                            bump(&self.stats.failed);
+                            self.park(&d, &e.to_string()).await.map(|()| false)
+                        }
+                        Err(e) => {
+                            bump(&self.stats.failed);
+                            self.park(&d, &chain(&e)).await.map(|()| false)
+                        }
+                    }
+                }
+                .instrument(span)
+                .await?;
+                if outcome {
+                    bump(&self.stats.replayed);
+                    tracing::info!(message_id = %d.id, consumer = %self.config.name, "parked message replayed");
+                    done += 1;
+                    progressed = true;
+                }
+            }
+            // A batch that made no progress (transient failures) is retried at the next poll.
+            if n < 100 || !progressed {
+                return Ok(done);
+            }
+        }
+    }
+
+    async fn park(&self, d: &Delivered, error: &str) -> Result<(), Error> {
+        self.store
+            .park(Parked {
+                consumer: &self.config.name,
+                message: d,
+                deliveries: d.delivery.clamp(0, i32::MAX as i64) as i32,
+                error,
+            })
+            .await?;
+        bump(&self.stats.parked);
+        tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
+            "message parked in tidings.inbox_dead_letters");
+        Ok(())
+    }
+
+    async fn consume(&self, shutdown: &CancellationToken) {
+        // Consecutive opens that delivered nothing: the pause before the next grows with them.
+        let mut idle_failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let stream = match self.adapter.open().await {
+                Ok(s) => s,
+                Err(e) => {
+                    bump(&self.stats.receive_errors);
+                    idle_failures += 1;
+                    tracing::warn!(error = %chain(&*e), "cannot open the broker's stream; retrying");
+                    if !self.pause(idle_failures, shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let delivered = AtomicU64::new(0);
+            let failure: std::sync::Mutex<Option<AdapterError>> = Default::default();
+            // Per-key order: each message of an ordering key waits for the one of its key that
+            // arrived before it (a chain of completion signals set up here, in arrival order);
+            // different keys and unkeyed messages run concurrently. A predecessor always
+            // started earlier, so the concurrency bound cannot deadlock the chain.
+            let mut last_of_key: HashMap<String, Shared<oneshot::Receiver<()>>> = HashMap::new();
+            let mut seen = 0u64;
+            stream
+                .take_until(shutdown.cancelled())
+                .take_while(|item| {
+                    let go = match item {
+                        Ok(_) => true,
+                        Err(e) => {
+                            bump(&self.stats.receive_errors);
+                            tracing::warn!(error = %chain(&**e), "broker stream failed; reopening");
+                            false
+                        }
+                    };
+                    if let Err(e) = item {
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(e.to_string().into());
+                    }
+                    futures::future::ready(go)
+                })
+                .filter_map(|item| futures::future::ready(item.ok()))
+                .map(|delivery| {
+                    seen += 1;
+                    if seen.is_multiple_of(1024) {
+                        last_of_key.retain(|_, done| done.peek().is_none());
+                    }
+                    let decoded = delivery.decode();
+                    let (done, finished) = oneshot::channel();
+                    let before = match &decoded {
+                        Ok(d) => d
+                            .key
+                            .clone()
+                            .and_then(|k| last_of_key.insert(k, finished.shared())),
+                        Err(_) => None,
+                    };
+                    (delivery, decoded, before, done)
+                })
+                .for_each_concurrent(
+                    self.config.concurrency,
+                    |(delivery, decoded, before, done)| {
+                        let delivered = &delivered;
+                        async move {
+                            if let Some(before) = before {
+                                let _ = before.await;
+                            }
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            self.handle(&delivery, decoded, shutdown).await;
+                            let _ = done.send(());
+                        }
+                    },
+                )
+                .await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if delivered.load(Ordering::Relaxed) > 0 {
+                idle_failures = 0;
+            }
+            idle_failures += 1;
+            if failure.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                tracing::debug!("broker stream ended; reopening");
+            }
+            if !self.pause(idle_failures, shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Waits before reopening: 100 ms doubling per consecutive idle failure, up to
+    /// `reopen_backoff_max`. False when shutdown came first.
+    async fn pause(&self, failures: u32, shutdown: &CancellationToken) -> bool {
+        let pause = (Duration::from_millis(100) * 2u32.pow(failures.saturating_sub(1).min(12)))
+            .min(self.config.reopen_backoff_max);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
+        }
+    }
+
+    async fn handle(
+        &self,
+        delivery: &A::Delivery,
+        decoded: Result<Delivered, (Delivered, String)>,
+        shutdown: &CancellationToken,
+    ) {
+        let mut d = match decoded {
+            Ok(d) => d,
+            Err((d, reason)) => {
+                // Not from a Tidings relay (no usable message id): parked under a fresh id
+                // rather than dropped.
+                tracing::error!(source = %d.source, %reason, "undecodable message");
+                self.give_up(delivery, &d, &reason).await;
+                return;
+            }
+        };
+        let span = consume_span(&self.config.name, &d);
+        let work = async {
+            loop {
+                let failure = match self.store.transact(&self.inbox, &d).await {
+                    Ok(step @ (Step::Processed | Step::Duplicate)) => {
+                        if matches!(step, Step::Processed) {
+                            bump(&self.stats.processed);
+                        } else {
+                            bump(&self.stats.duplicates);
+                            tracing::debug!("redelivery recognised by the inbox; effect skipped");
+                        }
+                        // Acked only now, after the commit. A lost ack means a redelivery,
+                        // which the inbox recognises.
+                        if let Err(e) = delivery.ack().await {
+                            bump(&self.stats.ack_errors);
+                            tracing::warn!(error = %chain(&*e), "ack failed; the redelivery will be recognised");
+                        }
+                        return;
+                    }
+                    Ok(Step::Failed(e)) => e,
+                    // The inbox transaction itself failed (database down, a failing COMMIT, a
+                    // key the inbox refuses).
+                    Err(e) => HandlerError::retry(e),
+                };
+                let transient = failure.class() == ErrorClass::Retry
+                    && self.store.is_transient(failure.cause());
+                if transient {
+                    bump(&self.stats.transient);
+                } else {
+                    bump(&self.stats.failed);
+                    if failure.class() == ErrorClass::Park
+                        || d.delivery >= self.config.max_deliveries
+                    {
+                        self.give_up(delivery, &d, &failure.to_string()).await;
+                        return;
+                    }
+                }
+                // Retried here, not by the broker: later messages of this key wait behind it
+                // (a broker redelivery would let them overtake it).
+                let delay = self.backoff(d.delivery);
+                tracing::warn!(error = %failure, retry_in = ?delay, transient, "handler failed; will retry");
+                if !self.wait(delay, shutdown).await {
+                    // Shutting down: left unacked; the broker redelivers it.
+                    return;
+                }
+                if !transient {
+                    d.delivery += 1;
+                }
+            }
+        };
+        self.holding(delivery, work).instrument(span).await
+    }
+
+    /// Parks a message, then acks it; when parking fails, gives it back to the broker for a
+    /// later redelivery.
+    async fn give_up(&self, delivery: &A::Delivery, d: &Delivered, error: &str) {
+        match self.park(d, error).await {
+            Ok(()) => {
+                if let Err(e) = delivery.ack().await {
+                    bump(&self.stats.ack_errors);
+                    tracing::warn!(error = %chain(&*e), "ack of a parked message failed; it will be parked again");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "cannot park message; the broker will redeliver it");
+                delivery.retry_later(self.config.backoff_max).await;
+            }
+        }
+    }
+
+    /// Runs `work` while telling the broker, every hold interval, that the message is still
+    /// being worked on.
+    async fn holding(&self, delivery: &A::Delivery, work: impl std::future::Future<Output = ()>) {
+        let Some(every) = self.adapter.hold_interval() else {
+            return work.await;
+        };
+        let keep = async {
+            loop {
+                tokio::time::sleep(every).await;
+                delivery.hold().await;
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            () = keep => {}
+        }
+    }
+
+    /// Waits `delay`; false when shutdown came first.
+    async fn wait(&self, delay: Duration, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    fn backoff(&self, delivery: i64) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << (delivery - 1).clamp(0, 20) as u32);
+        exp.min(self.config.backoff_max)
+    }
+}
+
+/// The span of one message's handling, carrying the producer's W3C trace context: as fields
+/// always, and as the OpenTelemetry parent with the `opentelemetry` feature.
+fn consume_span(consumer: &str, d: &Delivered) -> tracing::Span {
+    let traceparent = d
+        .headers
+        .get(envelope::HEADER_TRACEPARENT)
+        .map(String::as_str)
+        .unwrap_or_default();
+    let mut parts = traceparent.split('-');
+    let (trace_id, parent_id) = (parts.nth(1).unwrap_or(""), parts.next().unwrap_or(""));
+    let span = tracing::info_span!("tidings_consume", consumer = %consumer,
+        message_id = %d.id, biz_id = d.biz_id.as_deref().unwrap_or(""),
+        delivery = d.delivery, replayed = d.replayed, trace_id, parent_span_id = parent_id);
+    #[cfg(feature = "opentelemetry")]
+    set_remote_parent(&span, traceparent);
+    span
+}
+
+/// Makes `span` a child of the remote span named by a W3C `traceparent`
+/// (`00-<trace id>-<parent span id>-<flags>`); ignores a malformed one.
+#[cfg(feature = "opentelemetry")]
+fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    let [_, trace, parent, flags, ..] = parts[..] else {
+        return;
+    };
+    let (Ok(trace), Ok(parent), Ok(flags)) = (
+        TraceId::from_hex(trace),
+        SpanId::from_hex(parent),
+        u8::from_str_radix(flags, 16),
+    ) else {
+        return;
+    };
+    if trace == TraceId::INVALID || parent == SpanId::INVALID {
+        return;
+    }
+    let remote = SpanContext::new(
+        trace,
+        parent,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// An error with its sources, as stored in `last_error` (driver errors say little on their own).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// park_message: keep a message the consumer gave up on, with its error; a later parking of
+/// the same message replaces the bookkeeping and clears a replay request.
+/// $1 consumer, $2 message id, $3 biz-id, $4 topic, $5 ordering key, $6 payload, $7 headers,
+/// $8 created at, $9 deliveries, $10 last error.
+pub(crate) const PARK: &str = "\
+INSERT INTO tidings.inbox_dead_letters
+       (consumer, message_id, biz_id, topic, ordering_key, payload, headers, created_at,
+        deliveries, last_error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (consumer, message_id) DO UPDATE
+   SET deliveries = excluded.deliveries, last_error = excluded.last_error, dead_at = now(),
+       replay_requested_at = NULL";
+
+/// replays: the parked messages of $1 whose replay was requested, oldest parking first, at most
+/// $2. Two runners of one consumer may read the same row: the inbox record makes the second a
+/// duplicate (its INSERT waits for the first transaction), so the effect still runs once.
+pub(crate) const REPLAYS: &str = "\
+SELECT message_id, biz_id, topic, ordering_key, payload, headers::text, created_at, deliveries
+  FROM tidings.inbox_dead_letters
+ WHERE consumer = $1 AND replay_requested_at IS NOT NULL
+ ORDER BY dead_at
+ LIMIT $2";
+
+/// unpark: the replayed message's parked row goes in the transaction of its effect.
+/// $1 consumer, $2 message id.
+pub(crate) const UNPARK: &str =
+    "DELETE FROM tidings.inbox_dead_letters WHERE consumer = $1 AND message_id = $2";
+
+/// Headers as stored in `inbox_dead_letters.headers` (a JSON object of strings).
+pub(crate) fn headers_json(d: &Delivered) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = d
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// A parked row read back for a replay.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn replayed(
+    id: uuid::Uuid,
+    biz_id: Option<String>,
+    topic: String,
+    key: Option<String>,
+    payload: Vec<u8>,
+    headers: &str,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+    deliveries: i32,
+) -> Delivered {
+    let headers: BTreeMap<String, String> =
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(headers)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(s) => Some((k, s)),
+                _ => None,
+            })
+            .collect();
+    Delivered {
+        message: WireMessage {
+            id: tidings_outbox::MessageId::from_uuid(id),
+            topic: topic.clone(),
+            key,
+            biz_id,
+            headers,
+            payload: Bytes::from(payload),
+            created_at,
+            attempts: 0,
+        },
+        source: topic,
+        delivery: i64::from(deliveries) + 1,
+        replayed: true,
+    }
+}
