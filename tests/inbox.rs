@@ -708,3 +708,234 @@ async fn consumer_applies_each_keys_messages_in_order_across_retries() {
         "one counted failure per key (index 1); the serialization failures did not count"
     );
 }
+
+// ---------------------------------------------------------------- runner conformance (JetStream)
+
+/// JetStream as the runner conformance suite's broker: published through the relay's NATS sink,
+/// consumed through the NATS adapter, each consumer filtered to its case's topic.
+struct JetStream {
+    nats: NatsServer,
+    sink: Arc<NatsSink>,
+}
+
+impl tidings_tests::runner_conformance::ConsumerBroker for JetStream {
+    type Adapter = tidings_inbox::nats::NatsAdapter;
+
+    fn publish<'a>(&'a self, messages: &'a [tidings_outbox::WireMessage]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            for (i, m) in messages.iter().enumerate() {
+                self.sink
+                    .publish(&Envelope {
+                        seq: i as i64,
+                        message: m.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+    }
+
+    fn adapter<'a>(
+        &'a self,
+        name: &'a str,
+        topic: &'a str,
+        redeliver_after: Duration,
+    ) -> BoxFuture<'a, Self::Adapter> {
+        Box::pin(async move {
+            let client = async_nats::connect(&self.nats.url).await.unwrap();
+            tidings_inbox::nats::NatsAdapter::connect(
+                client,
+                &ConsumerConfig {
+                    name: name.into(),
+                    filter_subject: format!("tidings.{topic}"),
+                    ack_wait: redeliver_after,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        })
+    }
+
+    fn unacked<'a>(&'a self, name: &'a str) -> BoxFuture<'a, u64> {
+        Box::pin(async move {
+            let js = async_nats::jetstream::new(async_nats::connect(&self.nats.url).await.unwrap());
+            let stream = js.get_stream("TIDINGS").await.unwrap();
+            let info = stream.consumer_info(name).await.unwrap();
+            info.num_pending + info.num_ack_pending as u64
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jetstream_adapter_passes_the_runner_conformance_suite() {
+    let nats = NatsServer::start().await;
+    let sink = tidings_tests::nats_sink(&nats).await;
+    tidings_tests::runner_conformance::runner_conformance(&JetStream { nats, sink }).await;
+}
+
+/// Deleting the durable consumer under a running runner: the stream fails, the runner reopens
+/// with a growing pause (no spinning), the adapter recreates the consumer, and consumption
+/// goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn runner_does_not_spin_when_its_consumer_is_deleted_and_recreates_it() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    let sink = tidings_tests::nats_sink(&nats).await;
+    sink.publish(&envelope("pay_before")).await.unwrap();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let config = ConsumerConfig {
+        name: "card-service".into(),
+        filter_subject: "tidings.payment.succeeded".into(),
+        ..Default::default()
+    };
+    let consumer = Arc::new(
+        NatsConsumer::new(pool(&db, 2), client.clone(), config, Arc::new(IssueCard))
+            .await
+            .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually("the first card", Duration::from_secs(20), || async {
+        consumer.stats().processed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let js = async_nats::jetstream::new(client);
+    js.get_stream("TIDINGS")
+        .await
+        .unwrap()
+        .delete_consumer("card-service")
+        .await
+        .unwrap();
+    let deleted = tokio::time::Instant::now();
+    eventually("the runner to notice", Duration::from_secs(20), || async {
+        consumer.stats().receive_errors.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Recreated with the default deliver policy (all): the first message comes again, as a
+    // duplicate, and a new one is processed.
+    sink.publish(&envelope("pay_after")).await.unwrap();
+    eventually(
+        "the recreated consumer to deliver",
+        Duration::from_secs(30),
+        || async { cards(&c, "pay_after").await == 1 },
+    )
+    .await;
+    let errors = consumer.stats().receive_errors.load(Ordering::SeqCst);
+    let secs = deleted.elapsed().as_secs_f64();
+    // A pause of at least 100 ms doubling per idle failure: a handful in these seconds, where a
+    // tight loop would make thousands.
+    assert!(
+        (errors as f64) <= 5.0 + secs * 10.0,
+        "{errors} stream failures in {secs:.1}s"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(cards(&c, "pay_before").await, 1);
+}
+
+/// The handler written against diesel-async: the same runner, effect and inbox record in one
+/// diesel transaction, a redelivery skipped, a failure parked.
+struct IssueCardDiesel;
+
+impl tidings_inbox::runner::diesel::DieselHandler for IssueCardDiesel {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut diesel_async::AsyncPgConnection,
+        msg: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            use diesel_async::RunQueryDsl;
+            let payment = msg.biz_id.as_deref().ok_or("no biz-id")?;
+            if payment.starts_with("poison") {
+                return Err(HandlerError::park("cannot issue a card for this payment"));
+            }
+            diesel::sql_query("INSERT INTO cards (payment_id) VALUES ($1)")
+                .bind::<diesel::sql_types::Text, _>(payment)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diesel_async_handler_runs_on_the_runner() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    let sink = tidings_tests::nats_sink(&nats).await;
+    for i in 0..10 {
+        let e = envelope(&format!("pay_{i}"));
+        sink.publish(&e).await.unwrap();
+        sink.publish(&Envelope {
+            message: tidings_outbox::WireMessage {
+                id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+                ..e.message.clone()
+            },
+            ..e
+        })
+        .await
+        .unwrap();
+    }
+    sink.publish(&envelope("poison_1")).await.unwrap();
+    let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
+        diesel_async::AsyncPgConnection,
+    >::new(&db.url);
+    let pool = diesel_async::pooled_connection::deadpool::Pool::builder(manager)
+        .max_size(4)
+        .build()
+        .unwrap();
+    let consumer = Arc::new(
+        NatsConsumer::with_store(
+            tidings_inbox::runner::diesel::DieselStore::new(pool, Arc::new(IssueCardDiesel)),
+            async_nats::connect(&nats.url).await.unwrap(),
+            ConsumerConfig {
+                name: "card-service".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually("all handled", Duration::from_secs(30), || async {
+        let s = consumer.stats();
+        s.processed.load(Ordering::SeqCst) == 10
+            && s.duplicates.load(Ordering::SeqCst) == 10
+            && s.parked.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let total: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT payment_id) + count(*) FROM cards",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 20, "ten payments, one card each");
+    let parked: i32 = c
+        .query_one(
+            "SELECT deliveries FROM tidings.inbox_dead_letters WHERE biz_id = 'poison_1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(parked, 1, "parked at once: the handler said so");
+}

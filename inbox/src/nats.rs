@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -82,9 +83,13 @@ impl ConsumerConfig {
     }
 }
 
+/// How long one pull request waits at the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 /// The JetStream side of a consumer: a durable pull consumer, created if missing, and created
 /// again when it is deleted while the runner runs.
 pub struct NatsAdapter {
+    client: async_nats::Client,
     js: jetstream::Context,
     stream: String,
     consumer_config: pull::Config,
@@ -126,11 +131,12 @@ impl NatsAdapter {
             max_ack_pending: (config.concurrency * 8) as i64,
             ..Default::default()
         };
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let current = find_or_create(&js, &config.stream, &consumer_config)
             .await
             .map_err(|e| Error::Database(e.to_string().into()))?;
         Ok(NatsAdapter {
+            client,
             js,
             stream: config.stream.clone(),
             consumer_config,
@@ -177,13 +183,36 @@ impl Adapter for NatsAdapter {
             // makes it spin.
             let consumer = find_or_create(&self.js, &self.stream, &self.consumer_config).await?;
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = consumer.clone();
-            let messages = consumer.messages().await?;
+            // Short pull requests: one left behind by a stopped or reopened stream holds
+            // messages delivered to it (until their ack wait) only until it expires.
+            let messages = consumer
+                .stream()
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_EXPIRES / 2)
+                .messages()
+                .await?;
             Ok(messages
-                .map(|m| {
-                    m.map(|msg| NatsDelivery { msg })
-                        .map_err(AdapterError::from)
+                .filter_map(|m| {
+                    futures::future::ready(match m {
+                        Ok(msg) => Some(Ok(NatsDelivery { msg })),
+                        // The stream recovers from a missed heartbeat by itself (new pull
+                        // requests); reopening would only leave a pull request behind.
+                        Err(e) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                            tracing::warn!(error = %e, "JetStream missed a heartbeat");
+                            None
+                        }
+                        Err(e) => Some(Err(AdapterError::from(e))),
+                    })
                 })
                 .boxed())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.client.flush().await {
+                tracing::warn!(error = %e, "cannot flush the last acks to NATS");
+            }
         })
     }
 

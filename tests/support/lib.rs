@@ -5,6 +5,7 @@
 //! `TIDINGS_TEST_PG` to point elsewhere on 127.0.0.1.
 
 pub mod conformance;
+pub mod runner_conformance;
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -171,6 +171,12 @@ pub trait Adapter: Send + Sync + 'static {
         &self,
     ) -> BoxFuture<'_, Result<BoxStream<'_, Result<Self::Delivery, AdapterError>>, AdapterError>>;
 
+    /// Flushes what the adapter still buffers (acks) to the broker; called once when
+    /// [`Runner::run`] ends, bounded by a few seconds. The default does nothing.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// How often [`Delivery::hold`] must be called to keep a message from being redelivered
     /// while it is handled or waits for a retry; `None` when the broker has no such timer.
     fn hold_interval(&self) -> Option<Duration>;
@@ -312,9 +318,14 @@ pub struct ConsumerStats {
     pub replayed: AtomicU64,
     /// Broker stream failures (each followed by a growing pause before reopening).
     pub receive_errors: AtomicU64,
+    /// Messages acked (after their commit, or after parking).
+    pub acked: AtomicU64,
     /// Acks the broker refused or lost (the redelivery is recognised by the inbox).
     pub ack_errors: AtomicU64,
 }
+
+/// Longest wait for an adapter's close (flush) when `run` ends.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -368,14 +379,23 @@ impl<A: Adapter, S: Store> Runner<A, S> {
             shutdown.cancelled().await;
             tokio::time::sleep(self.config.shutdown_timeout).await;
         };
-        tokio::select! {
+        let result = tokio::select! {
             () = work => Ok(()),
             () = deadline => {
                 tracing::warn!(timeout = ?self.config.shutdown_timeout,
                     "messages in flight did not finish in time; left unacked for redelivery");
                 Err(Error::ShutdownTimeout(self.config.shutdown_timeout))
             }
+        };
+        // The last acks may still sit in the client's buffer: a process that exits right after
+        // `run` returns would otherwise lose them (and get those messages redelivered).
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.adapter.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the broker did not take the last acks within {CLOSE_TIMEOUT:?}");
         }
+        result
     }
 
     async fn poll_replays(&self, shutdown: &CancellationToken) {
@@ -590,9 +610,12 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                         }
                         // Acked only now, after the commit. A lost ack means a redelivery,
                         // which the inbox recognises.
-                        if let Err(e) = delivery.ack().await {
-                            bump(&self.stats.ack_errors);
-                            tracing::warn!(error = %chain(&*e), "ack failed; the redelivery will be recognised");
+                        match delivery.ack().await {
+                            Ok(()) => bump(&self.stats.acked),
+                            Err(e) => {
+                                bump(&self.stats.ack_errors);
+                                tracing::warn!(error = %chain(&*e), "ack failed; the redelivery will be recognised");
+                            }
                         }
                         return;
                     }
@@ -634,12 +657,13 @@ impl<A: Adapter, S: Store> Runner<A, S> {
     /// later redelivery.
     async fn give_up(&self, delivery: &A::Delivery, d: &Delivered, error: &str) {
         match self.park(d, error).await {
-            Ok(()) => {
-                if let Err(e) = delivery.ack().await {
+            Ok(()) => match delivery.ack().await {
+                Ok(()) => bump(&self.stats.acked),
+                Err(e) => {
                     bump(&self.stats.ack_errors);
                     tracing::warn!(error = %chain(&*e), "ack of a parked message failed; it will be parked again");
                 }
-            }
+            },
             Err(e) => {
                 tracing::error!(error = %chain(&e), "cannot park message; the broker will redeliver it");
                 delivery.retry_later(self.config.backoff_max).await;
