@@ -271,7 +271,9 @@ async fn upgrading_a_database_that_holds_poison_rows_succeeds_and_keeps_them() {
         .position(|m| m.name == "hardening")
         .map(|i| tidings_migrations::migrations().len() - i)
         .unwrap();
-    tidings_migrations::postgres::down(&mut c, later).await.unwrap();
+    tidings_migrations::postgres::down(&mut c, later)
+        .await
+        .unwrap();
     c.batch_execute(
         "INSERT INTO tidings.outbox (id, topic, biz_id, payload) VALUES
            ('0190a000-0000-7000-8000-000000000001', 't', 'a', 'first'),
@@ -281,7 +283,11 @@ async fn upgrading_a_database_that_holds_poison_rows_succeeds_and_keeps_them() {
     .await
     .unwrap();
     let applied = tidings_migrations::postgres::up(&mut c).await.unwrap();
-    assert_eq!(applied.len(), later, "the hardening migration and later ones apply");
+    assert_eq!(
+        applied.len(),
+        later,
+        "the hardening migration and later ones apply"
+    );
     let rows = c
         .query(
             "SELECT id::text, convert_from(payload, 'UTF8') FROM tidings.outbox ORDER BY seq",
