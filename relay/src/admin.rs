@@ -31,9 +31,9 @@ const INBOX_DLQ_LIST: &str = "SELECT consumer, message_id, topic, ordering_key, 
      ORDER BY dead_at DESC, consumer, message_id LIMIT $2";
 /// inbox_dlq_replay: $1 text consumer, $2 uuid[] ids, $3 bool all. Only asks: the consumer's
 /// runner polls its requested rows (partial index inbox_dead_letters_replay_idx), runs them
-/// and deletes each row in the handler's transaction. A row the runner holds (a replay in
-/// progress) is waited for, then asked again; that asks for one more run only if the runner
-/// parked it again.
+/// and deletes each row in the handler's transaction. A row locked by a replay in progress is
+/// waited for: if the runner deleted it, it is skipped (not counted); if the runner parked it
+/// again, it is asked for once more.
 const INBOX_DLQ_REPLAY: &str = "UPDATE tidings.inbox_dead_letters SET replay_requested_at = now() \
      WHERE consumer = $1 AND ($3 OR message_id = ANY($2::uuid[]))";
 /// inbox_dlq_purge: $1 text consumer, $2 uuid[] ids, $3 bool all.

@@ -170,6 +170,7 @@ async fn no_password_in_any_subcommands_output_at_trace_level_and_url_credential
             (vec!["dlq", "list"], url.as_str()),
             (vec!["migrate", "status"], url.as_str()),
             (vec!["inbox", "prune"], url.as_str()),
+            (vec!["inbox", "dlq", "list"], url.as_str()),
             (vec!["status"], bad_db.as_str()),
             (vec!["migrate", "up"], bad_db.as_str()),
             (vec!["relay", "--sink", "nats", "--nats-url"], url.as_str()),
