@@ -535,12 +535,30 @@ async fn consumer_uses_only_its_own_consumer_names_and_never_sees_another_consum
         &[
             "UPDATE tidings.inbox SET biz_id = 'x' WHERE consumer = 'b'",
             "DELETE FROM tidings.inbox WHERE consumer = 'b'",
-            "DELETE FROM tidings.inbox_dead_letters",
             "INSERT INTO tidings.inbox (consumer, biz_id, processed_at) VALUES ('a-main', 'k', now())",
             "SELECT count(*) FROM tidings.outbox",
         ],
     )
     .await;
+    // Since migration 000003 a consumer deletes parked rows (a replay that succeeded), but only
+    // its own: b's are invisible to a, so a delete of them deletes nothing.
+    assert_eq!(
+        a.execute(
+            "DELETE FROM tidings.inbox_dead_letters WHERE consumer = 'b'",
+            &[]
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    assert_eq!(
+        count(
+            &r.owner().await,
+            "SELECT count(*) FROM tidings.inbox_dead_letters WHERE consumer = 'b'"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -643,6 +661,140 @@ async fn operator_lists_replays_and_purges_dead_letters_and_reads_status_but_no_
         ],
     )
     .await;
+}
+
+#[tokio::test]
+async fn operator_lists_requests_replay_and_purges_any_consumers_parked_messages_but_cannot_park_or_rewrite(
+) {
+    let r = Recipe::new().await;
+    let owner = r.owner().await;
+    let a = r.connect(&r.consumer_a).await;
+    let b = r.connect(&r.consumer_b).await;
+    // Each consumer parks two messages through its own role, as its runner would.
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    for (c, consumer, id) in [
+        (&a, "a-main", ids[0]),
+        (&a, "a-main", ids[1]),
+        (&b, "b", ids[2]),
+        (&b, "b", ids[3]),
+    ] {
+        c.execute(
+            PARK,
+            &[
+                &consumer,
+                &id,
+                &"pay_1",
+                &"orders.created",
+                &b"{}".to_vec(),
+                &serde_json::json!({}),
+                &5i32,
+                &"boom",
+            ],
+        )
+        .await
+        .unwrap();
+    }
+
+    let o = r.connect(&r.operator).await;
+    tidings_migrations::postgres::ensure_current(&o)
+        .await
+        .unwrap();
+    assert_eq!(
+        tidings_relay::inbox_dlq_list(&o, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        4,
+        "every consumer's parked messages"
+    );
+    let bs = tidings_relay::inbox_dlq_list(&o, Some("b"), 10)
+        .await
+        .unwrap();
+    assert_eq!(bs.len(), 2);
+    assert!(bs
+        .iter()
+        .all(|p| p.consumer == "b" && p.replay_requested_at.is_none()));
+
+    assert_eq!(
+        tidings_relay::inbox_dlq_replay(&o, "a-main", Some(&ids[..1]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        tidings_relay::inbox_dlq_replay(&o, "b", None)
+            .await
+            .unwrap(),
+        2
+    );
+    let requested: Vec<Uuid> = owner
+        .query(
+            "SELECT message_id FROM tidings.inbox_dead_letters
+              WHERE replay_requested_at IS NOT NULL ORDER BY message_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(requested, [ids[0], ids[2], ids[3]]);
+    assert!(tidings_relay::inbox_dlq_list(&o, Some("b"), 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|p| p.replay_requested_at.is_some()));
+
+    // The consumers' own restrictions still hold with the operator's policy in place: each
+    // sees, and can ask for replays of, only its own parked messages.
+    assert_eq!(
+        count(&a, "SELECT count(*) FROM tidings.inbox_dead_letters").await,
+        2
+    );
+    assert_eq!(
+        a.execute(
+            "UPDATE tidings.inbox_dead_letters SET replay_requested_at = now() WHERE consumer = 'b'",
+            &[],
+        )
+        .await
+        .unwrap(),
+        0,
+        "b's rows are invisible to a"
+    );
+
+    refused(
+        &o,
+        &[
+            "INSERT INTO tidings.inbox_dead_letters
+                    (consumer, message_id, biz_id, topic, payload, headers, deliveries, last_error)
+             VALUES ('a-main', gen_random_uuid(), 'forged', 't', 'p', '{}', 1, 'e')",
+            "UPDATE tidings.inbox_dead_letters SET payload = 'rewritten'",
+            "UPDATE tidings.inbox_dead_letters SET headers = '{}'",
+            "UPDATE tidings.inbox_dead_letters SET consumer = 'b'",
+            "UPDATE tidings.inbox_dead_letters SET last_error = 'e', deliveries = 0",
+            "SELECT count(*) FROM tidings.inbox",
+        ],
+    )
+    .await;
+
+    assert_eq!(
+        tidings_relay::inbox_dlq_purge(&o, "a-main", Some(&ids[1..2]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        tidings_relay::inbox_dlq_purge(&o, "b", None).await.unwrap(),
+        2
+    );
+    let left: Vec<Uuid> = owner
+        .query("SELECT message_id FROM tidings.inbox_dead_letters", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, [ids[0]]);
 }
 
 #[tokio::test]

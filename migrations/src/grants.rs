@@ -26,7 +26,8 @@ pub struct Grants {
     pub relay: Option<String>,
     /// The role `tidings inbox prune` runs as. Defaults to none.
     pub pruner: Option<String>,
-    /// The role `tidings status` and `tidings dlq` run as. Defaults to none.
+    /// The role `tidings status`, `tidings dlq` and `tidings inbox dlq` run as. Defaults to
+    /// none.
     pub operator: Option<String>,
 }
 
@@ -186,6 +187,17 @@ impl Grants {
                 });
             }
         }
+        // Likewise the operator's policy on the parked messages: a consumer role that is also
+        // the operator would park, rewrite and delete other consumers' messages through it.
+        if let Some(o) = &self.operator {
+            if consumers.iter().any(|c| &c.role == o) {
+                return Err(Error::InvalidName {
+                    what: "role name",
+                    name: o.clone(),
+                    rule: "a role cannot be both a consumer and the operator (the operator sees every consumer's parked messages); use two roles",
+                });
+            }
+        }
         let mut out = String::from(header());
         out.push_str(section("begin"));
         for r in &roles {
@@ -266,13 +278,30 @@ mod tests {
         assert!(sql.contains("CREATE POLICY \"pruner_card_pruner\""));
         let both = Grants {
             pruner: Some("card_service".into()),
-            ..g
+            ..g.clone()
         };
         assert!(both
             .sql()
             .unwrap_err()
             .to_string()
             .contains("both a consumer and the pruner"));
+        let both = Grants {
+            operator: Some("card_service".into()),
+            ..g.clone()
+        };
+        assert!(both
+            .sql()
+            .unwrap_err()
+            .to_string()
+            .contains("both a consumer and the operator"));
+        assert!(
+            sql.contains("CREATE POLICY \"operator_ops\" ON tidings.inbox_dead_letters TO \"ops\"")
+        );
+        assert_eq!(
+            sql.matches("DROP POLICY IF EXISTS \"operator_").count(),
+            5,
+            "every role named loses an operator policy it had"
+        );
         assert_eq!(sql.matches("REVOKE ALL ON ALL TABLES").count(), 5);
         assert!(
             !sql[header().len()..].contains('{'),

@@ -15,7 +15,8 @@
 -- Row-level security: the inbox tables are shared by every consuming service, keyed by consumer
 -- name. With RLS on, a consumer role sees and writes only the rows of its own consumer names
 -- (one policy per role, "consumer_<role>"); the pruner's policy lets it read and delete every
--- row and write none. The table owner bypasses RLS (it is not FORCEd), superusers too; any
+-- inbox row and write none; the operator's lets it read, delete and ask to replay every parked
+-- message, and (by its column grants) change nothing else. The table owner bypasses RLS (it is not FORCEd), superusers too; any
 -- other role with privileges granted by hand sees no inbox rows at all.
 -- Column lists: producers and the operator name the columns they may INSERT, so no one but the
 -- database chooses seq (GENERATED ALWAYS; OVERRIDING SYSTEM VALUE needs INSERT on seq) or the
@@ -54,6 +55,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA tidings FROM {role};
 DROP POLICY IF EXISTS "consumer_{name}" ON tidings.inbox;
 DROP POLICY IF EXISTS "consumer_{name}" ON tidings.inbox_dead_letters;
 DROP POLICY IF EXISTS "pruner_{name}" ON tidings.inbox;
+DROP POLICY IF EXISTS "operator_{name}" ON tidings.inbox_dead_letters;
 GRANT USAGE ON SCHEMA tidings TO {role};
 
 --- section: producer
@@ -102,12 +104,19 @@ CREATE POLICY "pruner_{name}" ON tidings.inbox TO {role} USING (true) WITH CHECK
 -- {role} operates (`tidings status`, `tidings dlq list|replay|purge`): reads the outbox without
 -- its payloads and headers, reads and deletes dead letters, and replays them into the outbox
 -- (same id, so INSERT of id and created_at too). It cannot change or delete outbox rows.
+-- `tidings inbox dlq list|replay|purge`: reads and deletes every consumer's parked messages and
+-- asks for their replay (replay_requested_at is the only column it may set; the consumer's own
+-- runner does the replay). Its policy admits every consumer's rows; it has no INSERT privilege
+-- there, so it cannot park (forge) a message.
 GRANT SELECT ON tidings.schema_migrations TO {role};
 GRANT SELECT (seq, id, topic, ordering_key, biz_id, created_at, deliver_at, attempts, last_error,
               last_attempt_at, first_due_at) ON tidings.outbox TO {role};
 GRANT INSERT (id, topic, ordering_key, biz_id, payload, headers, created_at) ON tidings.outbox TO {role};
 GRANT SELECT, DELETE ON tidings.dead_letters TO {role};
 GRANT SELECT ON tidings.relays TO {role};
+GRANT SELECT, UPDATE (replay_requested_at), DELETE ON tidings.inbox_dead_letters TO {role};
+CREATE POLICY "operator_{name}" ON tidings.inbox_dead_letters TO {role}
+    USING (true) WITH CHECK (true);
 
 --- section: commit
 COMMIT;

@@ -1,4 +1,4 @@
-//! Read and repair: the queries behind `tidings status` and `tidings dlq`.
+//! Read and repair: the queries behind `tidings status`, `tidings dlq` and `tidings inbox dlq`.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -22,8 +22,35 @@ const DLQ_REPLAY: &str = include_str!("sql/dlq_replay.sql");
 /// dlq_purge: $1 uuid[] ids, $2 bool all.
 const DLQ_PURGE: &str = "DELETE FROM tidings.dead_letters WHERE $2 OR id = ANY($1::uuid[])";
 
+/// inbox_dlq_list: $1 text consumer (NULL: every consumer), $2 int8 limit. Newest first,
+/// without payload and headers. A full sort of the parked rows (no index on dead_at): parked
+/// messages are few, and an operator's list is rare.
+const INBOX_DLQ_LIST: &str = "SELECT consumer, message_id, topic, ordering_key, biz_id, \
+     deliveries, last_error, created_at, dead_at, replay_requested_at \
+     FROM tidings.inbox_dead_letters WHERE ($1::text IS NULL OR consumer = $1) \
+     ORDER BY dead_at DESC, consumer, message_id LIMIT $2";
+/// inbox_dlq_replay: $1 text consumer, $2 uuid[] ids, $3 bool all. Only asks: the consumer's
+/// runner polls its requested rows (partial index inbox_dead_letters_replay_idx), runs them
+/// and deletes each row in the handler's transaction. A row locked by a replay in progress is
+/// waited for: if the runner deleted it, it is skipped (not counted); if the runner parked it
+/// again, it is asked for once more.
+const INBOX_DLQ_REPLAY: &str = "UPDATE tidings.inbox_dead_letters SET replay_requested_at = now() \
+     WHERE consumer = $1 AND ($3 OR message_id = ANY($2::uuid[]))";
+/// inbox_dlq_purge: $1 text consumer, $2 uuid[] ids, $3 bool all.
+const INBOX_DLQ_PURGE: &str = "DELETE FROM tidings.inbox_dead_letters \
+     WHERE consumer = $1 AND ($3 OR message_id = ANY($2::uuid[]))";
+
 /// Every admin statement, for the test that prepares them all.
-pub const ADMIN_STATEMENTS: &[&str] = &[STATUS, RELAYS, DLQ_LIST, DLQ_REPLAY, DLQ_PURGE];
+pub const ADMIN_STATEMENTS: &[&str] = &[
+    STATUS,
+    RELAYS,
+    DLQ_LIST,
+    DLQ_REPLAY,
+    DLQ_PURGE,
+    INBOX_DLQ_LIST,
+    INBOX_DLQ_REPLAY,
+    INBOX_DLQ_PURGE,
+];
 
 /// Health of the outbox and its relays.
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +118,33 @@ pub struct DeadLetter {
     pub created_at: DateTime<Utc>,
     /// When it was dead-lettered.
     pub dead_at: DateTime<Utc>,
+}
+
+/// A message a consumer's runner parked (`tidings.inbox_dead_letters`), without its payload
+/// and headers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedMessage {
+    /// The consumer that parked it.
+    pub consumer: String,
+    /// Message id.
+    pub message_id: Uuid,
+    /// Topic.
+    pub topic: String,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Business id.
+    pub biz_id: Option<String>,
+    /// Deliveries the consumer counted before it parked the message.
+    pub deliveries: i32,
+    /// The handler's last error.
+    pub last_error: String,
+    /// When it was enqueued (unknown for messages parked before migration 000003).
+    pub created_at: Option<DateTime<Utc>>,
+    /// When it was (last) parked.
+    pub dead_at: DateTime<Utc>,
+    /// When an operator asked for a replay that the consumer's runner has not run yet; `None`
+    /// when no replay is pending.
+    pub replay_requested_at: Option<DateTime<Utc>>,
 }
 
 // Every admin statement is sent unnamed with typed parameters (`query_typed`): one round trip,
@@ -171,6 +225,76 @@ pub async fn dlq_purge(client: &impl GenericClient, ids: Option<&[Uuid]>) -> Res
     .await
 }
 
+/// The newest `limit` parked messages, of one consumer or (`None`) of every consumer.
+pub async fn inbox_dlq_list(
+    client: &impl GenericClient,
+    consumer: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ParkedMessage>, Error> {
+    Ok(client
+        .query_typed(
+            INBOX_DLQ_LIST,
+            &[(&consumer, Type::TEXT), (&limit, Type::INT8)],
+        )
+        .await?
+        .iter()
+        .map(|r| ParkedMessage {
+            consumer: r.get(0),
+            message_id: r.get(1),
+            topic: r.get(2),
+            key: r.get(3),
+            biz_id: r.get(4),
+            deliveries: r.get(5),
+            last_error: r.get(6),
+            created_at: r.get(7),
+            dead_at: r.get(8),
+            replay_requested_at: r.get(9),
+        })
+        .collect())
+}
+
+/// Asks `consumer`'s runner to run its parked messages `ids` again (`None`: all of them) by
+/// setting `replay_requested_at`; publishes nothing. The runner, which must be running, runs
+/// each with the inbox record in one transaction and deletes it, or parks it again with the
+/// new error. Returns how many rows were asked for.
+pub async fn inbox_dlq_replay(
+    client: &impl GenericClient,
+    consumer: &str,
+    ids: Option<&[Uuid]>,
+) -> Result<u64, Error> {
+    let (ids, all) = (ids.unwrap_or(&[]), ids.is_none());
+    execute_typed(
+        client,
+        INBOX_DLQ_REPLAY,
+        &[
+            (&consumer, Type::TEXT),
+            (&ids, Type::UUID_ARRAY),
+            (&all, Type::BOOL),
+        ],
+    )
+    .await
+}
+
+/// Deletes `consumer`'s parked messages `ids` (`None`: all of them) for good. Returns how many
+/// were deleted.
+pub async fn inbox_dlq_purge(
+    client: &impl GenericClient,
+    consumer: &str,
+    ids: Option<&[Uuid]>,
+) -> Result<u64, Error> {
+    let (ids, all) = (ids.unwrap_or(&[]), ids.is_none());
+    execute_typed(
+        client,
+        INBOX_DLQ_PURGE,
+        &[
+            (&consumer, Type::TEXT),
+            (&ids, Type::UUID_ARRAY),
+            (&all, Type::BOOL),
+        ],
+    )
+    .await
+}
+
 /// Runs an unnamed statement that returns no rows; returns how many rows it changed.
 async fn execute_typed(
     client: &impl GenericClient,
@@ -247,5 +371,26 @@ impl std::fmt::Display for DeadLetter {
             self.dead_at,
             shown(&self.last_error)
         )
+    }
+}
+
+/// One line of `tidings inbox dlq list`, message fields escaped.
+impl std::fmt::Display for ParkedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} consumer={} {} key={} biz_id={} deliveries={} parked at {}",
+            self.message_id,
+            shown(&self.consumer),
+            shown(&self.topic),
+            shown(self.key.as_deref().unwrap_or("-")),
+            shown(self.biz_id.as_deref().unwrap_or("-")),
+            self.deliveries,
+            self.dead_at,
+        )?;
+        if let Some(at) = self.replay_requested_at {
+            write!(f, " replay requested at {at} (pending)")?;
+        }
+        write!(f, ": {}", shown(&self.last_error))
     }
 }

@@ -2,13 +2,15 @@
 #![warn(missing_docs)]
 
 mod admin;
+pub mod cli;
 mod config;
 mod listener;
 mod relay;
 pub mod sink;
 
 pub use admin::{
-    dlq_list, dlq_purge, dlq_replay, shown, status, DeadLetter, RelayInfo, Status, ADMIN_STATEMENTS,
+    dlq_list, dlq_purge, dlq_replay, inbox_dlq_list, inbox_dlq_purge, inbox_dlq_replay, shown,
+    status, DeadLetter, ParkedMessage, RelayInfo, Status, ADMIN_STATEMENTS,
 };
 pub use config::{parse_duration, RelayArgs, RelayConfig};
 pub use listener::CHANNEL;

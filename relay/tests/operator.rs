@@ -170,6 +170,7 @@ async fn no_password_in_any_subcommands_output_at_trace_level_and_url_credential
             (vec!["dlq", "list"], url.as_str()),
             (vec!["migrate", "status"], url.as_str()),
             (vec!["inbox", "prune"], url.as_str()),
+            (vec!["inbox", "dlq", "list"], url.as_str()),
             (vec!["status"], bad_db.as_str()),
             (vec!["migrate", "up"], bad_db.as_str()),
             (vec!["relay", "--sink", "nats", "--nats-url"], url.as_str()),
@@ -324,4 +325,261 @@ async fn a_stream_dedup_window_shorter_than_the_retry_horizon_exits_2_naming_bot
     }
     kill(&child, "-TERM");
     assert_eq!(exit_within(&mut child, Duration::from_secs(20)), 0);
+}
+
+/// Runs `tidings` against `db`; returns the exit code, stdout and stderr.
+fn tidings(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("TIDINGS_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Parks `ids` for `consumer` as a runner would (the test database's owner bypasses RLS).
+async fn park(db: &TestDb, consumer: &str, ids: &[uuid::Uuid]) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO tidings.inbox_dead_letters
+                    (consumer, message_id, biz_id, topic, ordering_key, payload, headers,
+                     created_at, deliveries, last_error)
+             SELECT $1, id, 'pay-' || id, 'payment.succeeded', 'cust-1', 'p', '{}',
+                    now() - interval '1 hour', 5, 'card declined'
+               FROM unnest($2::uuid[]) id",
+            &[&consumer, &ids],
+        )
+        .await
+        .unwrap();
+}
+
+/// (consumer, message_id) of the parked rows with a replay requested, sorted.
+async fn requested(db: &TestDb) -> Vec<(String, uuid::Uuid)> {
+    db.client()
+        .await
+        .query(
+            "SELECT consumer, message_id FROM tidings.inbox_dead_letters
+              WHERE replay_requested_at IS NOT NULL ORDER BY consumer, message_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// (consumer, message_id) of every parked row, sorted.
+async fn parked(db: &TestDb) -> Vec<(String, uuid::Uuid)> {
+    db.client()
+        .await
+        .query(
+            "SELECT consumer, message_id FROM tidings.inbox_dead_letters ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbox_dlq_list_shows_parked_messages_escaped_and_pending_replays_and_json_parses() {
+    let db = TestDb::migrated().await;
+    let (hostile, plain) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO tidings.inbox_dead_letters
+                    (consumer, message_id, biz_id, topic, ordering_key, payload, headers,
+                     deliveries, last_error, dead_at)
+             VALUES ('card', $1, E'pay\\x1b[2J\\x1b[Hforged', E't\\x07', E'k\\u202e', 'p', '{}', 5,
+                     E'line1\\nERROR forged line', now() - interval '1 minute')",
+            &[&hostile],
+        )
+        .await
+        .unwrap();
+    park(&db, "audit", &[plain]).await;
+    db.client()
+        .await
+        .batch_execute("UPDATE tidings.inbox_dead_letters SET replay_requested_at = now() WHERE consumer = 'audit'")
+        .await
+        .unwrap();
+
+    let (code, out, err) = tidings(&db, &["inbox", "dlq", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n') && !out.contains('\u{202e}'),
+        "raw control characters reach the terminal: {out:?}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per parked message: {out}");
+    // Newest first: audit's was parked now, card's a minute ago.
+    assert!(
+        lines[0].starts_with(&plain.to_string())
+            && lines[0].contains("consumer=audit")
+            && lines[0].contains("replay requested at"),
+        "{out}"
+    );
+    for want in [
+        "consumer=card",
+        "pay\\u{1b}[2J\\u{1b}[Hforged",
+        "t\\u{7}",
+        "k\\u{202e}",
+        "line1\\nERROR forged line",
+    ] {
+        assert!(lines[1].contains(want), "{want}: {out}");
+    }
+    assert!(!lines[1].contains("replay requested"), "{out}");
+
+    let (code, out, err) = tidings(
+        &db,
+        &["inbox", "dlq", "list", "--consumer", "card", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["message_id"], hostile.to_string());
+    assert_eq!(
+        rows[0]["biz_id"], "pay\u{1b}[2J\u{1b}[Hforged",
+        "JSON keeps the raw value"
+    );
+    assert_eq!(rows[0]["deliveries"], 5);
+    assert!(rows[0]["replay_requested_at"].is_null());
+    assert!(rows[0].get("payload").is_none(), "no payload: {out}");
+
+    let (code, out, _) = tidings(&db, &["inbox", "dlq", "list", "--limit", "1"]);
+    assert_eq!((code, out.lines().count()), (0, 1), "{out}");
+    let (code, _, err) = tidings(&db, &["inbox", "dlq", "list", "--limit", "0"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbox_dlq_replay_asks_only_for_the_named_rows_of_the_named_consumer() {
+    let db = TestDb::migrated().await;
+    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    park(&db, "card", &[a, b]).await;
+    // The same message parked by another consumer is that consumer's business.
+    park(&db, "audit", &[a]).await;
+
+    let a_s = a.to_string();
+    let (code, out, err) = tidings(&db, &["inbox", "dlq", "replay", "--consumer", "card", &a_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("requested replay of 1 parked messages of consumer card"),
+        "{out}"
+    );
+    assert_eq!(requested(&db).await, [("card".to_owned(), a)]);
+    // Nothing is published or deleted: the consumer's runner does the replay.
+    assert_eq!(parked(&db).await.len(), 3);
+    assert_eq!(db.outbox_count().await, 0);
+
+    let (code, out, err) = tidings(
+        &db,
+        &["inbox", "dlq", "replay", "--consumer", "card", "--all"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("requested replay of 2 parked"), "{out}");
+    let mut want = vec![("card".to_owned(), a), ("card".to_owned(), b)];
+    want.sort();
+    assert_eq!(requested(&db).await, want);
+
+    // A consumer with nothing parked: nothing to ask for.
+    let (code, out, _) = tidings(
+        &db,
+        &["inbox", "dlq", "replay", "--consumer", "nobody", "--all"],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("requested replay of 0"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbox_dlq_purge_deletes_the_named_rows_or_all_of_one_consumer() {
+    let db = TestDb::migrated().await;
+    let (a, b, c) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    park(&db, "card", &[a, b, c]).await;
+    park(&db, "audit", &[a]).await;
+
+    let (code, out, err) = tidings(
+        &db,
+        &[
+            "inbox",
+            "dlq",
+            "purge",
+            "--consumer",
+            "card",
+            &a.to_string(),
+            &b.to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("purged 2 parked messages of consumer card"),
+        "{out}"
+    );
+    let mut want = vec![("audit".to_owned(), a), ("card".to_owned(), c)];
+    want.sort();
+    assert_eq!(parked(&db).await, want);
+
+    let (code, out, err) = tidings(
+        &db,
+        &["inbox", "dlq", "purge", "--consumer", "card", "--all"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("purged 1 parked"), "{out}");
+    assert_eq!(parked(&db).await, [("audit".to_owned(), a)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbox_dlq_replay_and_purge_without_a_consumer_or_ids_exit_2_naming_the_flag() {
+    let db = TestDb::migrated().await;
+    let id = uuid::Uuid::now_v7();
+    park(&db, "card", &[id]).await;
+    let id = id.to_string();
+    for action in ["replay", "purge"] {
+        let (code, _, err) = tidings(&db, &["inbox", "dlq", action, &id]);
+        assert_eq!(code, 2, "{action}: {err}");
+        assert!(err.contains("--consumer"), "{action}: {err}");
+
+        let (code, _, err) = tidings(&db, &["inbox", "dlq", action, "--consumer", "card"]);
+        assert_eq!(code, 2, "{action}: {err}");
+        assert!(
+            err.contains("--all") && err.contains("ids"),
+            "{action}: {err}"
+        );
+
+        let (code, _, err) = tidings(
+            &db,
+            &["inbox", "dlq", action, "--consumer", "card", "--all", &id],
+        );
+        assert_eq!(code, 2, "{action}: ids and --all together: {err}");
+    }
+    assert_eq!(parked(&db).await.len(), 1, "nothing purged");
+    assert!(requested(&db).await.is_empty(), "no replay requested");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbox_dlq_on_an_unmigrated_database_says_to_migrate() {
+    let db = TestDb::empty().await;
+    for args in [
+        &["inbox", "dlq", "list"][..],
+        &["inbox", "dlq", "replay", "--consumer", "card", "--all"],
+        &["inbox", "dlq", "purge", "--consumer", "card", "--all"],
+    ] {
+        let (code, _, err) = tidings(&db, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("run `tidings migrate up`"), "{args:?}: {err}");
+    }
 }

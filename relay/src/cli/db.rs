@@ -1,6 +1,6 @@
-//! The binary's database connections: URL parsing (passwords never shown), TLS with rustls and
-//! libpq's `sslmode` values, and time bounds on every connection (`--db-timeout`, TCP
-//! keepalives), so a database that stops answering is reported instead of waited on forever.
+//! The command line's database connections: URL parsing (passwords never shown), TLS with
+//! rustls and libpq's `sslmode` values, and time bounds on every connection (`--db-timeout`,
+//! TCP keepalives), so a database that stops answering is reported instead of waited on forever.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,12 +10,12 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
-use tidings_relay::{ErrorChain, Relay};
 use tokio::time::Instant;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::{usage, Failure};
+use super::{usage, Failure};
+use crate::{ErrorChain, Relay};
 
 /// TCP keepalive defaults (unless the URL sets `keepalives_*`): a peer that vanished without
 /// closing (network partition, host down) is noticed after about 15 s + 3 x 5 s of silence.

@@ -1,0 +1,471 @@
+//! The `tidings` command line as a library: its flags ([`Cli`]), what each subcommand does
+//! ([`run`]) and the exit code each failure maps to ([`Failure`]). The binary only parses,
+//! installs the tracing subscriber, builds the runtime and turns a [`Failure`] into its exit
+//! code, so the whole command line is testable and reusable from Rust.
+//!
+//! ```no_run
+//! use clap::Parser;
+//! # async fn demo() -> Result<(), tidings_relay::cli::Failure> {
+//! let cli = tidings_relay::cli::Cli::parse_from(["tidings", "status", "--json"]);
+//! tidings_relay::cli::run(cli).await?;
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::{parse_duration, ErrorChain, Relay};
+
+/// `println!` that does not panic when stdout is closed (`tidings dlq list | head -1`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that does not panic when stdout is closed.
+macro_rules! out_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+// After the macros: textual scope makes them visible in these modules.
+mod admin;
+mod db;
+
+use db::Db;
+
+/// The `tidings` command line: global flags and one subcommand.
+#[derive(Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Transactional outbox relay and tooling for PostgreSQL"
+)]
+pub struct Cli {
+    /// PostgreSQL URL (postgres://user:password@host:port/db?sslmode=...). Passwords are never logged.
+    ///
+    /// sslmode, with libpq's meaning:
+    ///   disable      plain text
+    ///   prefer       the default: TLS if the server offers it, else plain text; certificate
+    ///                not verified
+    ///   require      TLS; certificate not verified, unless a CA is given (then as verify-ca)
+    ///   verify-ca    TLS; chain verified against the CA (--pg-ca-file or sslrootcert=<file>,
+    ///                required), host name not checked
+    ///   verify-full  TLS; chain and host name verified, against the CA or else the system roots
+    ///   (allow is taken as prefer; sslrootcert=system means the system roots, with verify-full)
+    /// Where Tidings differs from libpq: verify-ca needs a CA given explicitly and verify-full
+    /// without one uses the system roots (~/.postgresql/root.crt is never read); no client
+    /// certificates (sslcert, sslkey) or CRLs; rustls rules (TLS 1.2 or later, no SHA-1).
+    /// connect_timeout defaults to --db-timeout and TCP keepalives to 15s idle, 5s interval,
+    /// 3 probes, unless the URL sets connect_timeout or keepalives_idle/_interval/_retries.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        verbatim_doc_comment
+    )]
+    database_url: Option<String>,
+    /// CA certificate(s) (PEM) that PostgreSQL's certificate must chain to, instead of the system
+    /// roots (like libpq's sslrootcert); needs sslmode=require, verify-ca or verify-full.
+    #[arg(long, env = "TIDINGS_PG_CA_FILE", global = true)]
+    pg_ca_file: Option<std::path::PathBuf>,
+    /// Longest wait for PostgreSQL: bounds connecting and getting a pooled connection, and
+    /// each admin command (status, dlq, migrate, inbox prune, inbox dlq) as a whole, also as its
+    /// statement_timeout. Raise it for long migrations or prunes.
+    #[arg(long, env = "TIDINGS_DB_TIMEOUT", value_parser = parse_duration, default_value = "30s", global = true)]
+    db_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "TIDINGS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Cli {
+    /// The log format asked for (`--log-format`), for the binary's tracing subscriber.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply, revert or inspect the Tidings schema (schema `tidings`, ledger `tidings.schema_migrations`).
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Run the relay: deliver committed outbox rows to a broker until SIGTERM/SIGINT.
+    Relay(Box<crate::RelayArgs>),
+    /// Show backlog, oldest waiting message, dead letters and relay heartbeats.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, replay or purge dead-lettered messages.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Print the SQL that gives each role least privilege on the tidings schema (no database
+    /// needed). Run it as the schema owner after every `migrate up`; it is idempotent.
+    Grants(GrantsArgs),
+    /// Consumer-side maintenance of the inbox.
+    Inbox {
+        #[command(subcommand)]
+        action: InboxAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct GrantsArgs {
+    /// Role that enqueues messages (repeatable).
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    producer: Vec<String>,
+    /// Role that consumes through the inbox, and the consumer names it alone may use
+    /// (repeatable); without `=`, the consumer name is the role name.
+    #[arg(long, value_name = "ROLE[=NAME,...]", value_parser = consumer_grant)]
+    consumer: Vec<tidings_migrations::ConsumerGrant>,
+    /// Role the relay runs as.
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    relay: Option<String>,
+    /// Role `tidings inbox prune` runs as (reads and deletes every consumer's inbox records).
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    pruner: Option<String>,
+    /// Role `tidings status`, `tidings dlq` and `tidings inbox dlq` run as.
+    #[arg(long, value_name = "ROLE", value_parser = role_name)]
+    operator: Option<String>,
+}
+
+fn role_name(s: &str) -> Result<String, String> {
+    tidings_migrations::check_role(s)
+        .map(str::to_owned)
+        .map_err(|e| e.to_string())
+}
+
+fn consumer_grant(s: &str) -> Result<tidings_migrations::ConsumerGrant, String> {
+    s.parse()
+        .map_err(|e: tidings_migrations::Error| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum InboxAction {
+    /// Delete inbox records older than --older-than, in small batches. Keep records longer than
+    /// any redelivery or replay can arrive, or a late redelivery runs its effect again.
+    Prune {
+        /// Age beyond which records go (e.g. 7d, 12h).
+        #[arg(long, env = "TIDINGS_INBOX_RETENTION", value_parser = parse_duration, default_value = "7d")]
+        older_than: Duration,
+        /// Only this consumer's records [default: every consumer].
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Rows deleted per statement (each its own short transaction).
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+        /// Allow --older-than below 1 hour (a redelivery after that runs its effect again).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List, replay or purge messages a consumer parked (tidings.inbox_dead_letters). A replay
+    /// is run by the consumer's own runner, which must be running for it to happen.
+    Dlq {
+        #[command(subcommand)]
+        action: InboxDlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum InboxDlqAction {
+    /// List the newest parked messages (without payloads), and whether a replay is pending.
+    List {
+        /// Only this consumer's parked messages [default: every consumer].
+        #[arg(long)]
+        consumer: Option<String>,
+        /// How many to show (1 to 10000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the consumer's runner to run parked messages again (it deletes each one it handles,
+    /// or parks it again with the new error).
+    Replay {
+        /// The consumer whose parked messages to replay.
+        #[arg(long)]
+        consumer: String,
+        /// Message ids to replay.
+        ids: Vec<uuid::Uuid>,
+        /// Replay every parked message of the consumer.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete parked messages for good.
+    Purge {
+        /// The consumer whose parked messages to delete.
+        #[arg(long)]
+        consumer: String,
+        /// Message ids to delete.
+        ids: Vec<uuid::Uuid>,
+        /// Delete every parked message of the consumer.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration (safe to run from several processes at once).
+    Up,
+    /// Revert the newest migration (or more with --steps, or all with --all). Refused while the
+    /// outbox, the dead letters or the inbox hold rows (a revert may drop them) unless --force.
+    Down {
+        /// Revert even though Tidings tables hold rows that the revert may drop.
+        #[arg(long)]
+        force: bool,
+        /// How many migrations to revert.
+        #[arg(long, default_value_t = 1, conflicts_with = "all")]
+        steps: usize,
+        /// Revert every migration.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show each migration and whether it is applied.
+    Status,
+    /// Print the full SQL (every migration plus ledger rows) to vendor into another tool.
+    Sql,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List the newest dead letters.
+    List {
+        /// How many to show (1 to 10000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
+    /// Move dead letters back into the outbox (same message id, attempts reset).
+    Replay {
+        /// Message ids to replay.
+        ids: Vec<uuid::Uuid>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Message ids to delete.
+        ids: Vec<uuid::Uuid>,
+        /// Delete every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+/// Why a command failed, and the exit code that says so: 2 for bad configuration or usage,
+/// 1 for a failure at run time.
+#[derive(Debug)]
+pub struct Failure {
+    /// The process exit code: 2 configuration or usage, 1 run time.
+    pub code: u8,
+    /// What went wrong, for `error: ...` on stderr; names the flag where one is at fault.
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A configuration or usage failure (exit code 2).
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+/// Any error is a run-time failure (exit code 1), shown with its whole source chain.
+impl<E: std::error::Error + 'static> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            message: ErrorChain(&e).to_string(),
+        }
+    }
+}
+
+/// Runs the subcommand `cli` names until it is done (the relay: until SIGTERM or SIGINT).
+/// Output goes to stdout and never panics when stdout is closed; log lines go to the tracing
+/// subscriber the caller installed.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let pg = Db::new(
+        cli.database_url.as_deref(),
+        cli.pg_ca_file.as_deref(),
+        cli.db_timeout,
+    );
+    match cli.command {
+        Command::Migrate {
+            action: MigrateAction::Sql,
+        } => {
+            out_raw!("{}", tidings_migrations::script());
+            Ok(())
+        }
+        Command::Grants(a) => admin::grants(a),
+        Command::Migrate { action } => pg?.admin(async |c| admin::migrate(c, action).await).await,
+        Command::Status { json } => pg?.admin(async |c| admin::status(c, json).await).await,
+        Command::Dlq { action } => pg?.admin(async |c| admin::dlq(c, action).await).await,
+        Command::Relay(args) => relay(pg?, *args).await,
+        Command::Inbox { action } => admin::inbox(pg, action).await,
+    }
+}
+
+async fn relay(pg: Db, args: crate::RelayArgs) -> Result<(), Failure> {
+    let config = args.config();
+    if args.pool_size == 0 {
+        return Err(usage("--pool-size must be at least 1"));
+    }
+    let pool = pg.pool(args.pool_size)?;
+    pg.first_connection(&pool).await?;
+
+    let dedup_hint = args.sink.dedup_window_hint();
+    let sink = args
+        .sink
+        .connect(args.publish_timeout)
+        .await
+        .map_err(|e| match e {
+            crate::Error::Config(m) => usage(m),
+            other => Failure::from(other),
+        })?;
+    let relay = pg.with_listener(Relay::new(pool, sink, config).map_err(|e| {
+        let mut m = flagify(&e.to_string());
+        if let Some(hint) = dedup_hint.filter(|_| m.contains("dedup window")) {
+            m.push_str(&format!(" ({hint})"));
+        }
+        usage(m)
+    })?);
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing the batch in flight");
+        signals.cancel();
+    });
+    // The run loop owns the shutdown deadline (--shutdown-timeout).
+    relay.run(shutdown).await.map_err(|e| match e {
+        crate::Error::ShutdownTimeout(d) => Failure {
+            code: 1,
+            message: format!("in-flight work did not finish within {d:?} (--shutdown-timeout)"),
+        },
+        other => Failure::from(other),
+    })
+}
+
+/// Names the flags in a library config error: `claim_timeout` becomes `--claim-timeout`.
+fn flagify(message: &str) -> String {
+    const FIELDS: &[(&str, &str)] = &[
+        (
+            "unavailable_backoff_max",
+            "unavailable_backoff_max (not a flag)",
+        ),
+        ("busy_poll_interval", "--busy-poll-interval"),
+        ("heartbeat_interval", "--heartbeat-interval"),
+        ("publish_timeout", "--publish-timeout"),
+        ("poll_interval", "--poll-interval"),
+        ("claim_timeout", "--claim-timeout"),
+        ("backoff_base", "--backoff-base"),
+        ("max_attempts", "--max-attempts"),
+        ("vacuum_every", "--vacuum-every"),
+        ("shutdown_timeout", "--shutdown-timeout"),
+        ("backoff_max", "--backoff-max"),
+        ("batch_size", "--batch-size"),
+    ];
+    let mut out = String::with_capacity(message.len() + 16);
+    let mut rest = message;
+    'scan: while !rest.is_empty() {
+        let prev_ident = out
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !prev_ident {
+            for (field, flag) in FIELDS {
+                if let Some(after) = rest.strip_prefix(field) {
+                    if !after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                        out.push_str(flag);
+                        rest = after;
+                        continue 'scan;
+                    }
+                }
+            }
+        }
+        let c = rest.chars().next().unwrap_or_default();
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    if let Some(m) = out.strip_prefix("invalid config: name must") {
+        out = format!("invalid config: --name must{m}");
+    }
+    out
+}
+
+/// Resolves on SIGTERM or SIGINT (on ctrl-c alone where those handlers cannot be installed).
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flagify;
+
+    #[test]
+    fn config_errors_name_flags_not_fields() {
+        assert_eq!(
+            flagify("invalid config: publish_timeout must be less than claim_timeout"),
+            "invalid config: --publish-timeout must be less than --claim-timeout"
+        );
+        assert_eq!(
+            flagify("invalid config: busy_poll_interval must be at most poll_interval"),
+            "invalid config: --busy-poll-interval must be at most --poll-interval"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(crate::shown("pay_1\u{1b}[2J\nX"), "pay_1\\u{1b}[2J\\nX");
+        assert_eq!(crate::shown("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(crate::shown("plain é"), "plain é");
+    }
+}
