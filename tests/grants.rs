@@ -20,8 +20,9 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// park_message from inbox/src/nats.rs (private there): what a consumer runner writes when it
-/// gives up on a message, ON CONFLICT DO UPDATE included.
+/// A parking as the runner wrote it before migration 000003 (without ordering_key and
+/// created_at): still allowed. The runner's own statements, as a consumer role runs them, are
+/// tested through its store in `consumer_role_parks_and_replays_through_the_runners_store`.
 const PARK: &str = "\
 INSERT INTO tidings.inbox_dead_letters
        (consumer, message_id, biz_id, topic, payload, headers, deliveries, last_error)
@@ -904,5 +905,106 @@ async fn relay_role_cannot_vacuum_so_the_grants_warn_when_autovacuum_is_off_for_
         n.iter()
             .any(|n| n.contains("only table or database owner can vacuum it")),
         "{n:?}"
+    );
+}
+
+/// The consumer runner's database work (park, read requested replays, replay with the parked
+/// row deleted in the effect's transaction), run through its store as a consumer role: the
+/// shipped grants are enough, and only the role's own consumer names are reachable. The
+/// replay is requested by the operator role through `tidings inbox dlq replay`'s function.
+#[tokio::test]
+async fn consumer_role_parks_and_replays_through_the_runners_store() {
+    use tidings_inbox::runner::postgres::{Handler, PgStore};
+    use tidings_inbox::runner::{Delivered, HandlerError, Parked, Step, Store};
+
+    struct Effect;
+    impl Handler for Effect {
+        fn handle<'a>(
+            &'a self,
+            tx: &'a tokio_postgres::Transaction<'a>,
+            _: &'a Delivered,
+        ) -> futures::future::BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                tx.batch_execute("SELECT 1").await?;
+                Ok(())
+            })
+        }
+    }
+
+    let r = Recipe::new().await;
+    let store = PgStore::new(r.pool(&r.consumer_a), Arc::new(Effect));
+    let message = |consumer: &str| Delivered {
+        message: tidings_outbox::WireMessage {
+            id: tidings_outbox::MessageId::from_uuid(Uuid::now_v7()),
+            topic: "payment.succeeded".into(),
+            key: Some("k1".into()),
+            biz_id: Some(format!("pay-{consumer}")),
+            headers: [("traceparent".to_owned(), "00-x".to_owned())].into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            created_at: Some(chrono::Utc::now()),
+            attempts: 0,
+        },
+        source: "tidings.payment.succeeded".into(),
+        delivery: 3,
+        replayed: false,
+    };
+    let mine = message("a-main");
+    for _ in 0..2 {
+        store
+            .park(Parked {
+                consumer: "a-main",
+                message: &mine,
+                deliveries: 3,
+                error: "boom",
+            })
+            .await
+            .unwrap();
+    }
+    let theirs = message("b");
+    let e = store
+        .park(Parked {
+            consumer: "b",
+            message: &theirs,
+            deliveries: 3,
+            error: "boom",
+        })
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("row-level security"), "{e:?}");
+
+    let operator = r.connect(&r.operator).await;
+    assert_eq!(
+        tidings_relay::inbox_dlq_replay(&operator, "a-main", None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.replays("b", 10).await.unwrap().is_empty());
+    let replays = store.replays("a-main", 10).await.unwrap();
+    assert_eq!(replays.len(), 1);
+    let d = &replays[0];
+    assert!(d.replayed);
+    assert_eq!(d.id, mine.id);
+    assert_eq!(d.key.as_deref(), Some("k1"));
+    assert_eq!(d.headers, mine.headers);
+    assert_eq!(d.delivery, 4, "one more than its deliveries so far");
+    let inbox = tidings_inbox::Inbox::new("a-main").unwrap();
+    assert!(matches!(
+        store.transact(&inbox, d).await.unwrap(),
+        Step::Processed
+    ));
+    let owner = r.owner().await;
+    assert_eq!(
+        count(&owner, "SELECT count(*) FROM tidings.inbox_dead_letters").await,
+        0,
+        "unparked in the effect's transaction"
+    );
+    assert_eq!(
+        count(
+            &owner,
+            "SELECT count(*) FROM tidings.inbox WHERE consumer = 'a-main'"
+        )
+        .await,
+        1
     );
 }
