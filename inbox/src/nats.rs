@@ -8,12 +8,13 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use tidings_outbox::{MessageId, WireMessage};
 
 pub use crate::runner::postgres::{Handler, PgStore};
-use crate::runner::{Adapter, AdapterError, Delivery, Runner, RunnerConfig, Store};
+use crate::runner::{
+    Adapter, AdapterError, Decoded, Deliveries, Delivery, Runner, RunnerConfig, Store,
+};
 pub use crate::runner::{ConsumerStats, Delivered, ErrorClass, HandlerError};
 use crate::Error;
 
@@ -173,10 +174,7 @@ async fn find_or_create(
 impl Adapter for NatsAdapter {
     type Delivery = NatsDelivery;
 
-    fn open(
-        &self,
-    ) -> BoxFuture<'_, Result<BoxStream<'_, Result<NatsDelivery, AdapterError>>, AdapterError>>
-    {
+    fn open(&self) -> BoxFuture<'_, Result<Deliveries<'_, NatsDelivery>, AdapterError>> {
         Box::pin(async move {
             // Looked up (and created if it was deleted) on every open: after a failure the
             // runner reopens with a growing pause, so a deleted consumer is recreated and never
@@ -234,13 +232,15 @@ impl NatsDelivery {
 }
 
 impl Delivery for NatsDelivery {
-    fn decode(&self) -> Result<Delivered, (Delivered, String)> {
-        parse(&self.msg).ok_or_else(|| {
-            (
-                unidentified(&self.msg),
-                "message has no usable message id (no Tidings-Message-Id or Nats-Msg-Id)".into(),
-            )
-        })
+    fn decode(&self) -> Decoded {
+        match parse(&self.msg) {
+            Some(d) => Decoded::Message(d),
+            None => Decoded::Unusable {
+                parked_as: unidentified(&self.msg),
+                reason: "message has no usable message id (no Tidings-Message-Id or Nats-Msg-Id)"
+                    .into(),
+            },
+        }
     }
 
     fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>> {

@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use tidings_inbox::runner::postgres::{Handler, PgStore};
 use tidings_inbox::runner::{
-    Adapter, AdapterError, Delivered, Delivery, HandlerError, Runner, RunnerConfig,
+    Adapter, AdapterError, Decoded, Delivered, Deliveries, Delivery, HandlerError, Runner,
+    RunnerConfig,
 };
 use tidings_outbox::{MessageId, WireMessage};
 use tokio::sync::Notify;
@@ -249,7 +249,7 @@ struct MaybeAcked<D> {
 }
 
 impl<D: Delivery> Delivery for MaybeAcked<D> {
-    fn decode(&self) -> Result<Delivered, (Delivered, String)> {
+    fn decode(&self) -> Decoded {
         self.inner.decode()
     }
     fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
@@ -269,10 +269,7 @@ impl<D: Delivery> Delivery for MaybeAcked<D> {
 
 impl<A: Adapter> Adapter for LosesAcks<A> {
     type Delivery = MaybeAcked<A::Delivery>;
-    fn open(
-        &self,
-    ) -> BoxFuture<'_, Result<BoxStream<'_, Result<Self::Delivery, AdapterError>>, AdapterError>>
-    {
+    fn open(&self) -> BoxFuture<'_, Result<Deliveries<'_, Self::Delivery>, AdapterError>> {
         Box::pin(async move {
             let s = self.inner.open().await?;
             Ok(s.map(|d| {

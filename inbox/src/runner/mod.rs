@@ -134,12 +134,29 @@ impl std::fmt::Display for HandlerError {
 /// An adapter's failure to receive (connection lost, consumer deleted, ...).
 pub type AdapterError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The stream of deliveries an adapter opens.
+pub type Deliveries<'a, D> = BoxStream<'a, Result<D, AdapterError>>;
+
+/// A delivery read as a message.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A Tidings message.
+    Message(Delivered),
+    /// Not usable as one (no message id): parked under the fresh id of `parked_as`.
+    Unusable {
+        /// The delivery under a fresh message id, its payload and headers as received.
+        parked_as: Delivered,
+        /// Why it is not usable.
+        reason: String,
+    },
+}
+
 /// One delivery from a broker, as its adapter exposes it to the runner.
 pub trait Delivery: Send + Sync + 'static {
     /// The message, decoded from the wire format. `Err` for a message without a usable message
     /// id (not from a Tidings relay): the runner parks it, under the fresh id the adapter gives
     /// it, with the reason.
-    fn decode(&self) -> Result<Delivered, (Delivered, String)>;
+    fn decode(&self) -> Decoded;
 
     /// Acknowledges it: the broker will not deliver it again (to this consumer).
     fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>>;
@@ -167,9 +184,7 @@ pub trait Adapter: Send + Sync + 'static {
     /// Opens (or reopens, after a failure) the stream of deliveries. An error item, or the
     /// stream ending, makes the runner reopen it after a pause that grows while nothing is
     /// delivered.
-    fn open(
-        &self,
-    ) -> BoxFuture<'_, Result<BoxStream<'_, Result<Self::Delivery, AdapterError>>, AdapterError>>;
+    fn open(&self) -> BoxFuture<'_, Result<Deliveries<'_, Self::Delivery>, AdapterError>>;
 
     /// Flushes what the adapter still buffers (acks) to the broker; called once when
     /// [`Runner::run`] ends, bounded by a few seconds. The default does nothing.
@@ -531,11 +546,11 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                     let decoded = delivery.decode();
                     let (done, finished) = oneshot::channel();
                     let before = match &decoded {
-                        Ok(d) => d
+                        Decoded::Message(d) => d
                             .key
                             .clone()
                             .and_then(|k| last_of_key.insert(k, finished.shared())),
-                        Err(_) => None,
+                        Decoded::Unusable { .. } => None,
                     };
                     (delivery, decoded, before, done)
                 })
@@ -581,15 +596,13 @@ impl<A: Adapter, S: Store> Runner<A, S> {
         }
     }
 
-    async fn handle(
-        &self,
-        delivery: &A::Delivery,
-        decoded: Result<Delivered, (Delivered, String)>,
-        shutdown: &CancellationToken,
-    ) {
+    async fn handle(&self, delivery: &A::Delivery, decoded: Decoded, shutdown: &CancellationToken) {
         let mut d = match decoded {
-            Ok(d) => d,
-            Err((d, reason)) => {
+            Decoded::Message(d) => d,
+            Decoded::Unusable {
+                parked_as: d,
+                reason,
+            } => {
                 // Not from a Tidings relay (no usable message id): parked under a fresh id
                 // rather than dropped.
                 tracing::error!(source = %d.source, %reason, "undecodable message");
