@@ -939,3 +939,162 @@ async fn diesel_async_handler_runs_on_the_runner() {
         .get(0);
     assert_eq!(parked, 1, "parked at once: the handler said so");
 }
+
+/// A replay whose parked row was purged (or replayed by another runner) after it was read does
+/// nothing; a duplicate hook that fails does not fail a message whose effect is already there.
+#[tokio::test]
+async fn replay_of_a_purged_row_does_nothing_and_a_failing_duplicate_hook_is_contained() {
+    use tidings_inbox::runner::postgres::PgStore;
+    use tidings_inbox::runner::{Parked, Step, Store};
+
+    struct FailingHook;
+    impl Handler for FailingHook {
+        fn handle<'a>(
+            &'a self,
+            tx: &'a tokio_postgres::Transaction<'a>,
+            msg: &'a Delivered,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                tx.execute("INSERT INTO cards (payment_id) VALUES ($1)", &[&msg.biz_id])
+                    .await?;
+                Ok(())
+            })
+        }
+        fn duplicate<'a>(
+            &'a self,
+            tx: &'a tokio_postgres::Transaction<'a>,
+            _: &'a Delivered,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                // Leaves the savepoint aborted.
+                tx.batch_execute("SELECT * FROM no_such_table").await?;
+                Ok(())
+            })
+        }
+    }
+
+    let (db, c) = setup().await;
+    let store = PgStore::new(pool(&db, 2), Arc::new(FailingHook));
+    let inbox = Inbox::new("card-service").unwrap();
+    let e = envelope("pay_1");
+    let d = Delivered {
+        message: e.message.clone(),
+        source: "tidings.payment.succeeded".into(),
+        delivery: 1,
+        replayed: false,
+    };
+    assert!(matches!(
+        store.transact(&inbox, &d).await.unwrap(),
+        Step::Processed
+    ));
+    assert!(matches!(
+        store.transact(&inbox, &d).await.unwrap(),
+        Step::Duplicate
+    ));
+
+    let parked = envelope("pay_2");
+    let p = Delivered {
+        message: parked.message.clone(),
+        ..d.clone()
+    };
+    store
+        .park(Parked {
+            consumer: "card-service",
+            message: &p,
+            deliveries: 5,
+            error: "boom",
+        })
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE tidings.inbox_dead_letters SET replay_requested_at = now()")
+        .await
+        .unwrap();
+    let replays = store.replays("card-service", 10).await.unwrap();
+    assert_eq!(replays.len(), 1);
+    // Purged by an operator after the runner read it.
+    c.batch_execute("DELETE FROM tidings.inbox_dead_letters")
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.transact(&inbox, &replays[0]).await.unwrap(),
+        Step::NotParked
+    ));
+    assert_eq!(
+        cards(&c, "pay_2").await,
+        0,
+        "no effect for a purged message"
+    );
+    assert_eq!(cards(&c, "pay_1").await, 1);
+}
+
+/// Messages whose content PostgreSQL or the inbox refuses (a control character in the biz-id,
+/// a NUL in a header) are parked at once, with the NUL replaced, never retried forever; a
+/// message without an id is parked once, however often it is redelivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_messages_are_parked_at_once() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    let _sink = tidings_tests::nats_sink(&nats).await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let publish = |biz: &'static str, note: &'static str| {
+        let js = js.clone();
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(
+                "Tidings-Message-Id",
+                uuid::Uuid::now_v7().to_string().as_str(),
+            );
+            h.insert("Tidings-Biz-Id", biz);
+            h.insert("x-note", note);
+            js.publish_with_headers("tidings.payment.succeeded", h, "{}".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish("pay\u{1}ctl", "fine").await;
+    publish("pay\u{0}nul", "a\u{0}b").await;
+    let consumer = Arc::new(
+        NatsConsumer::new(
+            pool(&db, 2),
+            client,
+            ConsumerConfig {
+                name: "card-service".into(),
+                max_deliveries: 1000,
+                backoff_base: Duration::from_millis(10),
+                backoff_max: Duration::from_millis(10),
+                ..Default::default()
+            },
+            Arc::new(IssueCard),
+        )
+        .await
+        .unwrap(),
+    );
+    run_until(&consumer, "both parked", |s| {
+        s.parked.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(
+        consumer.stats().failed.load(Ordering::SeqCst),
+        2,
+        "parked on the first failure, not after max_deliveries"
+    );
+    let rows: Vec<(String, i32, String)> = c
+        .query(
+            "SELECT biz_id, deliveries, headers->>'x-note' FROM tidings.inbox_dead_letters ORDER BY biz_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("pay\u{1}ctl".to_owned(), 1, "fine".to_owned()),
+            ("pay\u{fffd}nul".to_owned(), 1, "a\u{fffd}b".to_owned()),
+        ]
+    );
+}

@@ -255,6 +255,10 @@ impl Delivery for NatsDelivery {
 
     fn retry_later(&self, delay: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // Not sooner than this runner's last pull request expires: JetStream would hand the
+            // message straight back to that request, which nobody reads any more, and it would
+            // come back only after ack_wait, behind the key's later messages.
+            let delay = delay.max(PULL_EXPIRES + Duration::from_secs(1));
             let _ = self.msg.ack_with(AckKind::Nak(Some(delay))).await;
         })
     }
@@ -320,11 +324,23 @@ fn delivery_count(msg: &jetstream::Message) -> i64 {
     msg.info().map(|i| i.delivered).unwrap_or(1)
 }
 
-/// A message without a usable id, under a fresh one, so it can be parked.
+/// A message without a usable id, so it can be parked: under an id derived from its stream
+/// and stream sequence (the same on every redelivery, so a lost ack after parking does not park
+/// it twice), or a fresh one when JetStream does not say.
 fn unidentified(msg: &jetstream::Message) -> Delivered {
+    let id = match msg.info() {
+        Ok(info) => {
+            // FNV-1a of the stream name, beside the stream sequence.
+            let stream = info.stream.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            uuid::Uuid::from_u64_pair(stream, info.stream_sequence)
+        }
+        Err(_) => uuid::Uuid::now_v7(),
+    };
     Delivered {
         message: WireMessage {
-            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            id: MessageId::from_uuid(id),
             topic: msg.subject.to_string(),
             key: None,
             biz_id: None,

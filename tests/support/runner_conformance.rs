@@ -5,7 +5,8 @@
 //!
 //! Cases: exactly one effect under redelivery (lost acks and producer re-sends), ack only after
 //! commit (and never after a handler swallowed an SQL error), per-key order under failures
-//! (counted and transient), parking (both error classes) and replay (failing again, then
+//! (counted and transient), a failing key holding only itself and keeping its order across a
+//! shutdown, parking (both error classes) and replay (failing again, then
 //! succeeding, by a direct call and by the run loop's poll), and shutdown with messages in
 //! flight (finished within the deadline, or abandoned unacked and redelivered).
 
@@ -52,6 +53,7 @@ pub async fn runner_conformance<B: ConsumerBroker>(broker: &B) {
     exactly_one_effect_under_redelivery(broker).await;
     acks_only_after_commit(broker).await;
     key_order_under_failures(broker).await;
+    a_failing_key_holds_only_itself_and_keeps_its_order_across_shutdown(broker).await;
     parking_and_replay(broker).await;
     shutdown_with_messages_in_flight(broker).await;
 }
@@ -434,6 +436,79 @@ async fn key_order_under_failures<B: ConsumerBroker>(broker: &B) {
             "key k{k} applied in order"
         );
     }
+}
+
+async fn a_failing_key_holds_only_itself_and_keeps_its_order_across_shutdown<B: ConsumerBroker>(
+    broker: &B,
+) {
+    let db = effects_db().await;
+    let (name, topic) = ("conf-stuck", "conf.stuck");
+    // Key A's first message fails until fixed; four more of A queue behind it. Eight messages
+    // of other keys must all go through meanwhile, with only two slots.
+    let mut msgs = vec![message(topic, "a0", Some("A"), "fail:A:0")];
+    for i in 1..5 {
+        msgs.push(message(
+            topic,
+            &format!("a{i}"),
+            Some("A"),
+            &format!("ok:A:{i}"),
+        ));
+    }
+    for i in 0..8 {
+        msgs.push(message(
+            topic,
+            &format!("o{i}"),
+            Some(&format!("O{i}")),
+            &format!("ok:O{i}:0"),
+        ));
+    }
+    broker.publish(&msgs).await;
+    let handler = Arc::new(Effects::default());
+    let slow_retries = RunnerConfig {
+        concurrency: 2,
+        max_deliveries: 1000,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(200),
+        ..config(name)
+    };
+    let adapter = broker.adapter(name, topic, Duration::from_secs(5)).await;
+    let store = PgStore::new(pool(&db, 4), handler.clone());
+    let r = start(Runner::new(adapter, store, slow_retries.clone()).unwrap());
+    r.until("the other keys processed while A fails", |s| {
+        n(&s.processed) == 8 && n(&s.failed) >= 2
+    })
+    .await;
+    // Shutdown while A's head waits for a retry: it is left unacked, and so is everything
+    // queued behind it: none of A's later messages may run before it.
+    r.stop().await.unwrap();
+    let fx = effects(&db).await;
+    assert_eq!(fx.len(), 8, "only the other keys: {fx:?}");
+    assert!(fx.iter().all(|(b, _)| b.starts_with('o')), "{fx:?}");
+    // (A broker may count a message given back for redelivery twice: pending and in flight.)
+    assert!(
+        broker.unacked(name).await >= 5,
+        "A's five messages left for redelivery"
+    );
+
+    handler.fix();
+    let adapter = broker.adapter(name, topic, Duration::from_secs(5)).await;
+    let store = PgStore::new(pool(&db, 4), handler.clone());
+    let r = start(Runner::new(adapter, store, slow_retries).unwrap());
+    r.until("A redelivered and applied", |s| n(&s.processed) == 5)
+        .await;
+    drained(broker, name).await;
+    r.stop().await.unwrap();
+    let of_a: Vec<String> = effects(&db)
+        .await
+        .into_iter()
+        .filter(|(b, _)| b.starts_with('a'))
+        .map(|(b, _)| b)
+        .collect();
+    assert_eq!(
+        of_a,
+        ["a0", "a1", "a2", "a3", "a4"],
+        "A in order after the restart"
+    );
 }
 
 async fn parking_and_replay<B: ConsumerBroker>(broker: &B) {

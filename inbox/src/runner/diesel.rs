@@ -59,6 +59,7 @@ enum Abort {
     Handler(HandlerError),
     Inbox(Error),
     Db(DieselError),
+    NotParked,
 }
 
 impl From<DieselError> for Abort {
@@ -99,9 +100,30 @@ impl Store for DieselStore {
             let key = DedupKey::for_message(d.biz_id.as_deref(), d.id);
             let result = conn
                 .transaction(async |conn| -> Result<Step, Abort> {
+                    if d.replayed {
+                        // The parked row goes with the effect, first; gone already (purged,
+                        // replayed elsewhere): nothing to do.
+                        let n = diesel::sql_query(UNPARK)
+                            .bind::<Text, _>(inbox.consumer())
+                            .bind::<SqlUuid, _>(d.id.as_uuid())
+                            .execute(conn)
+                            .await?;
+                        if n == 0 {
+                            return Err(Abort::NotParked);
+                        }
+                    }
                     let step = match inbox.record_async(conn, &key).await.map_err(Abort::Inbox)? {
                         Recorded::Duplicate => {
-                            if let Err(e) = handler.duplicate(conn, d).await {
+                            // A nested transaction is a savepoint: a failing hook must not fail
+                            // the message (its effect is already there).
+                            let hook = conn
+                                .transaction(async |conn| -> Result<(), Abort> {
+                                    handler.duplicate(conn, d).await.map_err(Abort::Handler)
+                                })
+                                .await;
+                            if let Err(Abort::Handler(e)) = hook {
+                                tracing::warn!(error = %e, "duplicate hook failed");
+                            } else if let Err(Abort::Db(e)) = hook {
                                 tracing::warn!(error = %e, "duplicate hook failed");
                             }
                             Step::Duplicate
@@ -111,13 +133,6 @@ impl Store for DieselStore {
                             Step::Processed
                         }
                     };
-                    if d.replayed {
-                        diesel::sql_query(UNPARK)
-                            .bind::<Text, _>(inbox.consumer())
-                            .bind::<SqlUuid, _>(d.id.as_uuid())
-                            .execute(conn)
-                            .await?;
-                    }
                     // A handler that swallowed an SQL error leaves the transaction aborted:
                     // this probe fails then, and the transaction rolls back.
                     diesel::sql_query("SELECT 1").execute(conn).await?;
@@ -129,6 +144,7 @@ impl Store for DieselStore {
                 Err(Abort::Handler(e)) => Ok(Step::Failed(e)),
                 Err(Abort::Db(e)) => Ok(Step::Failed(HandlerError::retry(e))),
                 Err(Abort::Inbox(e)) => Err(e),
+                Err(Abort::NotParked) => Ok(Step::NotParked),
             }
         })
     }
@@ -194,7 +210,7 @@ impl Store for DieselStore {
 }
 
 /// Whether a failure is a transient database condition as diesel reports it: serialization
-/// failure, a closed connection, a deadlock or lock timeout (recognised by PostgreSQL's
+/// failure, a lost connection, a deadlock or lock timeout (recognised by PostgreSQL's
 /// message, as diesel does not expose SQLSTATE for them), or no pooled connection.
 pub fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -203,9 +219,12 @@ pub fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
             let m = info.message();
             if matches!(
                 kind,
-                DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection
+                DatabaseErrorKind::SerializationFailure
+                    | DatabaseErrorKind::ClosedConnection
+                    | DatabaseErrorKind::UnableToSendCommand
             ) || m.contains("deadlock detected")
                 || m.contains("could not obtain lock")
+                || m.contains("due to lock timeout")
                 || m.contains("terminating connection")
             {
                 return true;

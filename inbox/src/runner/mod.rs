@@ -7,9 +7,10 @@
 //!   its inbox record committed (a handler that swallowed an SQL error is caught before COMMIT);
 //!   a lost ack means a redelivery, which the inbox recognises;
 //! - **per-key order**: messages of one ordering key are handled one at a time in arrival order,
-//!   different keys and unkeyed messages concurrently (up to `concurrency`); a failing message is
-//!   retried in place, with the broker told it is still being worked on, so later messages of
-//!   its key never overtake it;
+//!   different keys and unkeyed messages concurrently (up to `concurrency` running; a key's
+//!   later messages wait in its queue without a slot); a failing message is retried in place,
+//!   with the broker told it is still being worked on, so later messages of its key never
+//!   overtake it, not even at shutdown (they are given back after it);
 //! - **error classes**: a handler error is retried later ([`HandlerError::retry`], the default
 //!   for `?`) until `max_deliveries`, or parked at once ([`HandlerError::park`]); transient
 //!   database conditions (serialization failure, deadlock, lock timeout, lost connection, empty
@@ -23,17 +24,16 @@
 //! - **bounded shutdown**: on shutdown no new delivery is started, those in flight get
 //!   `shutdown_timeout` to finish, and anything unfinished is left unacked for redelivery.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tidings_outbox::{envelope, WireMessage};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -168,9 +168,11 @@ pub trait Delivery: Send + Sync + 'static {
         Box::pin(async {})
     }
 
-    /// Gives the message back for a redelivery after about `delay` (used when it can neither
-    /// be handled nor parked, e.g. the database is down at parking time). The default does
-    /// nothing: the broker redelivers an unacked message on its own.
+    /// Gives the message back for a redelivery after about `delay` (zero: at once, to any
+    /// consumer of the group). The runner calls it at shutdown for a message it leaves unfinished,
+    /// a key's messages in arrival order, so that the broker redelivers them in that order. The
+    /// default does nothing: the broker redelivers an unacked message on its own, when its
+    /// timer expires.
     fn retry_later(&self, _delay: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
@@ -206,6 +208,9 @@ pub enum Step {
     Duplicate,
     /// The handler failed: rolled back.
     Failed(HandlerError),
+    /// A replay found its parked row gone (purged, or replayed by another runner, since it was
+    /// read): nothing was done.
+    NotParked,
 }
 
 /// A parked message as the runner writes it.
@@ -273,6 +278,13 @@ pub struct RunnerConfig {
     pub shutdown_timeout: Duration,
     /// Longest pause before reopening a broker stream that failed. Defaults to 30 seconds.
     pub reopen_backoff_max: Duration,
+    /// Longest one database step may take: a message's whole inbox transaction (the handler
+    /// included), a parking, a read of requested replays. Past it the step counts as a
+    /// transient failure (rolled back, retried, not counted). Defaults to 60 seconds.
+    pub db_timeout: Duration,
+    /// Longest wait for the broker to take an ack or an in-progress signal. Defaults to 5
+    /// seconds.
+    pub ack_timeout: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -286,6 +298,8 @@ impl Default for RunnerConfig {
             replay_poll_interval: Some(Duration::from_secs(5)),
             shutdown_timeout: Duration::from_secs(10),
             reopen_backoff_max: Duration::from_secs(30),
+            db_timeout: Duration::from_secs(60),
+            ack_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -305,8 +319,14 @@ impl RunnerConfig {
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
             return bad("backoff_base must be above 0 and backoff_max at least backoff_base");
         }
-        if self.shutdown_timeout.is_zero() || self.reopen_backoff_max.is_zero() {
-            return bad("shutdown_timeout and reopen_backoff_max must be above 0");
+        if self.shutdown_timeout.is_zero()
+            || self.reopen_backoff_max.is_zero()
+            || self.db_timeout.is_zero()
+            || self.ack_timeout.is_zero()
+        {
+            return bad(
+                "shutdown_timeout, reopen_backoff_max, db_timeout and ack_timeout must be above 0",
+            );
         }
         if self.replay_poll_interval.is_some_and(|d| d.is_zero()) {
             return bad("replay_poll_interval must be above 0 (or None)");
@@ -338,6 +358,18 @@ pub struct ConsumerStats {
     /// Acks the broker refused or lost (the redelivery is recognised by the inbox).
     pub ack_errors: AtomicU64,
 }
+
+/// A database step or broker call that did not finish in time.
+#[derive(Debug)]
+struct TimedOut(&'static str, Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} did not finish within {:?}", self.0, self.1)
+    }
+}
+
+impl std::error::Error for TimedOut {}
 
 /// Longest wait for an adapter's close (flush) when `run` ends.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -435,13 +467,24 @@ impl<A: Adapter, S: Store> Runner<A, S> {
     pub async fn replay_parked(&self) -> Result<u64, Error> {
         let mut done = 0;
         loop {
-            let batch = self.store.replays(&self.config.name, 100).await?;
+            let batch = tokio::time::timeout(
+                self.config.db_timeout,
+                self.store.replays(&self.config.name, 100),
+            )
+            .await
+            .map_err(|_| {
+                Error::Database(Box::new(TimedOut(
+                    "reading requested replays",
+                    self.config.db_timeout,
+                )))
+            })??;
             let n = batch.len();
             let mut progressed = false;
             for d in batch {
                 let span = consume_span(&self.config.name, &d);
                 let outcome = async {
-                    match self.store.transact(&self.inbox, &d).await {
+                    match self.transact(&d).await {
+                        Ok(Step::NotParked) => Ok(false),
                         Ok(Step::Processed) => {
                             bump(&self.stats.processed);
                             Ok(true)
@@ -457,11 +500,11 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                         Err(e) if self.store.is_transient(&e) => Err(e),
                         Ok(Step::Failed(e)) => {
                             bump(&self.stats.failed);
-                            self.park(&d, &e.to_string()).await.map(|()| false)
+                            self.bounded_park(&d, &e.to_string()).await.map(|()| false)
                         }
                         Err(e) => {
                             bump(&self.stats.failed);
-                            self.park(&d, &chain(&e)).await.map(|()| false)
+                            self.bounded_park(&d, &chain(&e)).await.map(|()| false)
                         }
                     }
                 }
@@ -481,13 +524,33 @@ impl<A: Adapter, S: Store> Runner<A, S> {
         }
     }
 
+    async fn bounded_park(&self, d: &Delivered, error: &str) -> Result<(), Error> {
+        tokio::time::timeout(self.config.db_timeout, self.park(d, error))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Database(Box::new(TimedOut(
+                    "parking",
+                    self.config.db_timeout,
+                ))))
+            })
+    }
+
     async fn park(&self, d: &Delivered, error: &str) -> Result<(), Error> {
+        // PostgreSQL text and jsonb cannot hold NUL: a message carrying one is parked with it
+        // replaced (U+FFFD), never refused (the payload, bytea, is kept as it came).
+        let clean;
+        let d = if has_nul(d) {
+            clean = without_nul(d);
+            &clean
+        } else {
+            d
+        };
         self.store
             .park(Parked {
                 consumer: &self.config.name,
                 message: d,
                 deliveries: d.delivery.clamp(0, i32::MAX as i64) as i32,
-                error,
+                error: &error.replace('\0', "\u{fffd}"),
             })
             .await?;
         bump(&self.stats.parked);
@@ -512,76 +575,149 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                     continue;
                 }
             };
-            let delivered = AtomicU64::new(0);
-            let failure: std::sync::Mutex<Option<AdapterError>> = Default::default();
-            // Per-key order: each message of an ordering key waits for the one of its key that
-            // arrived before it (a chain of completion signals set up here, in arrival order);
-            // different keys and unkeyed messages run concurrently. A predecessor always
-            // started earlier, so the concurrency bound cannot deadlock the chain.
-            let mut last_of_key: HashMap<String, Shared<oneshot::Receiver<()>>> = HashMap::new();
-            let mut seen = 0u64;
-            stream
-                .take_until(shutdown.cancelled())
-                .take_while(|item| {
-                    let go = match item {
-                        Ok(_) => true,
-                        Err(e) => {
-                            bump(&self.stats.receive_errors);
-                            tracing::warn!(error = %chain(&**e), "broker stream failed; reopening");
-                            false
-                        }
-                    };
-                    if let Err(e) = item {
-                        *failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(e.to_string().into());
-                    }
-                    futures::future::ready(go)
-                })
-                .filter_map(|item| futures::future::ready(item.ok()))
-                .map(|delivery| {
-                    seen += 1;
-                    if seen.is_multiple_of(1024) {
-                        last_of_key.retain(|_, done| done.peek().is_none());
-                    }
-                    let decoded = delivery.decode();
-                    let (done, finished) = oneshot::channel();
-                    let before = match &decoded {
-                        Decoded::Message(d) => d
-                            .key
-                            .clone()
-                            .and_then(|k| last_of_key.insert(k, finished.shared())),
-                        Decoded::Unusable { .. } => None,
-                    };
-                    (delivery, decoded, before, done)
-                })
-                .for_each_concurrent(
-                    self.config.concurrency,
-                    |(delivery, decoded, before, done)| {
-                        let delivered = &delivered;
-                        async move {
-                            if let Some(before) = before {
-                                let _ = before.await;
-                            }
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                            self.handle(&delivery, decoded, shutdown).await;
-                            let _ = done.send(());
-                        }
-                    },
-                )
-                .await;
+            let (delivered, failed) = self.dispatch(stream, shutdown).await;
             if shutdown.is_cancelled() {
                 return;
             }
-            if delivered.load(Ordering::Relaxed) > 0 {
+            if delivered > 0 {
                 idle_failures = 0;
             }
             idle_failures += 1;
-            if failure.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            if !failed {
                 tracing::debug!("broker stream ended; reopening");
             }
             if !self.pause(idle_failures, shutdown).await {
                 return;
             }
+        }
+    }
+
+    /// Runs one opened stream until it fails or ends, or shutdown; returns how many deliveries
+    /// it gave and whether it failed.
+    ///
+    /// Per-key order: a message whose key has a message running waits in that key's queue and
+    /// starts only after it, in arrival order, and only if it was acked (a predecessor left
+    /// unacked, at shutdown, makes the key's queued messages wait for their redelivery too, so
+    /// they never overtake it). Only running messages take one of the `concurrency` slots, so
+    /// a key whose message keeps failing holds only that key. Queued messages are held at the
+    /// broker like running ones. After shutdown no message starts; the running ones finish.
+    async fn dispatch(
+        &self,
+        stream: Deliveries<'_, A::Delivery>,
+        shutdown: &CancellationToken,
+    ) -> (u64, bool) {
+        type Job<D> = (D, Decoded);
+        let mut stream = stream.fuse();
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut queued: HashMap<String, VecDeque<Job<A::Delivery>>> = HashMap::new();
+        let mut queued_len = 0usize;
+        // Queued messages beyond this stop the reading (the broker's own in-flight limit
+        // normally stops it first).
+        let queue_cap = self.config.concurrency.saturating_mul(64);
+        let (mut delivered, mut failed, mut reading) = (0u64, false, true);
+        let hold_every = self
+            .adapter
+            .hold_interval()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut hold_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + hold_every, hold_every);
+        let start = |job: Job<A::Delivery>, key: Option<String>| async move {
+            let acked = self.handle(&job.0, job.1, shutdown).await;
+            (key, acked)
+        };
+        loop {
+            if !reading && running.is_empty() {
+                break;
+            }
+            let room = running.len() < self.config.concurrency && queued_len < queue_cap;
+            tokio::select! {
+                biased;
+                Some((key, acked)) = running.next(), if !running.is_empty() => {
+                    let Some(key) = key else { continue };
+                    let next = match queued.get_mut(&key) {
+                        Some(q) if acked && !shutdown.is_cancelled() => q.pop_front(),
+                        _ => None,
+                    };
+                    match next {
+                        Some(job) => {
+                            queued_len -= 1;
+                            running.push(start(job, Some(key)));
+                        }
+                        None => {
+                            // The key is idle, or its queued messages are given back behind a
+                            // predecessor left for redelivery, in arrival order (the broker
+                            // then redelivers them in that order).
+                            if let Some(q) = queued.remove(&key) {
+                                queued_len -= q.len();
+                                for (d, _) in &q {
+                                    self.give_back(d).await;
+                                }
+                            }
+                        }
+                    }
+                }
+                () = shutdown.cancelled(), if reading => {
+                    reading = false;
+                    // Read no more: a pull left open would take deliveries nobody handles.
+                    stream = futures::stream::empty().boxed().fuse();
+                }
+                item = stream.next(), if reading && room => match item {
+                    Some(Ok(delivery)) => {
+                        delivered += 1;
+                        let decoded = delivery.decode();
+                        let key = match &decoded {
+                            Decoded::Message(d) => d.key.clone(),
+                            Decoded::Unusable { .. } => None,
+                        };
+                        match key {
+                            Some(k) => match queued.get_mut(&k) {
+                                Some(q) => {
+                                    q.push_back((delivery, decoded));
+                                    queued_len += 1;
+                                }
+                                None => {
+                                    queued.insert(k.clone(), VecDeque::new());
+                                    running.push(start((delivery, decoded), Some(k)));
+                                }
+                            },
+                            None => running.push(start((delivery, decoded), None)),
+                        }
+                    }
+                    Some(Err(e)) => {
+                        bump(&self.stats.receive_errors);
+                        tracing::warn!(error = %chain(&*e), "broker stream failed; reopening");
+                        (reading, failed) = (false, true);
+                    }
+                    None => reading = false,
+                },
+                _ = hold_tick.tick(), if queued_len > 0 => {
+                    let holds = queued.values().flatten().map(|(d, _)| self.bounded_hold(d));
+                    futures::future::join_all(holds).await;
+                }
+            }
+        }
+        (delivered, failed)
+    }
+
+    /// Gives a message back for an immediate redelivery (to another runner), bounded.
+    async fn give_back(&self, delivery: &A::Delivery) {
+        if tokio::time::timeout(
+            self.config.ack_timeout,
+            delivery.retry_later(Duration::ZERO),
+        )
+        .await
+        .is_err()
+        {
+            tracing::debug!("the broker did not take a message back in time");
+        }
+    }
+
+    async fn bounded_hold(&self, delivery: &A::Delivery) {
+        if tokio::time::timeout(self.config.ack_timeout, delivery.hold())
+            .await
+            .is_err()
+        {
+            tracing::debug!("the broker did not take an in-progress signal in time");
         }
     }
 
@@ -596,24 +732,31 @@ impl<A: Adapter, S: Store> Runner<A, S> {
         }
     }
 
-    async fn handle(&self, delivery: &A::Delivery, decoded: Decoded, shutdown: &CancellationToken) {
+    /// Handles one delivery until it is acked (true: committed, or parked) or left unacked for
+    /// the broker to redeliver (false: shutdown came first).
+    async fn handle(
+        &self,
+        delivery: &A::Delivery,
+        decoded: Decoded,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut d = match decoded {
             Decoded::Message(d) => d,
             Decoded::Unusable {
                 parked_as: d,
                 reason,
             } => {
-                // Not from a Tidings relay (no usable message id): parked under a fresh id
-                // rather than dropped.
+                // Not from a Tidings relay (no usable message id): parked rather than dropped.
                 tracing::error!(source = %d.source, %reason, "undecodable message");
-                self.give_up(delivery, &d, &reason).await;
-                return;
+                return self
+                    .holding(delivery, self.give_up(delivery, &d, &reason, shutdown))
+                    .await;
             }
         };
         let span = consume_span(&self.config.name, &d);
         let work = async {
             loop {
-                let failure = match self.store.transact(&self.inbox, &d).await {
+                let failure = match self.transact(&d).await {
                     Ok(step @ (Step::Processed | Step::Duplicate)) => {
                         if matches!(step, Step::Processed) {
                             bump(&self.stats.processed);
@@ -623,18 +766,15 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                         }
                         // Acked only now, after the commit. A lost ack means a redelivery,
                         // which the inbox recognises.
-                        match delivery.ack().await {
-                            Ok(()) => bump(&self.stats.acked),
-                            Err(e) => {
-                                bump(&self.stats.ack_errors);
-                                tracing::warn!(error = %chain(&*e), "ack failed; the redelivery will be recognised");
-                            }
-                        }
-                        return;
+                        self.ack(delivery).await;
+                        return true;
                     }
+                    Ok(Step::NotParked) => unreachable!("only replays unpark"),
                     Ok(Step::Failed(e)) => e,
-                    // The inbox transaction itself failed (database down, a failing COMMIT, a
-                    // key the inbox refuses).
+                    // A message the inbox refuses (its dedup key breaks the rules): no retry
+                    // can fix it.
+                    Err(e @ Error::Invalid { .. }) => HandlerError::park(e),
+                    // The inbox transaction itself failed (database down, a failing COMMIT).
                     Err(e) => HandlerError::retry(e),
                 };
                 let transient = failure.class() == ErrorClass::Retry
@@ -646,8 +786,9 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                     if failure.class() == ErrorClass::Park
                         || d.delivery >= self.config.max_deliveries
                     {
-                        self.give_up(delivery, &d, &failure.to_string()).await;
-                        return;
+                        return self
+                            .give_up(delivery, &d, &failure.to_string(), shutdown)
+                            .await;
                     }
                 }
                 // Retried here, not by the broker: later messages of this key wait behind it
@@ -655,8 +796,9 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                 let delay = self.backoff(d.delivery);
                 tracing::warn!(error = %failure, retry_in = ?delay, transient, "handler failed; will retry");
                 if !self.wait(delay, shutdown).await {
-                    // Shutting down: left unacked; the broker redelivers it.
-                    return;
+                    // Shutting down: given back for redelivery (before the key's later ones).
+                    self.give_back(delivery).await;
+                    return false;
                 }
                 if !transient {
                     d.delivery += 1;
@@ -666,39 +808,85 @@ impl<A: Adapter, S: Store> Runner<A, S> {
         self.holding(delivery, work).instrument(span).await
     }
 
-    /// Parks a message, then acks it; when parking fails, gives it back to the broker for a
-    /// later redelivery.
-    async fn give_up(&self, delivery: &A::Delivery, d: &Delivered, error: &str) {
-        match self.park(d, error).await {
-            Ok(()) => match delivery.ack().await {
-                Ok(()) => bump(&self.stats.acked),
-                Err(e) => {
-                    bump(&self.stats.ack_errors);
-                    tracing::warn!(error = %chain(&*e), "ack of a parked message failed; it will be parked again");
+    /// One inbox transaction, bounded by `db_timeout` (expiry is a transient failure: the
+    /// transaction is dropped and rolls back, or had committed and the retry finds the record).
+    async fn transact(&self, d: &Delivered) -> Result<Step, Error> {
+        match tokio::time::timeout(self.config.db_timeout, self.store.transact(&self.inbox, d))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Ok(Step::Failed(HandlerError::retry(TimedOut(
+                "the inbox transaction",
+                self.config.db_timeout,
+            )))),
+        }
+    }
+
+    /// Acks, bounded by `ack_timeout`; a failed or lost ack means a redelivery, which the inbox
+    /// recognises.
+    async fn ack(&self, delivery: &A::Delivery) {
+        match tokio::time::timeout(self.config.ack_timeout, delivery.ack()).await {
+            Ok(Ok(())) => bump(&self.stats.acked),
+            Ok(Err(e)) => {
+                bump(&self.stats.ack_errors);
+                tracing::warn!(error = %chain(&*e), "ack failed; the redelivery will be recognised");
+            }
+            Err(_) => {
+                bump(&self.stats.ack_errors);
+                tracing::warn!(timeout = ?self.config.ack_timeout, "ack not taken in time; the redelivery will be recognised");
+            }
+        }
+    }
+
+    /// Parks a message, then acks it. Parking that fails (database down) is retried in place,
+    /// holding the message, so its key's later messages still wait behind it; false when
+    /// shutdown came first (left unacked).
+    async fn give_up(
+        &self,
+        delivery: &A::Delivery,
+        d: &Delivered,
+        error: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut tries = 0u32;
+        loop {
+            match self.bounded_park(d, error).await {
+                Ok(()) => {
+                    self.ack(delivery).await;
+                    return true;
                 }
-            },
-            Err(e) => {
-                tracing::error!(error = %chain(&e), "cannot park message; the broker will redeliver it");
-                delivery.retry_later(self.config.backoff_max).await;
+                Err(e) => {
+                    tries += 1;
+                    let delay = self.backoff(i64::from(tries));
+                    tracing::error!(error = %chain(&e), retry_in = ?delay, "cannot park message; will retry");
+                    if !self.wait(delay, shutdown).await {
+                        self.give_back(delivery).await;
+                        return false;
+                    }
+                }
             }
         }
     }
 
     /// Runs `work` while telling the broker, every hold interval, that the message is still
     /// being worked on.
-    async fn holding(&self, delivery: &A::Delivery, work: impl std::future::Future<Output = ()>) {
+    async fn holding(
+        &self,
+        delivery: &A::Delivery,
+        work: impl std::future::Future<Output = bool>,
+    ) -> bool {
         let Some(every) = self.adapter.hold_interval() else {
             return work.await;
         };
         let keep = async {
             loop {
                 tokio::time::sleep(every).await;
-                delivery.hold().await;
+                self.bounded_hold(delivery).await;
             }
         };
         tokio::select! {
-            () = work => {}
-            () = keep => {}
+            acked = work => acked,
+            () = keep => unreachable!("holding never ends"),
         }
     }
 
@@ -804,10 +992,34 @@ SELECT message_id, biz_id, topic, ordering_key, payload, headers::text, created_
  ORDER BY dead_at
  LIMIT $2";
 
-/// unpark: the replayed message's parked row goes in the transaction of its effect.
-/// $1 consumer, $2 message id.
-pub(crate) const UNPARK: &str =
-    "DELETE FROM tidings.inbox_dead_letters WHERE consumer = $1 AND message_id = $2";
+/// unpark: the replayed message's parked row goes in the transaction of its effect, first
+/// (so a concurrent purge or replay waits for it, and one that came first leaves 0 rows: then
+/// nothing is done). $1 consumer, $2 message id.
+pub(crate) const UNPARK: &str = "DELETE FROM tidings.inbox_dead_letters \
+     WHERE consumer = $1 AND message_id = $2 AND replay_requested_at IS NOT NULL";
+
+fn has_nul(d: &Delivered) -> bool {
+    let nul = |s: &str| s.contains('\0');
+    nul(&d.topic)
+        || d.key.as_deref().is_some_and(nul)
+        || d.biz_id.as_deref().is_some_and(nul)
+        || d.headers.iter().any(|(k, v)| nul(k) || nul(v))
+}
+
+fn without_nul(d: &Delivered) -> Delivered {
+    let fix = |s: &str| s.replace('\0', "\u{fffd}");
+    let mut d = d.clone();
+    d.message.topic = fix(&d.message.topic);
+    d.message.key = d.message.key.as_deref().map(fix);
+    d.message.biz_id = d.message.biz_id.as_deref().map(fix);
+    d.message.headers = d
+        .message
+        .headers
+        .iter()
+        .map(|(k, v)| (fix(k), fix(v)))
+        .collect();
+    d
+}
 
 /// Headers as stored in `inbox_dead_letters.headers` (a JSON object of strings).
 pub(crate) fn headers_json(d: &Delivered) -> String {

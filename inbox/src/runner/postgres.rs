@@ -60,12 +60,40 @@ impl Store for PgStore {
         Box::pin(async move {
             let mut obj = self.client().await?;
             let client: &mut tokio_postgres::Client = &mut obj;
-            let tx = client.transaction().await.map_err(map_err)?;
+            let mut tx = client.transaction().await.map_err(map_err)?;
+            if d.replayed {
+                // The parked row goes with the effect (or, if this fails, neither happens);
+                // gone already (purged, replayed elsewhere): nothing to do.
+                match tx
+                    .execute(UNPARK, &[&inbox.consumer(), &d.id.as_uuid()])
+                    .await
+                {
+                    Ok(0) => {
+                        let _ = tx.rollback().await;
+                        return Ok(Step::NotParked);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.rollback().await;
+                        return Ok(Step::Failed(HandlerError::retry(e)));
+                    }
+                }
+            }
             let key = DedupKey::for_message(d.biz_id.as_deref(), d.id);
             let step = match inbox.record_pg(&tx, &key).await? {
                 Recorded::Duplicate => {
-                    if let Err(e) = self.handler.duplicate(&tx, d).await {
-                        tracing::warn!(error = %e, "duplicate hook failed");
+                    // In a savepoint: a failing hook must not fail the message (its effect is
+                    // already there).
+                    let sp = tx
+                        .savepoint("tidings_duplicate_hook")
+                        .await
+                        .map_err(map_err)?;
+                    match self.handler.duplicate(&sp, d).await {
+                        Ok(()) => sp.commit().await.map_err(map_err)?,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "duplicate hook failed");
+                            sp.rollback().await.map_err(map_err)?;
+                        }
                     }
                     Step::Duplicate
                 }
@@ -77,16 +105,6 @@ impl Store for PgStore {
                     }
                 },
             };
-            if d.replayed {
-                // The parked row goes with the effect (or, if this fails, neither happens).
-                if let Err(e) = tx
-                    .execute(UNPARK, &[&inbox.consumer(), &d.id.as_uuid()])
-                    .await
-                {
-                    let _ = tx.rollback().await;
-                    return Ok(Step::Failed(HandlerError::retry(e)));
-                }
-            }
             // A handler that swallowed an SQL error leaves the transaction aborted, and COMMIT
             // of an aborted transaction silently rolls back: the message would be acked with
             // neither effect nor record. This probe fails (25P02) then.
