@@ -126,7 +126,11 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| "expected KEY=VALUE (a librdkafka property)".to_owned())?;
     let k = k.trim();
-    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_') {
+    if k.is_empty()
+        || !k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
+    {
         return Err(format!(
             "{:?} is not a librdkafka property name",
             k.escape_debug().to_string()
@@ -165,7 +169,10 @@ impl KafkaArgs {
 
 /// Publishes to Kafka.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (an idempotent producer that lost its
+    /// sequence cannot go on).
+    producer: std::sync::RwLock<FutureProducer>,
+    client_config: ClientConfig,
     admin: Option<AdminClient<DefaultClientContext>>,
     config: KafkaSinkConfig,
     max_message_bytes: usize,
@@ -237,7 +244,8 @@ impl KafkaSink {
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(1_000_000);
         let sink = KafkaSink {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            client_config: cc,
             admin,
             config,
             max_message_bytes,
@@ -259,6 +267,26 @@ impl KafkaSink {
         Ok(sink)
     }
 
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After a failed produce: a fatal error (the idempotent producer's sequence is broken, it
+    /// was fenced) makes librdkafka refuse every later message, so a new producer takes over
+    /// (a new session: a re-send is then a second record, which the inbox absorbs).
+    fn renew_if_fatal(&self, used: &FutureProducer) {
+        if let Some((code, reason)) = used.client().fatal_error() {
+            tracing::warn!(%code, %reason, "Kafka producer hit a fatal error; starting a new one");
+            match self.client_config.create::<FutureProducer>() {
+                Ok(p) => *self.producer.write().unwrap_or_else(|p| p.into_inner()) = p,
+                Err(e) => tracing::error!(error = %e, "cannot create a new Kafka producer"),
+            }
+        }
+    }
+
     /// The Kafka topic of a Tidings topic.
     pub fn kafka_topic(&self, topic: &str) -> String {
         self.config.topic_template.replace("{topic}", topic)
@@ -267,7 +295,7 @@ impl KafkaSink {
     /// Fetches metadata (of one topic, or the cluster's brokers) off the runtime: librdkafka's
     /// call blocks. Returns whether the topic exists (always true without a topic).
     async fn metadata(&self, topic: Option<&str>) -> Result<bool, KafkaError> {
-        let client = self.producer.clone();
+        let client = self.producer();
         let topic = topic.map(str::to_owned);
         let lookup = tokio::task::spawn_blocking(move || {
             let md = client
@@ -283,14 +311,21 @@ impl KafkaSink {
         match tokio::time::timeout(METADATA_TIMEOUT + Duration::from_secs(1), lookup).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(KafkaError::MetadataFetch(RDKafkaErrorCode::Fail)),
-            Err(_) => Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut)),
+            Err(_) => Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::OperationTimedOut,
+            )),
         }
     }
 
     /// Makes sure `topic` exists: known, looked up, or created (with `create_topics`); a
     /// missing topic otherwise is a permanent failure naming the flag.
     async fn ensure_topic(&self, topic: &str) -> Result<(), SinkError> {
-        if self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(topic) {
+        if self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(topic)
+        {
             return Ok(());
         }
         let exists = self
@@ -339,7 +374,11 @@ impl KafkaSink {
                     }
                 }
             }
-            tracing::info!(topic, partitions = self.config.partitions, "created Kafka topic");
+            tracing::info!(
+                topic,
+                partitions = self.config.partitions,
+                "created Kafka topic"
+            );
         }
         self.known
             .lock()
@@ -379,10 +418,9 @@ fn classify(e: KafkaError) -> SinkError {
             C::MessageSizeTooLarge
             | C::InvalidMessageSize
             | C::InvalidMessage
-            | C::RecordListTooLarge
+            | C::MessageBatchTooLarge
             | C::InvalidRecord
             | C::InvalidTopic
-            | C::TopicException
             | C::TopicAuthorizationFailed
             | C::InvalidArgument,
         ) => SinkError::Permanent(Box::new(e)),
@@ -403,7 +441,10 @@ impl Sink for KafkaSink {
             check_topic_name(&topic)?;
             let headers = msg.wire_headers();
             let size = msg.payload.len()
-                + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                + headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
                 + msg.key.as_ref().map_or(0, String::len);
             if size > self.max_message_bytes {
                 return Err(SinkError::Permanent(
@@ -429,10 +470,11 @@ impl Sink for KafkaSink {
                     value: Some(id.as_str()),
                 });
             }
-            let key = msg
-                .key
-                .as_deref()
-                .or(if self.config.debezium { msg.biz_id.as_deref() } else { None });
+            let key = msg.key.as_deref().or(if self.config.debezium {
+                msg.biz_id.as_deref()
+            } else {
+                None
+            });
             let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
                 .payload(msg.payload.as_ref())
                 .headers(kafka_headers);
@@ -442,13 +484,29 @@ impl Sink for KafkaSink {
             if let Some(t) = msg.created_at {
                 record = record.timestamp(t.timestamp_millis());
             }
-            match self
-                .producer
+            let producer = self.producer();
+            match producer
                 .send(record, Timeout::After(self.config.delivery_timeout))
                 .await
             {
                 Ok(_) => Ok(Delivery::default()),
-                Err((e, _)) => Err(classify(e)),
+                Err((e, _)) => {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    ) {
+                        // Deleted since it was seen (or the broker lost it): looked up again.
+                        self.known
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&topic);
+                    }
+                    self.renew_if_fatal(&producer);
+                    Err(classify(e))
+                }
             }
         })
     }
@@ -475,7 +533,7 @@ impl Sink for KafkaSink {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), SinkError>> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let timeout = self.config.delivery_timeout;
         Box::pin(async move {
             tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
