@@ -13,6 +13,8 @@
 mod diesel_async;
 #[cfg(feature = "diesel")]
 mod diesel_sync;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "tokio-postgres")]

@@ -224,8 +224,8 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
             "--batch-size must be between 1 and 10000",
         ),
         (
-            vec!["relay", "--sink", "kafka"],
-            "invalid value 'kafka' for '--sink <SINK>'",
+            vec!["relay", "--sink", "carrier-pigeon"],
+            "invalid value 'carrier-pigeon' for '--sink <SINK>'",
         ),
         (
             vec!["relay", "--poll-interval", "5 parsecs"],
@@ -265,6 +265,47 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
         (
             vec!["relay", "--sink", "nats", "--nats-subject-prefix", "a b"],
             "--nats-subject-prefix: invalid NATS subject prefix \"a b\"",
+        ),
+    ] {
+        let (code, text) = output(tidings(&db).args(&args));
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    }
+    #[cfg(feature = "kafka")]
+    for (args, want) in [
+        (
+            vec![
+                "relay",
+                "--sink",
+                "kafka",
+                "--kafka-config",
+                "enable.idempotence=false",
+            ],
+            "--kafka-config enable.idempotence: Tidings needs the idempotent producer",
+        ),
+        (
+            vec![
+                "relay",
+                "--sink",
+                "kafka",
+                "--kafka-config",
+                "no-equals-sign",
+            ],
+            "expected KEY=VALUE",
+        ),
+        (
+            vec![
+                "relay",
+                "--sink",
+                "kafka",
+                "--kafka-config",
+                "not.a.librdkafka.property=1",
+            ],
+            "--kafka-config",
+        ),
+        (
+            vec!["relay", "--sink", "kafka", "--kafka-partitions", "0"],
+            "--kafka-partitions must be between 1 and 10000",
         ),
     ] {
         let (code, text) = output(tidings(&db).args(&args));
@@ -351,6 +392,35 @@ async fn no_password_reaches_the_output_when_the_database_is_unreachable() {
     );
     assert_ne!(code, 0);
     assert!(!text.contains("s3cret"), "{text}");
+}
+
+/// Kafka credentials passed as librdkafka properties (flags and the environment variable)
+/// reach no output, at trace level, when the brokers cannot be reached.
+#[cfg(feature = "kafka")]
+#[tokio::test]
+async fn no_kafka_secret_reaches_the_output_at_trace_level() {
+    let db = TestDb::migrated().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for format in ["text", "json"] {
+        let (code, text) = output(
+            tidings(&db)
+                .args(["relay", "--sink", "kafka", "--log-format", format])
+                .args(["--kafka-brokers", &format!("127.0.0.1:{port}")])
+                .args(["--kafka-config", "security.protocol=SASL_PLAINTEXT"])
+                .args(["--kafka-config", "sasl.mechanism=PLAIN"])
+                .args(["--kafka-config", "sasl.username=relay"])
+                .args(["--kafka-config", "sasl.password=hunter2-flag"])
+                .env("TIDINGS_KAFKA_CONFIG", "ssl.key.password=hunter2-env")
+                .env("TIDINGS_LOG", "trace"),
+        );
+        assert_eq!(code, 1, "unreachable brokers are a runtime failure: {text}");
+        assert!(text.contains("cannot reach Kafka"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
 }
 
 #[tokio::test]

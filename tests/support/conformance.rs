@@ -151,6 +151,21 @@ async fn attempts(db: &TestDb) -> i64 {
         .get(0)
 }
 
+/// The distinct reasons in the dead-letter store, for failure messages.
+async fn dead_reasons(db: &TestDb) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT DISTINCT left(last_error, 300) FROM tidings.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 fn count_topic(got: &[Received], topic: &str) -> usize {
     got.iter()
         .filter(|(_, h, _)| h.get("Tidings-Topic").map(String::as_str) == Some(topic))
@@ -243,7 +258,12 @@ pub async fn sink_conformance(broker: &mut dyn BrokerUnderTest, features: SinkFe
     let b = Relay::new(pool(&db, 2), flaky, config()).expect("relay b");
     let total = drain(&[&a, &b], &db).await;
     assert!(total.retried > 0, "order: failures were injected");
-    assert_eq!(total.dead_lettered, 0, "order: nothing dead-lettered");
+    assert_eq!(
+        total.dead_lettered,
+        0,
+        "order: nothing dead-lettered: {:?}",
+        dead_reasons(&db).await
+    );
     let got = broker.read_back().await;
     let mut first_seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut next: BTreeMap<String, usize> = BTreeMap::new();
@@ -323,7 +343,12 @@ pub async fn sink_conformance(broker: &mut dyn BrokerUnderTest, features: SinkFe
     assert_eq!(attempts(&db).await, 0, "broker down: no attempt counted");
     broker.start().await;
     let total = drain(&[&relay], &db).await;
-    assert_eq!(total.dead_lettered, 0, "broker down: nothing dead-lettered");
+    assert_eq!(
+        total.dead_lettered,
+        0,
+        "broker down: nothing dead-lettered: {:?}",
+        dead_reasons(&db).await
+    );
     assert!(
         count_topic(&broker.read_back().await, "conformance.down") >= 30,
         "broker down: the backlog delivered after the restart"
@@ -352,7 +377,9 @@ pub async fn sink_conformance(broker: &mut dyn BrokerUnderTest, features: SinkFe
     broker.thaw();
     let total = drain(&[&relay], &db).await;
     assert_eq!(
-        total.dead_lettered, 0,
-        "broker too slow: nothing dead-lettered"
+        total.dead_lettered,
+        0,
+        "broker too slow: nothing dead-lettered: {:?}",
+        dead_reasons(&db).await
     );
 }

@@ -440,3 +440,217 @@ pub async fn drain(relay: &tidings_relay::Relay, db: &TestDb) -> tidings_relay::
         }
     }
 }
+
+/// A Kafka-protocol broker of a test's own (tansu, in memory), on a free port of 127.0.0.1;
+/// killed when dropped. Can be stopped (as a crash: what it held is gone, its topics too),
+/// frozen (SIGSTOP) and restarted on the same port.
+#[cfg(feature = "kafka")]
+pub struct KafkaServer {
+    /// `127.0.0.1:<port>`, for `bootstrap.servers`.
+    pub brokers: String,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+#[cfg(feature = "kafka")]
+impl KafkaServer {
+    /// Starts a broker and waits (with a deadline) until it accepts connections.
+    pub async fn start() -> KafkaServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = KafkaServer {
+            brokers: format!("127.0.0.1:{port}"),
+            port,
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    /// Sends a signal to the broker process (`-STOP` freezes it, `-CONT` thaws it).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("broker is running").id();
+        let ok = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {signal} {pid}");
+    }
+
+    /// Kills the broker.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port; waits until it accepts connections.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/", "--silent"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu must be installed (.ci/test installs it: cargo install tansu)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tansu did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Drop for KafkaServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Every record of every topic on `brokers` (internal ones excepted), partition by partition
+/// in offset order: (topic, key, headers, payload). Reads until no record arrived for 1 s
+/// (end offsets are not reliable on tansu's memory storage), at most 30 s.
+#[cfg(feature = "kafka")]
+pub async fn kafka_records(
+    brokers: &str,
+) -> Vec<(String, Option<String>, BTreeMapHeaders, Vec<u8>)> {
+    let brokers = brokers.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("read-back-{}", uuid::Uuid::now_v7()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for t in md.topics() {
+            if t.name().starts_with("__") {
+                continue;
+            }
+            for p in t.partitions() {
+                tpl.add_partition_offset(t.name(), p.id(), rdkafka::Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        let mut per_partition: std::collections::BTreeMap<(String, i32), Vec<_>> =
+            Default::default();
+        if tpl.count() == 0 {
+            return Vec::new();
+        }
+        consumer.assign(&tpl).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < end {
+            match consumer.poll(Duration::from_secs(1)) {
+                None => break,
+                Some(Err(e)) => panic!("reading back from Kafka: {e}"),
+                Some(Ok(m)) => {
+                    let headers = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_owned(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    per_partition
+                        .entry((m.topic().to_owned(), m.partition()))
+                        .or_default()
+                        .push((
+                            m.offset(),
+                            (
+                                m.topic().to_owned(),
+                                m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                                headers,
+                                m.payload().unwrap_or_default().to_vec(),
+                            ),
+                        ));
+                }
+            }
+        }
+        per_partition
+            .into_values()
+            .flat_map(|mut v| {
+                v.sort_by_key(|(o, _)| *o);
+                v.into_iter().map(|(_, r)| r)
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// Kafka record headers by name.
+#[cfg(feature = "kafka")]
+pub type BTreeMapHeaders = std::collections::BTreeMap<String, String>;
+
+/// The sum of consumer group `group`'s committed offsets over the partitions of `topic` (a
+/// partition without a commit counts 0).
+#[cfg(feature = "kafka")]
+pub async fn kafka_committed(brokers: &str, group: &str, topic: &str) -> i64 {
+    let (brokers, group, topic) = (brokers.to_owned(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition(&topic, p.id());
+            }
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}

@@ -6,10 +6,14 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tidings_outbox::WireMessage;
 
+#[cfg(feature = "kafka")]
+mod kafka;
 #[cfg(feature = "nats")]
 mod nats;
 mod stdout;
 
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaArgs, KafkaSink, KafkaSinkConfig};
 #[cfg(feature = "nats")]
 pub use nats::{NatsArgs, NatsSink, NatsSinkConfig, StreamSetup};
 pub use stdout::StdoutSink;
@@ -22,6 +26,9 @@ pub enum SinkKind {
     /// NATS JetStream (feature `nats`).
     #[cfg(feature = "nats")]
     Nats,
+    /// Kafka (feature `kafka`).
+    #[cfg(feature = "kafka")]
+    Kafka,
 }
 
 /// The `--sink` choice and every sink's own flags and environment variables, for the
@@ -35,6 +42,10 @@ pub struct SinkArgs {
     #[cfg(feature = "nats")]
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// Kafka sink settings.
+    #[cfg(feature = "kafka")]
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 impl SinkArgs {
@@ -50,6 +61,8 @@ impl SinkArgs {
             SinkKind::Stdout => std::sync::Arc::new(StdoutSink::default()),
             #[cfg(feature = "nats")]
             SinkKind::Nats => std::sync::Arc::new(self.nats.connect(publish_timeout).await?),
+            #[cfg(feature = "kafka")]
+            SinkKind::Kafka => std::sync::Arc::new(self.kafka.connect(publish_timeout).await?),
         })
     }
 
@@ -62,6 +75,8 @@ impl SinkArgs {
             SinkKind::Nats => Some(
                 "--nats-duplicate-window sets it for a stream tidings creates; an existing stream keeps its own duplicate_window",
             ),
+            #[cfg(feature = "kafka")]
+            SinkKind::Kafka => None,
         }
     }
 }
