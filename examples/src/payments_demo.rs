@@ -36,7 +36,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Publishes through the real NATS sink and signals once `limit` publishes have gone out, so the
 /// demo can "kill" the relay at exactly that moment: after publishing, before recording.
 struct CrashAfter {
-    inner: NatsSink,
+    inner: Arc<dyn Sink>,
     published: AtomicUsize,
     limit: usize,
     reached: tokio::sync::Notify,
@@ -44,7 +44,7 @@ struct CrashAfter {
 
 impl Sink for CrashAfter {
     fn name(&self) -> &'static str {
-        "nats"
+        self.inner.name()
     }
     fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
@@ -55,6 +55,14 @@ impl Sink for CrashAfter {
             Ok(d)
         })
     }
+}
+
+fn demo_pool(db_url: &str) -> Result<deadpool_postgres::Pool, BoxError> {
+    Ok(
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(db_url.parse()?, NoTls))
+            .max_size(4)
+            .build()?,
+    )
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, BoxError> {
@@ -75,6 +83,9 @@ fn nats_config(url: &str, prefix: &str) -> NatsSinkConfig {
     }
 }
 
+#[cfg(feature = "kafka")]
+mod kafka_story;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -94,15 +105,44 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<bool, BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let broker = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] | ["--broker", "nats"] => "nats",
+        ["--broker", "kafka"] => "kafka",
+        _ => return Err("usage: payments-demo [--broker nats|kafka]".into()),
+    };
     let server =
         std::env::var("DEMO_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let nats_url = std::env::var("DEMO_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let payments: usize = std::env::var("DEMO_PAYMENTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    let db_url = prepare(&server).await?;
+    let mut db = connect(&db_url).await?;
+    if broker == "kafka" {
+        #[cfg(feature = "kafka")]
+        {
+            charge_all(&mut db, payments).await?;
+            return kafka_story::run(&db_url, &db, payments).await;
+        }
+        #[cfg(not(feature = "kafka"))]
+        return Err(
+            "this build has no Kafka: cargo run -p tidings-examples --features kafka --bin payments-demo -- --broker kafka (or bash examples/kafka-demo.sh)".into(),
+        );
+    }
+    let nats_url = std::env::var("DEMO_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    // The demo's own stream, emptied at every run so only this run's messages count.
+    let prefix = "demo".to_owned();
+    {
+        let js = jetstream::new(async_nats::connect(&nats_url).await?);
+        let _ = js.delete_stream("TIDINGS_DEMO").await;
+    }
+    charge_all(&mut db, payments).await?;
+    nats_story(&db_url, &db, &nats_url, &prefix, payments).await
+}
 
-    // 1. A fresh database with the Tidings schema and the payment service's own table.
+/// 1. A fresh database with the Tidings schema and the payment service's own table.
+async fn prepare(server: &str) -> Result<String, BoxError> {
     let admin = connect(&format!("{server}/postgres")).await?;
     admin
         .batch_execute("DROP DATABASE IF EXISTS tidings_demo WITH (FORCE)")
@@ -113,15 +153,12 @@ async fn run() -> Result<bool, BoxError> {
     let applied = tidings_migrations::postgres::up(&mut db).await?;
     db.batch_execute(SCHEMA).await?;
     println!("migrated tidings_demo ({} migration(s))", applied.len());
+    Ok(db_url)
+}
 
-    // The demo's own stream, emptied at every run so only this run's messages count.
-    let prefix = "demo".to_owned();
-    {
-        let js = jetstream::new(async_nats::connect(&nats_url).await?);
-        let _ = js.delete_stream("TIDINGS_DEMO").await;
-    }
-
-    // 2. The payment service: business row + outbox message, one transaction each.
+/// 2. The payment service: business row + outbox message, one transaction each; and one
+///    payment rolled back.
+async fn charge_all(db: &mut tokio_postgres::Client, payments: usize) -> Result<(), BoxError> {
     let outbox = Outbox::default();
     let started = Instant::now();
     for i in 0..payments {
@@ -149,14 +186,22 @@ async fn run() -> Result<bool, BoxError> {
         "charged {payments} payments in {:.2?} (one transaction each: payment row + outbox message); 1 rolled back",
         started.elapsed()
     );
+    Ok(())
+}
 
+/// 3-7 on NATS JetStream.
+async fn nats_story(
+    db_url: &str,
+    db: &tokio_postgres::Client,
+    nats_url: &str,
+    prefix: &str,
+    payments: usize,
+) -> Result<bool, BoxError> {
+    let (nats_url, prefix) = (nats_url.to_owned(), prefix.to_owned());
     // 3. The relay, first run: it dies after publishing 300 messages, before recording them.
-    let pool =
-        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(db_url.parse()?, NoTls))
-            .max_size(4)
-            .build()?;
+    let pool = demo_pool(db_url)?;
     let crashing = Arc::new(CrashAfter {
-        inner: NatsSink::connect(nats_config(&nats_url, &prefix)).await?,
+        inner: Arc::new(NatsSink::connect(nats_config(&nats_url, &prefix)).await?),
         published: AtomicUsize::new(0),
         limit: 300.min(payments),
         reached: tokio::sync::Notify::new(),
@@ -291,7 +336,7 @@ async fn run() -> Result<bool, BoxError> {
     });
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let v = Verdict::read(&db).await?;
+        let v = Verdict::read(db).await?;
         let s = cards_service.stats();
         let handled = s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst);
         if v.cards as usize >= payments && handled as usize >= payments {
@@ -305,7 +350,7 @@ async fn run() -> Result<bool, BoxError> {
     stop.cancel();
     task.await??;
 
-    let v = Verdict::read(&db).await?;
+    let v = Verdict::read(db).await?;
     let ok = v.exactly_once()
         && v.payments as usize == payments
         && stored == payments

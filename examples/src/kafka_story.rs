@@ -1,0 +1,271 @@
+//! The payments story on Kafka (`--broker kafka`, cargo feature `kafka`): the relay dies after
+//! publishing, before recording, so its successor re-sends; Kafka keeps both records (it has no
+//! dedup by message id across producer sessions), and the card service's inbox absorbs them.
+//! The card service dies after committing cards, before committing its offsets, so its
+//! successor gets those records again: absorbed too.
+//!
+//! Broker: `DEMO_KAFKA` (bootstrap servers, default 127.0.0.1:9092); the demo's topic is
+//! `demo.payment.succeeded`, deleted and recreated at every run.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use tidings_examples::{IssueCard, Verdict};
+use tidings_inbox::kafka::{KafkaAdapter, KafkaConsumerConfig};
+use tidings_inbox::runner::postgres::PgStore;
+use tidings_inbox::runner::{
+    Adapter, AdapterError, Decoded, Deliveries, Delivery, Runner, RunnerConfig,
+};
+use tidings_relay::sink::{KafkaSink, KafkaSinkConfig};
+use tidings_relay::{Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::{demo_pool, BoxError, CrashAfter};
+
+const TOPIC: &str = "demo.payment.succeeded";
+const GROUP: &str = "card-service-demo";
+
+/// The card service's first run: handles records (effect and inbox record committed) but dies
+/// before committing any offset, as a crash would.
+struct DiesBeforeCommitting(KafkaAdapter);
+
+struct Uncommitted(tidings_inbox::kafka::KafkaDelivery);
+
+impl Delivery for Uncommitted {
+    fn decode(&self) -> Decoded {
+        self.0.decode()
+    }
+    fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Adapter for DiesBeforeCommitting {
+    type Delivery = Uncommitted;
+    fn open(&self) -> BoxFuture<'_, Result<Deliveries<'_, Uncommitted>, AdapterError>> {
+        Box::pin(async move {
+            use futures::StreamExt;
+            let s = self.0.open().await?;
+            Ok(s.map(|d| d.map(Uncommitted)).boxed())
+        })
+    }
+    fn hold_interval(&self) -> Option<Duration> {
+        None
+    }
+}
+
+fn consumer_config(brokers: &str) -> KafkaConsumerConfig {
+    KafkaConsumerConfig {
+        brokers: brokers.to_owned(),
+        group_id: GROUP.into(),
+        topics: vec![TOPIC.into()],
+        properties: vec![],
+    }
+}
+
+/// Every payment id in the topic, and how many records hold them (read from the start of each
+/// partition until nothing arrives for 2 s).
+fn read_topic(brokers: &str) -> Result<(usize, HashSet<String>), BoxError> {
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "demo-read-back")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let md = c.fetch_metadata(Some(TOPIC), Duration::from_secs(10))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(TOPIC, p.id(), rdkafka::Offset::Beginning)?;
+        }
+    }
+    c.assign(&tpl)?;
+    let (mut stored, mut seen) = (0, HashSet::new());
+    while let Some(m) = c.poll(Duration::from_secs(2)) {
+        let m = m?;
+        stored += 1;
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        seen.insert(v["payment_id"].as_str().unwrap_or_default().to_owned());
+    }
+    Ok((stored, seen))
+}
+
+pub(crate) async fn run(
+    db_url: &str,
+    db: &tokio_postgres::Client,
+    payments: usize,
+) -> Result<bool, BoxError> {
+    let brokers = std::env::var("DEMO_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+
+    // The demo's own topic, recreated at every run so only this run's records count.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let _ = admin.delete_topics(&[TOPIC], &opts).await?;
+    admin
+        .create_topics(
+            [&NewTopic::new(TOPIC, 3, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await?;
+    let sink_config = KafkaSinkConfig {
+        brokers: brokers.clone(),
+        topic_template: "demo.{topic}".into(),
+        ..Default::default()
+    };
+
+    // 3. The relay, first run: it dies after publishing 300 messages, before recording them.
+    let pool = demo_pool(db_url)?;
+    let crashing = Arc::new(CrashAfter {
+        inner: Arc::new(KafkaSink::connect(sink_config.clone()).await?),
+        published: AtomicUsize::new(0),
+        limit: 300.min(payments),
+        reached: tokio::sync::Notify::new(),
+    });
+    let config = RelayConfig {
+        batch_size: 500,
+        ..Default::default()
+    };
+    let doomed = Relay::new(pool.clone(), crashing.clone(), config.clone())?;
+    tokio::select! {
+        r = doomed.tick() => { r?; }
+        _ = crashing.reached.notified() => {}
+    }
+    drop(doomed);
+    let crashed_after = crashing.published.load(Ordering::SeqCst);
+    println!(
+        "relay crashed after {crashed_after} acknowledged publishes (more were in flight), before recording any delivery"
+    );
+
+    // 4. A new relay takes over and re-sends: Kafka keeps the re-sends (a new producer session).
+    let relay = Relay::new(
+        pool.clone(),
+        Arc::new(KafkaSink::connect(sink_config).await?),
+        config,
+    )?;
+    let mut delivered = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = relay.tick().await?;
+        delivered += r.delivered;
+        if let Some(pause) = relay.sink_backoff() {
+            tokio::time::sleep(pause).await;
+        }
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM tidings.outbox", &[])
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{left} messages still undelivered after 120 s").into());
+        }
+    }
+    println!("relay restarted: delivered {delivered} (the re-sends are in the topic twice: Kafka cannot drop them)");
+
+    // 5. What the broker holds: every committed payment, some twice, the rolled-back one never.
+    let b = brokers.clone();
+    let (stored, seen) = tokio::task::spawn_blocking(move || read_topic(&b)).await??;
+
+    // 6. The card service, first run: it commits cards for the first 100 records, then dies
+    //    before committing its offsets.
+    let runner_config = RunnerConfig {
+        name: GROUP.into(),
+        ..Default::default()
+    };
+    let crash_after = 100.min(payments) as u64;
+    {
+        let doomed = Arc::new(Runner::new(
+            DiesBeforeCommitting(KafkaAdapter::connect(&consumer_config(&brokers))?),
+            PgStore::new(pool.clone(), Arc::new(IssueCard)),
+            runner_config.clone(),
+        )?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (r, stop) = (doomed.clone(), stop.clone());
+            async move { r.run(stop).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while doomed.stats().processed.load(Ordering::SeqCst) < crash_after {
+            if Instant::now() > deadline {
+                return Err("the card service's first run got no records within 60 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await??;
+        println!(
+            "card service crashed after committing {} cards, before committing any offset",
+            doomed.stats().processed.load(Ordering::SeqCst)
+        );
+    }
+
+    // 7. The card service restarts in the same group: it gets those records again from the
+    //    last committed offset (none), and the inbox absorbs every one it already applied.
+    let cards_service = Arc::new(Runner::new(
+        KafkaAdapter::connect(&consumer_config(&brokers))?,
+        PgStore::new(pool.clone(), Arc::new(IssueCard)),
+        runner_config,
+    )?);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (c, stop) = (cards_service.clone(), stop.clone());
+        async move { c.run(stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = cards_service.stats();
+        let handled = s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst);
+        if handled as usize >= stored {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await??;
+
+    let v = Verdict::read(db).await?;
+    let ok = v.exactly_once()
+        && v.payments as usize == payments
+        && stored >= payments
+        && seen.len() == payments
+        && !seen.contains("pay_declined");
+    println!("payments charged:                        {}", v.payments);
+    println!(
+        "records in Kafka:                        {stored} ({} distinct payments)",
+        seen.len()
+    );
+    println!("membership cards issued:                 {}", v.cards);
+    println!(
+        "payments without a card / with several:  {} / {}",
+        v.without_card, v.with_several
+    );
+    println!(
+        "duplicates absorbed by the inbox (relay re-sends and card-service redeliveries): {}",
+        v.absorbed
+    );
+    println!(
+        "rolled-back payment delivered:           {}",
+        seen.contains("pay_declined")
+    );
+    println!(
+        "{}",
+        if ok {
+            "OK: every payment has exactly one membership card"
+        } else {
+            "FAILED: not exactly one card per payment"
+        }
+    );
+    Ok(ok)
+}
