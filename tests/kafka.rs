@@ -166,3 +166,225 @@ async fn kafka_adapter_passes_the_runner_conformance_suite() {
     })
     .await;
 }
+
+/// Chaos on Kafka: 10,000 payments from 4 producers while 2 `tidings relay --sink kafka`
+/// processes and 2 Kafka card services are SIGKILLed at random moments (every 0.5-2 s, while
+/// producing and until half the cards are issued) and restarted. Then:
+/// every committed payment has exactly one card, and in the topic each customer's payments
+/// first appear in order (re-sends, which Kafka keeps, come after the original).
+/// The broker itself is not restarted here: the test broker (tansu) keeps records in memory, so
+/// a restart would lose the topic, which a real Kafka cluster does not.
+///
+/// IGNORED, a known open bug (issue 10): under repeated rebalances some records are handed to a
+/// member and never handled, and (before the commit cursor) offsets were committed past them:
+/// payments without a card. Run it with `cargo test -p tidings-tests --features kafka --test
+/// kafka -- --ignored`; it prints which payments lack a card and whether their records are in
+/// the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "known bug: records lost to the card-service group under repeated rebalances (issue 10)"]
+async fn kafka_chaos_every_payment_gets_exactly_one_card() {
+    use rand::Rng;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+    use tidings_examples::{charge, PaymentSucceeded, Verdict, SCHEMA};
+    use tidings_outbox::Outbox;
+    use tidings_tests::TestDb;
+
+    const CARD_SERVICE: &str = env!("CARGO_BIN_EXE_card-service");
+    let tidings = std::path::PathBuf::from(CARD_SERVICE).with_file_name("tidings");
+    assert!(tidings.exists(), "{} is missing", tidings.display());
+    let payments: usize = std::env::var("CHAOS_PAYMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let producers = 4;
+    let (db, kafka) = (TestDb::migrated().await, KafkaServer::start().await);
+    let c = db.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    // The topic exists before anyone consumes.
+    drop(
+        KafkaSink::connect(KafkaSinkConfig {
+            brokers: kafka.brokers.clone(),
+            topic_template: "payment.succeeded".into(),
+            create_topics: true,
+            partitions: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let relay = || -> Child {
+        Command::new(&tidings)
+            .args(["relay", "--sink", "kafka", "--batch-size", "200"])
+            .args(["--heartbeat-interval", "200ms"])
+            .args(["--kafka-brokers", &kafka.brokers])
+            .env("DATABASE_URL", &db.url)
+            .env("TIDINGS_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let card_service = || -> Child {
+        Command::new(CARD_SERVICE)
+            .env("DATABASE_URL", &db.url)
+            .env("KAFKA_BROKERS", &kafka.brokers)
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut relays: Vec<Child> = (0..2).map(|_| relay()).collect();
+    let mut cards: Vec<Child> = (0..2).map(|_| card_service()).collect();
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let url = db.url.clone();
+        let per = payments / producers;
+        tasks.push(tokio::spawn(async move {
+            let mut c = tidings_tests::connect(&url).await;
+            let outbox = Outbox::default();
+            for i in 0..per {
+                let e = PaymentSucceeded {
+                    payment_id: format!("pay_{p}_{i}"),
+                    customer: format!("p{p}-c{}", i % 25),
+                    n: (i / 25) as i64,
+                    cents: 100 + i as i64,
+                };
+                let tx = c.transaction().await.unwrap();
+                charge(&tx, &outbox, &e).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut kills = 0;
+    loop {
+        let v = Verdict::read(&c).await.unwrap();
+        let produced = tasks.iter().all(|t| t.is_finished());
+        if produced && v.payments as usize == payments && v.cards >= v.payments {
+            break;
+        }
+        if Instant::now() > deadline {
+            let state = c
+                .query_one(
+                    "SELECT (SELECT count(*) FROM tidings.outbox), (SELECT count(*) FROM tidings.dead_letters),
+                            (SELECT string_agg(DISTINCT left(last_error, 200), ' | ') FROM tidings.inbox_dead_letters),
+                            (SELECT count(*) FROM tidings.inbox_dead_letters)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let all = tidings_tests::kafka_records(&kafka.brokers).await;
+            let records = all.len();
+            let missing: Vec<String> = c
+                .query(
+                    "SELECT p.id FROM payments p WHERE NOT EXISTS (SELECT 1 FROM cards c WHERE c.payment_id = p.id)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let in_topic: Vec<(String, bool)> = missing
+                .iter()
+                .map(|m| {
+                    let found = all
+                        .iter()
+                        .any(|(_, _, h, _)| h.get("Tidings-Biz-Id") == Some(m));
+                    (m.clone(), found)
+                })
+                .collect();
+            let inboxed: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM tidings.inbox WHERE biz_id = ANY($1)",
+                    &[&missing],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            eprintln!("missing cards: {in_topic:?}; of them recorded in the inbox: {inboxed}");
+            let committed =
+                tidings_tests::kafka_committed(&kafka.brokers, "card-service", "payment.succeeded")
+                    .await;
+            panic!(
+                "no convergence within 120 s: {v:?}; outbox {}, dead letters {}, parked {} ({:?}); records {records}, committed {committed}",
+                state.get::<_, i64>(0),
+                state.get::<_, i64>(1),
+                state.get::<_, i64>(3),
+                state.get::<_, Option<String>>(2)
+            );
+        }
+        // Chaos while producing and until half the cards are issued; then the group settles
+        // (a killed member's partitions wait for its session to time out, 6 s).
+        if produced && v.cards as usize > payments / 2 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let (list, fresh): (&mut Vec<Child>, &dyn Fn() -> Child) = if rand::rng().random_bool(0.5) {
+            (&mut relays, &relay)
+        } else {
+            (&mut cards, &card_service)
+        };
+        let i = rand::rng().random_range(0..list.len());
+        let _ = list[i].kill();
+        let _ = list[i].wait();
+        list[i] = fresh();
+        kills += 1;
+        let pause = rand::rng().random_range(500..2000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Chaos over: the card services work off what killed members had not committed.
+    tidings_tests::eventually(
+        "every record committed by the card-service group",
+        Duration::from_secs(90),
+        || async {
+            let records = tidings_tests::kafka_records(&kafka.brokers).await.len() as i64;
+            tidings_tests::kafka_committed(&kafka.brokers, "card-service", "payment.succeeded")
+                .await
+                >= records
+        },
+    )
+    .await;
+    for p in relays.iter_mut().chain(cards.iter_mut()) {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let v = Verdict::read(&c).await.unwrap();
+    eprintln!(
+        "kafka chaos: {} payments in {:.1?}, {kills} SIGKILLs; cards {}, duplicates absorbed by the inbox {}",
+        v.payments,
+        started.elapsed(),
+        v.cards,
+        v.absorbed
+    );
+    assert_eq!(v.payments as usize, payments);
+    assert!(v.exactly_once(), "{v:?}");
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+
+    // Per-key order in the topic: each customer's payments first appear in n order.
+    let mut next: HashMap<String, i64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (_, _, h, payload) in tidings_tests::kafka_records(&kafka.brokers).await {
+        if !seen.insert(h["Tidings-Message-Id"].clone()) {
+            continue; // a re-send Kafka kept: the inbox absorbed it
+        }
+        let e: PaymentSucceeded = serde_json::from_slice(&payload).unwrap();
+        let want = next.entry(e.customer.clone()).or_insert(0);
+        assert_eq!(e.n, *want, "customer {} out of order", e.customer);
+        *want += 1;
+    }
+    assert_eq!(seen.len(), payments);
+    assert_eq!(next.len(), producers * 25);
+}

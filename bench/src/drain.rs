@@ -101,9 +101,9 @@ async fn drain_relay(
     drain_relays(url, sink, config, 1).await
 }
 
-/// The broker's own ceiling here: the same number of messages published through the NATS sink
+/// The broker's own ceiling here: the same number of messages published through its sink
 /// in batches of `batch`, all acks awaited per batch, with no PostgreSQL involved.
-async fn publish_raw(sink: &NatsSink, n: usize, batch: usize) -> Result<f64, BoxError> {
+async fn publish_raw(sink: &dyn Sink, n: usize, batch: usize) -> Result<f64, BoxError> {
     let msgs: Vec<Envelope> = (0..n)
         .map(|i| Envelope {
             seq: i as i64,
@@ -189,7 +189,7 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     rows.push(("relay -> null sink, 1000 ordering keys", null_keyed));
 
     let sink = bench_stream(args).await?;
-    let nats_raw = publish_raw(&sink, n, batch as usize).await?;
+    let nats_raw = publish_raw(&*sink, n, batch as usize).await?;
     rows.push(("raw NATS JetStream publish (no PostgreSQL)", nats_raw));
     backlog(url, n, None).await?;
     let (nats, dups) = drain_relay(url, sink.clone(), config.clone()).await?;
@@ -202,6 +202,39 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     backlog(url, n, None).await?;
     let (nats2, dups2) = drain_relays(url, sink, config.clone(), 2).await?;
     rows.push(("2 relays -> NATS JetStream", nats2));
+
+    // Kafka, when a broker is given: its own produce rate beside the relay's.
+    #[allow(unused_mut)]
+    let mut kafka: (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
+    if let Some(brokers) = &args.kafka {
+        #[cfg(feature = "kafka")]
+        {
+            let sink: Arc<dyn Sink> = Arc::new(
+                tidings_relay::sink::KafkaSink::connect(tidings_relay::sink::KafkaSinkConfig {
+                    brokers: brokers.clone(),
+                    topic_template: "bench.{topic}".into(),
+                    create_topics: true,
+                    partitions: 6,
+                    ..Default::default()
+                })
+                .await?,
+            );
+            let raw_kafka = publish_raw(&*sink, n, batch as usize).await?;
+            rows.push(("raw Kafka produce (no PostgreSQL)", raw_kafka));
+            backlog(url, n, None).await?;
+            let (k, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> Kafka", k));
+            backlog(url, n, Some(1000)).await?;
+            let (k_keyed, _) = drain_relay(url, sink, config.clone()).await?;
+            rows.push(("relay -> Kafka, 1000 ordering keys", k_keyed));
+            kafka = (Some(raw_kafka), Some(k), Some(k_keyed));
+        }
+        #[cfg(not(feature = "kafka"))]
+        return Err(format!(
+            "--kafka {brokers}: this bench was built without Kafka (cargo run --release -p tidings-bench --features kafka)"
+        )
+        .into());
+    }
 
     for (name, rate) in &rows {
         println!(
@@ -219,7 +252,8 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     }
     Ok((
         json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": null, "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
-               "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw)}),
+               "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw),
+               "kafka_raw_produce_msgs": kafka.0, "kafka_msgs": kafka.1, "kafka_keyed_msgs": kafka.2}),
         ok,
     ))
 }

@@ -36,6 +36,10 @@ pub struct Args {
     /// NATS URL (JetStream enabled).
     #[arg(long, env = "BENCH_NATS", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// Kafka bootstrap servers: adds the Kafka rows to the drain benchmark (build with
+    /// `--features kafka`; `bash bench/kafka.sh` starts a tansu broker and passes it).
+    #[arg(long, env = "BENCH_KAFKA")]
+    pub kafka: Option<String>,
     /// Short run for CI: small sizes, one round, loose regression floors checked.
     #[arg(long)]
     pub quick: bool,

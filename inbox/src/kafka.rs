@@ -2,9 +2,10 @@
 //! the runner handles through the inbox.
 //!
 //! Offsets: a partition's offset is committed only past records whose inbox transactions have
-//! all committed (the lowest record still in flight bounds it), so no gap is ever committed
-//! past; a record left unfinished (shutdown) keeps the offset before it, and the group resumes
-//! there, in partition order. On a rebalance the revoked partitions' finished offsets are
+//! all committed (a cursor from where the assignment started, moved over finished offsets one
+//! by one), so no gap is ever committed past, also when records fetched before a rebalance
+//! finish after it; a record left unfinished (shutdown) keeps the offset before it, and the
+//! group resumes there, in partition order. On a rebalance the revoked partitions' finished offsets are
 //! committed synchronously, and acks of their records still in flight are dropped (another
 //! member gets them again; the inbox absorbs an effect that committed meanwhile). Kafka has no
 //! redelivery timer, so nothing needs holding; the runner's own retry count parks a poison
@@ -53,41 +54,65 @@ impl std::fmt::Debug for KafkaConsumerConfig {
     }
 }
 
-/// What is in flight per partition, and which assignment (generation) a record belongs to.
+/// Per partition: the assignment (generation) and the offsets finished in it.
 #[derive(Default)]
 struct Tracker {
     partitions: HashMap<(String, i32), PartitionState>,
 }
 
+/// The commit cursor of one assigned partition. It starts at the offset the assignment starts
+/// from (the group's committed offset) and moves only over offsets whose records are finished,
+/// one by one: records fetched before a rebalance and handed out after it (beyond the restart
+/// point) can finish first without the commit passing the records before them. Offsets are
+/// taken to be dense (a topic the relay writes: no compaction, no transactions); a gap stops
+/// the cursor, which costs redeliveries after a restart, never a lost record.
 #[derive(Default)]
 struct PartitionState {
+    /// Whether the partition is assigned to this member now. Records of a partition that is
+    /// not (fetched before it was revoked, handed out after) are still handled, but never
+    /// move a commit: the partition's owner commits it.
+    assigned: bool,
     generation: u64,
-    /// Offsets handed to the runner and not finished.
-    in_flight: BTreeSet<i64>,
-    /// One past the highest offset handed out.
-    next: i64,
+    /// Next offset to commit (every record below it is finished); None until known.
+    cursor: Option<i64>,
+    /// Finished offsets at or above the cursor.
+    done: BTreeSet<i64>,
     /// Last offset committed.
     committed: Option<i64>,
 }
 
-impl Tracker {
-    /// The offset to commit for a partition: its lowest record in flight, or one past the
-    /// last handed out.
-    fn commit_point(s: &PartitionState) -> i64 {
-        s.in_flight.first().copied().unwrap_or(s.next)
+impl PartitionState {
+    fn finish(&mut self, offset: i64) {
+        let Some(mut cursor) = self.cursor else {
+            return;
+        };
+        if offset < cursor {
+            return;
+        }
+        self.done.insert(offset);
+        while self.done.remove(&cursor) {
+            cursor += 1;
+        }
+        self.cursor = Some(cursor);
     }
+}
 
-    /// Offsets worth committing now (advanced since the last commit).
+impl Tracker {
+    /// Offsets worth committing now (cursors advanced since the last commit).
     fn due(&mut self, only: Option<&(String, i32)>) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for (tp, s) in &mut self.partitions {
             if only.is_some_and(|o| o != tp) {
                 continue;
             }
-            let point = Self::commit_point(s);
-            if s.next > 0 && s.committed.is_none_or(|c| c < point) {
-                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(point));
-                s.committed = Some(point);
+            if !s.assigned {
+                continue;
+            }
+            if let Some(point) = s.cursor {
+                if s.committed.is_none_or(|c| c < point) {
+                    let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(point));
+                    s.committed = Some(point);
+                }
             }
         }
         tpl
@@ -95,7 +120,7 @@ impl Tracker {
 }
 
 /// Commits what is finished of revoked partitions, then forgets them (acks of their records
-/// still in flight are dropped).
+/// still in flight are dropped); learns where newly assigned partitions start.
 struct Context {
     tracker: Arc<Mutex<Tracker>>,
 }
@@ -105,25 +130,61 @@ impl ClientContext for Context {}
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
-            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            let mut tpl = TopicPartitionList::new();
-            for e in revoked.elements() {
-                let tp = (e.topic().to_owned(), e.partition());
-                if let Some(s) = t.partitions.get_mut(&tp) {
-                    let point = Tracker::commit_point(s);
-                    if s.next > 0 {
-                        let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(point));
+            let tpl = {
+                let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                let mut tpl = TopicPartitionList::new();
+                for e in revoked.elements() {
+                    let tp = (e.topic().to_owned(), e.partition());
+                    if let Some(s) = t.partitions.get_mut(&tp) {
+                        if let Some(point) = s.cursor {
+                            if s.committed.is_none_or(|c| c < point) {
+                                let _ =
+                                    tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(point));
+                            }
+                        }
+                        *s = PartitionState {
+                            assigned: false,
+                            generation: s.generation + 1,
+                            ..Default::default()
+                        };
                     }
-                    s.generation += 1;
-                    s.in_flight.clear();
-                    s.next = 0;
-                    s.committed = None;
                 }
-            }
+                tpl
+            };
             if tpl.count() > 0 {
                 if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                     tracing::warn!(error = %e, "cannot commit revoked partitions' offsets; their records come again");
                 }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            // Where each partition starts: the group's committed offset (none: its first
+            // record, as no one has finished anything of it).
+            let committed = consumer
+                .committed_offsets((*assigned).clone(), Duration::from_secs(10))
+                .map_err(|e| tracing::warn!(error = %e, "cannot read committed offsets; commits wait for the first record"))
+                .ok();
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for e in assigned.elements() {
+                let tp = (e.topic().to_owned(), e.partition());
+                let start = committed.as_ref().and_then(|c| {
+                    c.find_partition(&tp.0, tp.1)
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                });
+                let s = t.partitions.entry(tp).or_default();
+                *s = PartitionState {
+                    assigned: true,
+                    generation: s.generation + 1,
+                    cursor: start,
+                    committed: start,
+                    ..Default::default()
+                };
             }
         }
     }
@@ -214,9 +275,16 @@ impl crate::runner::Adapter for KafkaAdapter {
                     let generation = {
                         let mut t = inner.tracker.lock().unwrap_or_else(|p| p.into_inner());
                         let s = t.partitions.entry(tp.clone()).or_default();
-                        s.in_flight.insert(m.offset());
-                        s.next = s.next.max(m.offset() + 1);
-                        s.generation
+                        if !s.assigned {
+                            // Not ours (any more): handled, never committed by us.
+                            u64::MAX
+                        } else {
+                            // A partition nobody committed starts at its first record.
+                            if s.cursor.is_none() {
+                                s.cursor = Some(m.offset());
+                            }
+                            s.generation
+                        }
                     };
                     Ok(KafkaDelivery {
                         generation,
@@ -324,9 +392,7 @@ impl Delivery for KafkaDelivery {
             {
                 let mut t = self.inner.tracker.lock().unwrap_or_else(|p| p.into_inner());
                 match t.partitions.get_mut(&self.tp) {
-                    Some(s) if s.generation == self.generation => {
-                        s.in_flight.remove(&self.msg.offset());
-                    }
+                    Some(s) if s.generation == self.generation => s.finish(self.msg.offset()),
                     // Revoked meanwhile: another member has the partition now.
                     _ => return Ok(()),
                 }

@@ -2,7 +2,9 @@
 //! from JetStream through the inbox and issues one membership card per payment
 //! (`tidings_examples::IssueCard`). Runs until SIGTERM/SIGINT (or SIGKILL, in the chaos test).
 //!
-//! Environment: DATABASE_URL, NATS_URL, CARD_ACK_WAIT_MS (default 2000).
+//! Environment: DATABASE_URL, NATS_URL, CARD_ACK_WAIT_MS (default 2000); or, with the `kafka`
+//! feature, KAFKA_BROKERS instead of NATS_URL (consumer group `card-service`, topic
+//! `payment.succeeded`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let db = std::env::var("DATABASE_URL")?;
-    let nats = std::env::var("NATS_URL")?;
     let ack_wait = std::env::var("CARD_ACK_WAIT_MS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -24,6 +25,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     ))
     .max_size(8)
     .build()?;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+    });
+    #[cfg(feature = "kafka")]
+    if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+        use tidings_inbox::kafka::{KafkaAdapter, KafkaConsumerConfig};
+        use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
+        let runner = Runner::new(
+            KafkaAdapter::connect(&KafkaConsumerConfig {
+                brokers,
+                group_id: "card-service".into(),
+                topics: vec!["payment.succeeded".into()],
+                // A SIGKILLed member holds its partitions until its session times out.
+                // KAFKA_SESSION_TIMEOUT_MS shortens that (librdkafka's default is 45 s).
+                properties: std::env::var("KAFKA_SESSION_TIMEOUT_MS")
+                    .map(|ms| vec![("session.timeout.ms".to_owned(), ms)])
+                    .unwrap_or_default(),
+            })?,
+            PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
+            RunnerConfig {
+                name: "card-service".into(),
+                concurrency: 8,
+                ..Default::default()
+            },
+        )?;
+        runner.run(stop).await?;
+        return Ok(());
+    }
+    let nats = std::env::var("NATS_URL")?;
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(nats.as_str())
@@ -37,12 +70,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     let consumer =
         NatsConsumer::new(pool, client, config, Arc::new(tidings_examples::IssueCard)).await?;
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        s.cancel();
-    });
     consumer.run(stop).await?;
     Ok(())
 }
