@@ -94,6 +94,9 @@ async fn drain(relays: &[&Relay], db: &TestDb) -> TickReport {
         for r in reports {
             let r = r.expect("a tick never fails on a working database");
             claimed += r.claimed;
+            total.claimed += r.claimed;
+            total.released += r.released;
+            total.sink_unavailable |= r.sink_unavailable;
             total.delivered += r.delivered;
             total.retried += r.retried;
             total.dead_lettered += r.dead_lettered;

@@ -178,6 +178,13 @@ pub struct KafkaSink {
     max_message_bytes: usize,
     /// Kafka topics seen to exist (or created).
     known: Mutex<HashSet<String>>,
+    /// When a produce request last timed out with no delivery since: for a little while
+    /// (twice the delivery timeout) the health probe reports it as an outage even though
+    /// metadata answers (a broker that takes no writes; after a broker restart the idempotent
+    /// producer re-registers first), so the relay counts no attempts; then it tries again.
+    /// (first, last) produce timeout since the last delivery. Timeouts that go on for long
+    /// (a producer wedged after the broker lost its state) replace the producer.
+    stalled: Mutex<Option<(std::time::Instant, std::time::Instant)>>,
 }
 
 /// The client configuration: the sink's own settings, then the user's properties.
@@ -250,6 +257,7 @@ impl KafkaSink {
             config,
             max_message_bytes,
             known: Mutex::new(HashSet::new()),
+            stalled: Mutex::new(None),
         };
         sink.metadata(None).await.map_err(|e| {
             Error::Sink(format!(
@@ -489,8 +497,24 @@ impl Sink for KafkaSink {
                 .send(record, Timeout::After(self.config.delivery_timeout))
                 .await
             {
-                Ok(_) => Ok(Delivery::default()),
+                Ok(_) => {
+                    *self.stalled.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    Ok(Delivery::default())
+                }
                 Err((e, _)) => {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::MessageTimedOut
+                                | RDKafkaErrorCode::RequestTimedOut
+                                | RDKafkaErrorCode::AllBrokersDown
+                                | RDKafkaErrorCode::BrokerTransportFailure
+                        )
+                    ) {
+                        let now = std::time::Instant::now();
+                        let mut st = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+                        *st = Some((st.map_or(now, |(first, _)| first), now));
+                    }
                     if matches!(
                         e.rdkafka_error_code(),
                         Some(
@@ -527,8 +551,28 @@ impl Sink for KafkaSink {
         Box::pin(async move {
             self.metadata(None)
                 .await
-                .map(|_| ())
-                .map_err(|e| SinkError::Unavailable(Box::new(e)))
+                .map_err(|e| SinkError::Unavailable(Box::new(e)))?;
+            let dt = self.config.delivery_timeout;
+            let stalled = *self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((first, last)) = stalled {
+                if first.elapsed() > dt * 4 {
+                    // Writes have failed for a while although the broker answers: a new
+                    // producer session (a wedged idempotent producer does not recover).
+                    tracing::warn!(
+                        "Kafka produce requests keep timing out; starting a new producer"
+                    );
+                    if let Ok(p) = self.client_config.create::<FutureProducer>() {
+                        *self.producer.write().unwrap_or_else(|p| p.into_inner()) = p;
+                    }
+                    *self.stalled.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                if last.elapsed() < dt * 2 {
+                    return Err(SinkError::Unavailable(
+                        "Kafka answers metadata requests but produce requests time out".into(),
+                    ));
+                }
+            }
+            Ok(())
         })
     }
 
