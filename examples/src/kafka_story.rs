@@ -27,7 +27,7 @@ use tidings_relay::sink::{KafkaSink, KafkaSinkConfig};
 use tidings_relay::{Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{demo_pool, BoxError, CrashAfter};
+use super::{demo_pool, relay_until_empty, BoxError, CrashAfter};
 
 const TOPIC: &str = "demo.payment.succeeded";
 const GROUP: &str = "card-service-demo";
@@ -150,25 +150,7 @@ pub(crate) async fn run(
         Arc::new(KafkaSink::connect(sink_config).await?),
         config,
     )?;
-    let mut delivered = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = relay.tick().await?;
-        delivered += r.delivered;
-        if let Some(pause) = relay.sink_backoff() {
-            tokio::time::sleep(pause).await;
-        }
-        let left: i64 = db
-            .query_one("SELECT count(*) FROM tidings.outbox", &[])
-            .await?
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{left} messages still undelivered after 120 s").into());
-        }
-    }
+    let (delivered, _) = relay_until_empty(&relay, db).await?;
     println!("relay restarted: delivered {delivered} (the re-sends are in the topic twice: Kafka cannot drop them)");
 
     // 5. What the broker holds: every committed payment, some twice, the rolled-back one never.

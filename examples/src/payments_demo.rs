@@ -57,6 +57,34 @@ impl Sink for CrashAfter {
     }
 }
 
+/// Ticks `relay` until the outbox is empty (120 s at most), backing off as the daemon would
+/// while the broker is unavailable; returns (delivered, duplicates the broker dropped).
+async fn relay_until_empty(
+    relay: &Relay,
+    db: &tokio_postgres::Client,
+) -> Result<(usize, usize), BoxError> {
+    let (mut delivered, mut duplicates) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = relay.tick().await?;
+        delivered += r.delivered;
+        duplicates += r.duplicates;
+        if let Some(pause) = relay.sink_backoff() {
+            tokio::time::sleep(pause).await;
+        }
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM tidings.outbox", &[])
+            .await?
+            .get(0);
+        if left == 0 {
+            return Ok((delivered, duplicates));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{left} messages still undelivered after 120 s").into());
+        }
+    }
+}
+
 fn demo_pool(db_url: &str) -> Result<deadpool_postgres::Pool, BoxError> {
     Ok(
         deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(db_url.parse()?, NoTls))
@@ -227,27 +255,7 @@ async fn nats_story(
         Arc::new(NatsSink::connect(nats_config(&nats_url, &prefix)).await?),
         config,
     )?;
-    let (mut delivered, mut duplicates) = (0, 0);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = relay.tick().await?;
-        delivered += r.delivered;
-        duplicates += r.duplicates;
-        if let Some(pause) = relay.sink_backoff() {
-            // Broker unavailable: back off as the daemon would, instead of spinning.
-            tokio::time::sleep(pause).await;
-        }
-        let left: i64 = db
-            .query_one("SELECT count(*) FROM tidings.outbox", &[])
-            .await?
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{left} messages still undelivered after 120 s").into());
-        }
-    }
+    let (delivered, duplicates) = relay_until_empty(&relay, db).await?;
     println!("relay restarted: delivered {delivered}, of which {duplicates} re-sends JetStream dropped as duplicates");
 
     // 5. What the broker holds: exactly one message per committed payment.

@@ -224,6 +224,39 @@ impl Drop for TestDb {
     }
 }
 
+/// Sends a signal to a server process of a test (`-STOP` freezes it, `-CONT` thaws it).
+fn signal_child(child: Option<&std::process::Child>, signal: &str) {
+    let pid = child.expect("server is running").id();
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {signal} {pid}");
+}
+
+/// Kills a server process of a test (as a crash would).
+fn kill_child(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Waits (20 s at most) until 127.0.0.1:`port` accepts connections.
+async fn wait_for_port(port: u16, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A nats-server with JetStream of a test's own, on a free port of 127.0.0.1, with its store in a
 /// temporary folder; stopped (killed) when dropped. Can be stopped and restarted on the same port.
 pub struct NatsServer {
@@ -268,20 +301,12 @@ impl NatsServer {
 
     /// Sends a signal to the server process (`-STOP` freezes it, `-CONT` thaws it).
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("server is running").id();
-        let ok = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill {signal} {pid}");
+        signal_child(self.child.as_ref(), signal);
     }
 
     /// Kills the server (as a crash would).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Starts it again on the same port and store; waits until it accepts connections.
@@ -303,20 +328,7 @@ impl NatsServer {
             .spawn()
             .expect("nats-server must be installed (Debian package nats-server)");
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_port(self.port, "nats-server").await;
     }
 }
 
@@ -472,20 +484,12 @@ impl KafkaServer {
 
     /// Sends a signal to the broker process (`-STOP` freezes it, `-CONT` thaws it).
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("broker is running").id();
-        let ok = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill {signal} {pid}");
+        signal_child(self.child.as_ref(), signal);
     }
 
     /// Kills the broker.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Starts it again on the same port; waits until it accepts connections.
@@ -506,20 +510,7 @@ impl KafkaServer {
             .spawn()
             .expect("tansu must be installed (.ci/test installs it: cargo install tansu)");
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "tansu did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_port(self.port, "tansu").await;
     }
 }
 

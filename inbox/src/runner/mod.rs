@@ -1022,13 +1022,13 @@ fn without_nul(d: &Delivered) -> Delivered {
 }
 
 /// Headers as stored in `inbox_dead_letters.headers` (a JSON object of strings).
-pub(crate) fn headers_json(d: &Delivered) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = d
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
-    serde_json::Value::Object(map).to_string()
+pub(crate) fn headers_json(d: &Delivered) -> serde_json::Value {
+    serde_json::Value::Object(
+        d.headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
 }
 
 /// A parked row read back for a replay.

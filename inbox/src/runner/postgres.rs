@@ -120,8 +120,7 @@ impl Store for PgStore {
     fn park<'a>(&'a self, p: Parked<'a>) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let d = p.message;
-            let headers: serde_json::Value =
-                serde_json::from_str(&headers_json(d)).unwrap_or_default();
+            let headers = headers_json(d);
             self.client()
                 .await?
                 .execute(
