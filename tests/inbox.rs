@@ -469,65 +469,6 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
     assert_eq!(info.num_pending, 0);
 }
 
-/// The consumer's span is a child of the producer's span named in `traceparent`, in
-/// OpenTelemetry (feature `opentelemetry`), so one trace runs from producer to consumer.
-#[tokio::test(flavor = "current_thread")]
-async fn consumer_span_continues_the_producers_traceparent() {
-    use opentelemetry::trace::TracerProvider as _;
-    use tracing_subscriber::layer::SubscriberExt;
-
-    let ((db, _), nats) = (setup().await, NatsServer::start().await);
-    let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    // Scoped to this thread; the current-thread runtime runs the consumer here.
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let sink = NatsSink::connect(NatsSinkConfig {
-        url: nats.url.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    sink.publish(&envelope("pay_traced")).await.unwrap();
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    let config = ConsumerConfig {
-        name: "card-service".into(),
-        ..Default::default()
-    };
-    let consumer = NatsConsumer::new(pool(&db, 2), client, config, Arc::new(IssueCard))
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let run = consumer.run(stop.clone());
-    let watch = async {
-        eventually(
-            "the message to be processed",
-            Duration::from_secs(20),
-            || async { consumer.stats().processed.load(Ordering::SeqCst) == 1 },
-        )
-        .await;
-        stop.cancel();
-    };
-    let (res, ()) = tokio::join!(run, watch);
-    res.unwrap();
-
-    let _ = provider.force_flush();
-    let spans = exporter.get_finished_spans().unwrap();
-    let span = spans
-        .iter()
-        .find(|s| s.name == "tidings_consume")
-        .expect("a tidings_consume span");
-    assert_eq!(
-        span.span_context.trace_id().to_string(),
-        "4bf92f3577b34da6a3ce929d0e0e4736"
-    );
-    assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
-}
-
 /// A handler that swallows an SQL error and returns Ok leaves an aborted transaction, whose
 /// COMMIT would silently roll back: the runner must not ack that as processed.
 struct SwallowsErrors;
