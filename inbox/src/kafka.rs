@@ -2,16 +2,16 @@
 //! the runner handles through the inbox.
 //!
 //! Offsets: a partition's offset is committed only past records whose inbox transactions have
-//! all committed (a cursor from where the assignment started, moved over finished offsets one
-//! by one), so no gap is ever committed past, also when records fetched before a rebalance
-//! finish after it; a record left unfinished (shutdown) keeps the offset before it, and the
-//! group resumes there, in partition order. On a rebalance the revoked partitions' finished offsets are
-//! committed synchronously, and acks of their records still in flight are dropped (another
+//! all committed (a cursor from where the assignment started, moved over finished offsets
+//! and over offsets the broker showed have no record), so no unfinished record is ever
+//! committed past, also when records fetched before a rebalance finish after it; a record left
+//! unfinished (shutdown) keeps the offset before it, and the group resumes there, in partition
+//! order. On a rebalance the revoked partitions' finished offsets are committed synchronously, and acks of their records still in flight are dropped (another
 //! member gets them again; the inbox absorbs an effect that committed meanwhile). Kafka has no
 //! redelivery timer, so nothing needs holding; the runner's own retry count parks a poison
 //! record instead of blocking its partition forever.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,10 +62,14 @@ struct Tracker {
 
 /// The commit cursor of one assigned partition. It starts at the offset the assignment starts
 /// from (the group's committed offset) and moves only over offsets whose records are finished,
-/// one by one: records fetched before a rebalance and handed out after it (beyond the restart
-/// point) can finish first without the commit passing the records before them. Offsets are
-/// taken to be dense (a topic the relay writes: no compaction, no transactions); a gap stops
-/// the cursor, which costs redeliveries after a restart, never a lost record.
+/// or that the broker showed are not in the log: records fetched before a rebalance and handed
+/// out after it (beyond the restart point) can finish first without the commit passing the
+/// records before them.
+///
+/// Offsets need not be dense. The broker hands out a partition's records in offset order, so
+/// an offset it jumped over within one assignment (compaction, transaction markers, aborted
+/// records, or retention having deleted records beyond the committed offset) never comes: it
+/// counts as finished, or the commit would stop at it for good.
 #[derive(Default)]
 struct PartitionState {
     /// Whether the partition is assigned to this member now. Records of a partition that is
@@ -75,25 +79,64 @@ struct PartitionState {
     generation: u64,
     /// Next offset to commit (every record below it is finished); None until known.
     cursor: Option<i64>,
-    /// Finished offsets at or above the cursor.
-    done: BTreeSet<i64>,
+    /// Finished offset ranges at or above the cursor: start -> end (exclusive).
+    done: BTreeMap<i64, i64>,
+    /// The offset after the last record handed out in this assignment.
+    next: Option<i64>,
     /// Last offset committed.
     committed: Option<i64>,
 }
 
 impl PartitionState {
     fn finish(&mut self, offset: i64) {
+        self.finish_range(offset, offset + 1);
+    }
+
+    fn finish_range(&mut self, start: i64, end: i64) {
         let Some(mut cursor) = self.cursor else {
             return;
         };
-        if offset < cursor {
+        if end <= cursor {
             return;
         }
-        self.done.insert(offset);
-        while self.done.remove(&cursor) {
-            cursor += 1;
+        let start = start.max(cursor);
+        let end = self.done.get(&start).map_or(end, |e| (*e).max(end));
+        self.done.insert(start, end);
+        while let Some((&s, &e)) = self.done.first_key_value() {
+            if s > cursor {
+                break;
+            }
+            self.done.pop_first();
+            cursor = cursor.max(e);
         }
         self.cursor = Some(cursor);
+    }
+
+    /// A record at `offset` is handed out: offsets the broker jumped over since the last one
+    /// (or since the assignment's start) are not in the log.
+    fn handed_out(&mut self, tp: &(String, i32), offset: i64) {
+        let from = match (self.next, self.cursor) {
+            (Some(next), _) => next,
+            (None, Some(start)) => start,
+            (None, None) => {
+                tracing::debug!(topic = %tp.0, partition = tp.1, offset,
+                    "no committed offset known: the cursor starts at the first record");
+                self.cursor = Some(offset);
+                offset
+            }
+        };
+        if offset > from {
+            if self.next.is_none() {
+                // Loud: on a real Kafka broker this means records were deleted unconsumed.
+                tracing::warn!(topic = %tp.0, partition = tp.1, from, to = offset,
+                    "the broker resumed the partition after its committed offset: the records in between are not in the log (retention or compaction); skipped");
+            } else {
+                tracing::debug!(topic = %tp.0, partition = tp.1, from, to = offset,
+                    "offsets without records (compaction or transaction markers)");
+            }
+            self.finish_range(from, offset);
+        }
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 }
 
@@ -142,6 +185,8 @@ impl ConsumerContext for Context {
                                     tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(point));
                             }
                         }
+                        tracing::debug!(topic = %tp.0, partition = tp.1, cursor = ?s.cursor,
+                            committed = ?s.committed, pending = s.done.len(), "partition revoked");
                         *s = PartitionState {
                             assigned: false,
                             generation: s.generation + 1,
@@ -177,6 +222,7 @@ impl ConsumerContext for Context {
                             _ => None,
                         })
                 });
+                tracing::debug!(topic = %tp.0, partition = tp.1, start = ?start, "partition assigned");
                 let s = t.partitions.entry(tp).or_default();
                 *s = PartitionState {
                     assigned: true,
@@ -252,6 +298,7 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .due(only);
         if tpl.count() > 0 {
+            tracing::trace!(offsets = ?tpl, "commit");
             if let Err(e) = self.consumer.commit(&tpl, mode) {
                 tracing::warn!(error = %e, "cannot commit offsets; those records may come again");
             }
@@ -279,13 +326,11 @@ impl crate::runner::Adapter for KafkaAdapter {
                             // Not ours (any more): handled, never committed by us.
                             u64::MAX
                         } else {
-                            // A partition nobody committed starts at its first record.
-                            if s.cursor.is_none() {
-                                s.cursor = Some(m.offset());
-                            }
+                            s.handed_out(&tp, m.offset());
                             s.generation
                         }
                     };
+                    tracing::trace!(topic = %tp.0, partition = tp.1, offset = m.offset(), generation, "record");
                     Ok(KafkaDelivery {
                         generation,
                         tp,
@@ -408,4 +453,63 @@ fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionState;
+
+    fn assigned(start: Option<i64>) -> PartitionState {
+        PartitionState {
+            assigned: true,
+            cursor: start,
+            committed: start,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_cursor_passes_only_finished_or_missing_offsets() {
+        let tp = ("t".to_owned(), 0);
+        let mut s = assigned(Some(10));
+        for o in 10..15 {
+            s.handed_out(&tp, o);
+        }
+        // Finished out of order: the cursor waits for 10.
+        s.finish(12);
+        s.finish(11);
+        assert_eq!(s.cursor, Some(10));
+        s.finish(10);
+        assert_eq!(s.cursor, Some(13));
+        // 15..20 have no records (compaction): jumped over once 13 and 14 finish.
+        s.handed_out(&tp, 20);
+        s.finish(14);
+        assert_eq!(s.cursor, Some(13));
+        s.finish(13);
+        assert_eq!(s.cursor, Some(20));
+        s.finish(20);
+        assert_eq!(s.cursor, Some(21));
+        assert!(s.done.is_empty());
+    }
+
+    #[test]
+    fn a_resume_after_the_committed_offset_skips_what_the_log_no_longer_has() {
+        let tp = ("t".to_owned(), 0);
+        let mut s = assigned(Some(100));
+        // Retention deleted 100..5000: the broker resumes at the log start.
+        s.handed_out(&tp, 5000);
+        assert_eq!(s.cursor, Some(5000));
+        // A redelivered lower offset neither moves the cursor back nor makes a gap.
+        s.handed_out(&tp, 4990);
+        s.handed_out(&tp, 5001);
+        s.finish(5001);
+        s.finish(5000);
+        assert_eq!(s.cursor, Some(5002));
+        // Unknown start: the first record is where the cursor starts.
+        let mut s = assigned(None);
+        s.handed_out(&tp, 7);
+        assert_eq!(s.cursor, Some(7));
+        s.finish(7);
+        assert_eq!(s.cursor, Some(8));
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! Environment: DATABASE_URL, NATS_URL, CARD_ACK_WAIT_MS (default 2000); or, with the `kafka`
 //! feature, KAFKA_BROKERS instead of NATS_URL (consumer group `card-service`, topic
-//! `payment.succeeded`).
+//! `payment.succeeded`). CARD_LOG (an EnvFilter, e.g. `tidings_inbox=debug`) logs to stderr.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if let Ok(filter) = std::env::var("CARD_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let db = std::env::var("DATABASE_URL")?;
     let ack_wait = std::env::var("CARD_ACK_WAIT_MS")
         .ok()

@@ -461,6 +461,8 @@ pub struct KafkaServer {
     /// `127.0.0.1:<port>`, for `bootstrap.servers`.
     pub brokers: String,
     port: u16,
+    /// The broker's storage (sqlite), kept across restarts, removed on drop.
+    dir: std::path::PathBuf,
     child: Option<std::process::Child>,
 }
 
@@ -473,9 +475,12 @@ impl KafkaServer {
             .local_addr()
             .unwrap()
             .port();
+        let dir = std::env::temp_dir().join(format!("tidings-tansu-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
         let mut s = KafkaServer {
             brokers: format!("127.0.0.1:{port}"),
             port,
+            dir,
             child: None,
         };
         s.restart().await;
@@ -504,7 +509,11 @@ impl KafkaServer {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
+            // sqlite, not memory: tansu's memory storage answers a fetch from inside a
+            // stored batch with the next batch (a group resuming mid-batch would never see
+            // the rest), and loses everything on restart. See .ci/install-tansu.sh.
+            .args(["--storage-engine", "sqlite://tansu.db", "--silent"])
+            .current_dir(&self.dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -518,16 +527,27 @@ impl KafkaServer {
 impl Drop for KafkaServer {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// Every record of every topic on `brokers` (internal ones excepted), partition by partition
 /// in offset order: (topic, key, headers, payload). Reads until no record arrived for 1 s
-/// (end offsets are not reliable on tansu's memory storage), at most 30 s.
+/// (end offsets are not reliable on tansu), at most 30 s.
 #[cfg(feature = "kafka")]
 pub async fn kafka_records(
     brokers: &str,
 ) -> Vec<(String, Option<String>, BTreeMapHeaders, Vec<u8>)> {
+    kafka_records_at(brokers)
+        .await
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// [`kafka_records`], each with its partition and offset.
+#[cfg(feature = "kafka")]
+pub async fn kafka_records_at(brokers: &str) -> Vec<((i32, i64), KafkaRecord)> {
     let brokers = brokers.to_owned();
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -581,7 +601,7 @@ pub async fn kafka_records(
                         .entry((m.topic().to_owned(), m.partition()))
                         .or_default()
                         .push((
-                            m.offset(),
+                            (m.partition(), m.offset()),
                             (
                                 m.topic().to_owned(),
                                 m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
@@ -596,13 +616,17 @@ pub async fn kafka_records(
             .into_values()
             .flat_map(|mut v| {
                 v.sort_by_key(|(o, _)| *o);
-                v.into_iter().map(|(_, r)| r)
+                v
             })
             .collect()
     })
     .await
     .unwrap()
 }
+
+/// A Kafka record read back: (topic, key, headers, payload).
+#[cfg(feature = "kafka")]
+pub type KafkaRecord = (String, Option<String>, BTreeMapHeaders, Vec<u8>);
 
 /// Kafka record headers by name.
 #[cfg(feature = "kafka")]
