@@ -182,7 +182,7 @@ fn envelope(topic: &str, payload: &str) -> Envelope {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unroutable_messages_are_dead_lettered_or_retried_never_lost() {
-    let vhost = RabbitVhost::new();
+    let vhost = RabbitVhost::create();
     let db = TestDb::migrated().await;
     db.enqueue(
         (0..3)
@@ -250,7 +250,7 @@ async fn unroutable_messages_are_dead_lettered_or_retried_never_lost() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nack_is_retryable() {
-    let vhost = RabbitVhost::new();
+    let vhost = RabbitVhost::create();
     // A full queue that rejects publishes (overflow reject-publish): RabbitMQ nacks.
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
@@ -268,7 +268,7 @@ async fn a_nack_is_retryable() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn what_amqp_cannot_carry_is_a_permanent_failure_of_that_message() {
-    let vhost = RabbitVhost::new();
+    let vhost = RabbitVhost::create();
     amqp_bind(&vhost.url, EXCHANGE, "q", "#", FieldTable::default()).await;
     let s = RabbitSink::connect(RabbitSinkConfig {
         url: vhost.url.clone(),
@@ -321,7 +321,7 @@ async fn what_amqp_cannot_carry_is_a_permanent_failure_of_that_message() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_exchange_is_a_start_up_error_naming_the_flag() {
-    let vhost = RabbitVhost::new();
+    let vhost = RabbitVhost::create();
     let e = RabbitSink::connect(RabbitSinkConfig {
         url: vhost.url.clone(),
         exchange: "nope".into(),
@@ -502,4 +502,118 @@ async fn a_blocked_connection_is_an_outage_within_the_timeout_not_a_hang() {
             "{i} delivered after the alarm: {got:?}"
         );
     }
+}
+
+/// Runs a command, panicking with its output when it fails.
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("the command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `amqps://` verifies the server's certificate: with the CA that signed it (`tls_ca_file`) the
+/// sink connects and delivers; without it (only the system roots), or under a name the
+/// certificate does not carry, it does not connect.
+#[tokio::test(flavor = "multi_thread")]
+async fn amqps_verifies_the_server_certificate() {
+    let dir = std::env::temp_dir().join(format!("tidings-amqps-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    std::fs::write(
+        f("ext.cnf"),
+        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let openssl = || std::process::Command::new("openssl");
+    run(openssl()
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=tidings test CA",
+            "-keyout",
+            &f("ca.key"),
+            "-out",
+            &f("ca.pem"),
+        ]));
+    run(openssl()
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-keyout", &f("server.key"), "-out", &f("server.csr")]));
+    run(openssl()
+        .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
+        .args([
+            "-in",
+            &f("server.csr"),
+            "-CA",
+            &f("ca.pem"),
+            "-CAkey",
+            &f("ca.key"),
+            "-extfile",
+            &f("ext.cnf"),
+            "-out",
+            &f("server.pem"),
+        ]));
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = [
+        format!("listeners.ssl.default = 127.0.0.1:{tls_port}"),
+        format!("ssl_options.cacertfile = {}", f("ca.pem")),
+        format!("ssl_options.certfile = {}", f("server.pem")),
+        format!("ssl_options.keyfile = {}", f("server.key")),
+        "ssl_options.verify = verify_none".into(),
+        "ssl_options.fail_if_no_peer_cert = false".into(),
+    ];
+    let server =
+        RabbitServer::start_with(&conf.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    eventually("the TLS listener", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .is_ok()
+    })
+    .await;
+    amqp_bind(&server.url, EXCHANGE, "all", "#", FieldTable::default()).await;
+    let config = |host: &str, ca: bool| RabbitSinkConfig {
+        url: format!("amqps://guest:guest@{host}:{tls_port}/%2f"),
+        exchange: EXCHANGE.into(),
+        timeout: Duration::from_secs(3),
+        tls_ca_file: ca.then(|| f("ca.pem").into()),
+        ..Default::default()
+    };
+    let s = RabbitSink::connect(config("localhost", true))
+        .await
+        .unwrap();
+    s.publish(&envelope("a.b", "over tls")).await.unwrap();
+    let got = amqp_take_all(&server.url, "all").await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"over tls");
+    for (host, ca, why) in [
+        ("localhost", false, "a CA the system does not trust"),
+        ("127.0.0.1", true, "a name the certificate does not carry"),
+    ] {
+        match RabbitSink::connect(config(host, ca)).await {
+            Err(tidings_relay::Error::Sink(m)) => {
+                assert!(
+                    m.contains("cannot connect to RabbitMQ at") && m.contains("certificate"),
+                    "{why}: {m}"
+                )
+            }
+            Err(e) => panic!("{why}: {e}"),
+            Ok(_) => panic!("{why}: connected"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -666,7 +666,7 @@ pub struct RabbitVhost {
 #[cfg(feature = "rabbitmq")]
 impl RabbitVhost {
     /// Creates the vhost and gives guest every permission in it.
-    pub fn new() -> RabbitVhost {
+    pub fn create() -> RabbitVhost {
         let name = format!("tidings-test-{}", uuid::Uuid::now_v7().simple());
         let v = RabbitVhost {
             url: format!("amqp://guest:guest@{SHARED_AMQP}/{name}"),
