@@ -56,8 +56,9 @@ use crate::Error;
 pub const RABBITMQ_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 /// RabbitMQ's hard upper bound for `max_message_size`: 512 MiB.
 const RABBITMQ_MAX_MESSAGE_SIZE_LIMIT: usize = 512 * 1024 * 1024;
-/// Idle channels kept per connection for later publishes; more are closed.
-const MAX_IDLE_CHANNELS: usize = 256;
+/// Channels a connection may have when the broker sets no limit (RabbitMQ's default
+/// `channel_max`).
+const DEFAULT_CHANNEL_MAX: usize = 2047;
 /// First pause before reconnecting after a failed attempt; doubles up to `RECONNECT_MAX`.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -332,6 +333,10 @@ impl lapin::auth::AuthProvider for PlainAuth {
 struct Link {
     conn: Connection,
     idle: Mutex<Vec<Channel>>,
+    /// Publishes in flight at once: one channel each, within the broker's `channel_max` (a few
+    /// left for health checks). Further publishes wait (within their timeout).
+    slots: tokio::sync::Semaphore,
+    max_idle: usize,
     /// Negotiated largest frame (0: no limit): the content header frame must fit in one.
     frame_max: usize,
 }
@@ -360,7 +365,7 @@ impl Link {
     fn give_back(&self, ch: Channel) {
         if ch.status().connected() {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_CHANNELS {
+            if idle.len() < self.max_idle {
                 idle.push(ch);
             }
         }
@@ -550,7 +555,10 @@ impl RabbitSink {
         }
         let was_connected =
             rc.failures == 0 && self.link.read().map(|l| l.is_some()).unwrap_or(false);
-        match tokio::time::timeout(self.config.timeout, self.open()).await {
+        // Shorter than the publish's own bound, so that a connect that hangs is recorded (and
+        // backed off) rather than cut off with the publish.
+        let limit = self.config.timeout * 3 / 4;
+        match tokio::time::timeout(limit, self.open()).await {
             Ok(Ok(link)) => {
                 if rc.failures > 0 || was_connected {
                     tracing::info!(server = %self.target.shown, "reconnected to RabbitMQ");
@@ -563,7 +571,7 @@ impl RabbitSink {
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {:?}", self.config.timeout),
+                    _ => format!("no answer within {limit:?}"),
                 };
                 rc.failures = rc.failures.saturating_add(1);
                 let pause = RECONNECT_BASE
@@ -604,9 +612,16 @@ impl RabbitSink {
         )
         .await?;
         let frame_max = conn.configuration().frame_max() as usize;
+        let channel_max = match conn.configuration().channel_max() {
+            0 => DEFAULT_CHANNEL_MAX,
+            n => usize::from(n),
+        };
+        let slots = channel_max.saturating_sub(8).max(1);
         Ok(Link {
             conn,
             idle: Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(slots),
+            max_idle: slots,
             frame_max,
         })
     }
@@ -727,6 +742,8 @@ impl RabbitSink {
                 .into(),
             ));
         }
+        // The semaphore is never closed.
+        let _slot = link.slots.acquire().await.ok();
         let ch = link.channel().await.map_err(|e| self.classify(e))?;
         let confirm = ch
             .basic_publish(
