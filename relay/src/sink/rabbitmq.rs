@@ -79,7 +79,7 @@ pub enum Unroutable {
 pub struct RabbitSinkConfig {
     /// `amqp://user:password@host:port/vhost` or `amqps://...` (percent-encoded; vhost `/` is
     /// `%2f`, no path is vhost `/`); query parameters `heartbeat`, `frame_max`, `channel_max`
-    /// and `auth_mechanism` (`plain` or `external`). Never logged with its password. Defaults to
+    /// and `auth_mechanism` (`plain` only). Never logged with its password. Defaults to
     /// `amqp://127.0.0.1:5672/%2f` (guest/guest).
     pub url: String,
     /// Exchange every message is published to; the empty name is the default exchange
@@ -203,8 +203,8 @@ fn config_err(what: impl Into<String>) -> Error {
 /// server is named in messages.
 struct Target {
     uri: AMQPUri,
-    /// For SASL PLAIN; `None` with `auth_mechanism=external`.
-    password: Option<String>,
+    /// The SASL PLAIN response, `\0user\0password`.
+    plain: String,
     /// `host:port vhost "/"`.
     shown: String,
 }
@@ -247,10 +247,10 @@ fn parse_url(s: &str) -> Result<Target, Error> {
         "" => "/".to_owned(),
         p => decode("vhost", &p[1..])?,
     };
-    let (mut username, mut password) = ("guest".to_owned(), Some("guest".to_owned()));
+    let (mut username, mut password) = ("guest".to_owned(), "guest".to_owned());
     if !url.username().is_empty() || url.password().is_some() {
         username = decode("user name", url.username())?;
-        password = Some(decode("password", url.password().unwrap_or(""))?);
+        password = decode("password", url.password().unwrap_or(""))?;
     }
     let mut query = AMQPQueryString::default();
     for (k, v) in url.query_pairs() {
@@ -272,10 +272,9 @@ fn parse_url(s: &str) -> Result<Target, Error> {
             }
             "auth_mechanism" => match v.to_ascii_lowercase().as_str() {
                 "plain" => query.auth_mechanism = Some(SASLMechanism::Plain),
-                "external" => query.auth_mechanism = Some(SASLMechanism::External),
                 _ => {
                     return Err(config_err(
-                        "--amqp-url: auth_mechanism must be plain or external",
+                        "--amqp-url: only auth_mechanism=plain is supported (the sink presents no client certificate)",
                     ))
                 }
             },
@@ -286,14 +285,6 @@ fn parse_url(s: &str) -> Result<Target, Error> {
                 )))
             }
         }
-    }
-    if query.auth_mechanism == Some(SASLMechanism::External) {
-        if url.password().is_some() {
-            return Err(config_err(
-                "--amqp-url: auth_mechanism=external takes no password (the TLS client certificate authenticates)",
-            ));
-        }
-        password = None;
     }
     let shown = format!("{host}:{port} vhost {vhost:?}");
     Ok(Target {
@@ -312,7 +303,7 @@ fn parse_url(s: &str) -> Result<Target, Error> {
             vhost,
             query,
         },
-        password: password.map(|p| format!("\0{username}\0{p}")),
+        plain: format!("\0{username}\0{password}"),
         shown,
     })
 }
@@ -600,9 +591,7 @@ impl RabbitSink {
     async fn open(&self) -> Result<Link, lapin::Error> {
         let mut props = ConnectionProperties::default()
             .with_connection_name(LongString::from("tidings-relay".as_bytes().to_vec()));
-        if let Some(plain) = &self.target.password {
-            props = props.with_auth_provider(PlainAuth(plain.clone()));
-        }
+        props = props.with_auth_provider(PlainAuth(self.target.plain.clone()));
         let runtime = lapin::runtime::default_runtime()?;
         let conn = Connection::connect_uri_with_config(
             self.target.uri.clone(),
@@ -932,7 +921,7 @@ mod tests {
         assert_eq!(t.uri.authority.host, "mq.internal");
         assert_eq!(t.uri.vhost, "shop");
         assert_eq!(t.uri.query.heartbeat, Some(10));
-        assert_eq!(t.password.as_deref(), Some("\0relay\0s3cr@t"));
+        assert_eq!(t.plain, "\0relay\0s3cr@t");
         assert_eq!(t.shown, "mq.internal:5671 vhost \"shop\"");
         assert!(!format!("{:?}", t.uri).contains("s3cr"));
 
@@ -941,7 +930,7 @@ mod tests {
             (t.uri.authority.host.as_str(), t.uri.vhost.as_str()),
             ("127.0.0.1", "/")
         );
-        assert_eq!(t.password.as_deref(), Some("\0guest\0guest"));
+        assert_eq!(t.plain, "\0guest\0guest");
         assert_eq!(parse_url("amqp://h").unwrap().uri.vhost, "/");
         assert_eq!(
             parse_url("amqp://[::1]:5672/v").unwrap().uri.authority.host,
@@ -955,6 +944,7 @@ mod tests {
             "amqp://u:hunter2@h/?heartbeat=hunter2",
             "amqp:///nohost",
             "amqp://u:hunter2@h/?auth_mechanism=external",
+            "amqp://u:hunter2@h/?auth_mechanism=hunter2",
         ] {
             let e = parse_url(bad).err().unwrap().to_string();
             assert!(
