@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use tidings_relay::cli::{self, Cli, LogFormat};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 fn main() -> ExitCode {
     // One crypto provider for the process (ring, as async-nats uses), so rustls never has to
@@ -19,13 +22,24 @@ fn main() -> ExitCode {
     // Log lines go through a thread of their own and are dropped (counted) when stderr does not
     // drain: a reader that stops reading must never block the runtime, or SIGTERM.
     let (mut stderr, _flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Whatever TIDINGS_LOG says, never lapin's trace events (they show the AMQP handshake
+    // frames, the SASL response with the password among them, as bytes) nor its warning for
+    // each returned message (it carries the whole message, payload included: the sink reports
+    // unroutable messages itself).
+    let lapin_guard = tracing_subscriber::filter::filter_fn(|m| {
+        !m.target().starts_with("lapin")
+            || (*m.level() <= tracing::Level::DEBUG && m.target() != "lapin::returned_messages")
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(stderr.clone());
     match cli.log_format() {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(layer.with_filter(filter).with_filter(lapin_guard))
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter).with_filter(lapin_guard))
+            .init(),
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -423,6 +423,101 @@ async fn no_kafka_secret_reaches_the_output_at_trace_level() {
     }
 }
 
+/// `--sink rabbitmq` settings RabbitMQ or Tidings refuse exit 2 naming the flag, never
+/// repeating a password; a missing exchange without `--amqp-declare-exchange` too (checked
+/// against the local RabbitMQ).
+#[cfg(feature = "rabbitmq")]
+#[tokio::test]
+async fn rabbitmq_configuration_errors_exit_2_naming_the_flag() {
+    let db = TestDb::migrated().await;
+    let missing = format!("tidings-missing-{}", uuid::Uuid::now_v7().simple());
+    for (flags, want) in [
+        (
+            vec!["--amqp-exchange", missing.as_str()],
+            "pass --amqp-declare-exchange",
+        ),
+        (
+            vec!["--amqp-url", "http://u:hunter2@h/"],
+            "--amqp-url: unsupported scheme",
+        ),
+        (
+            vec!["--amqp-url", "amqp://u:hunter2@h:notaport/"],
+            "--amqp-url is not a URL",
+        ),
+        (
+            vec!["--amqp-exchange-type", "tpoic"],
+            "--amqp-exchange-type",
+        ),
+        (vec!["--amqp-exchange", "a b"], "--amqp-exchange \"a b\""),
+        (
+            vec!["--amqp-max-message-size", "0"],
+            "--amqp-max-message-size",
+        ),
+        (vec!["--amqp-unroutable", "drop"], "--amqp-unroutable"),
+        (
+            vec!["--amqp-tls-ca", "/nonexistent/ca.pem"],
+            "--amqp-tls-ca needs an amqps://",
+        ),
+    ] {
+        let (code, text) = output(
+            tidings(&db)
+                .args(["relay", "--sink", "rabbitmq"])
+                .args(&flags),
+        );
+        assert_eq!(code, 2, "{flags:?}: {text}");
+        assert!(text.contains(want), "{flags:?}: {text}");
+        assert!(!text.contains("hunter2"), "{flags:?}: {text}");
+    }
+}
+
+/// The AMQP password reaches no output at trace level, in text and JSON, from the flag or the
+/// environment: not for a server that is down, nor for one that refuses the password. lapin
+/// traces the handshake's SASL response as a byte list, so the bytes are looked for too.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test]
+async fn no_amqp_password_reaches_the_output_at_trace_level() {
+    const PASSWORD: &str = "Rabb1tSecretPw";
+    let bytes = format!("{:?}", PASSWORD.as_bytes());
+    let bytes = bytes.trim_matches(|c| c == '[' || c == ']');
+    let db = TestDb::migrated().await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (port, want) in [(down, "Connection refused"), (5672, "ACCESS_REFUSED")] {
+        let url = format!("amqp://guest:{PASSWORD}@127.0.0.1:{port}/%2f");
+        for format in ["text", "json"] {
+            for from_env in [false, true] {
+                let mut cmd = tidings(&db);
+                cmd.args(["relay", "--sink", "rabbitmq", "--log-format", format])
+                    .env("TIDINGS_LOG", "trace");
+                if from_env {
+                    cmd.env("TIDINGS_AMQP_URL", &url);
+                } else {
+                    cmd.args(["--amqp-url", &url]);
+                }
+                let (code, text) = output(&mut cmd);
+                assert_eq!(
+                    code, 1,
+                    "a broker it cannot use is a runtime failure: {text}"
+                );
+                assert!(
+                    text.contains(&format!(
+                        "cannot connect to RabbitMQ at 127.0.0.1:{port} vhost"
+                    )) && text.contains(want),
+                    "{text}"
+                );
+                assert!(text.contains("TRACE"), "trace level is on: {text}");
+                assert!(
+                    !text.contains(PASSWORD) && !text.contains(bytes) && !text.contains("Rabb1t"),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn relay_refuses_an_unmigrated_database_and_migrate_cli_round_trips() {
     let db = TestDb::empty().await;

@@ -10,12 +10,18 @@ use tidings_outbox::WireMessage;
 mod kafka;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 mod stdout;
 
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaArgs, KafkaSink, KafkaSinkConfig};
 #[cfg(feature = "nats")]
 pub use nats::{NatsArgs, NatsSink, NatsSinkConfig, StreamSetup};
+#[cfg(feature = "rabbitmq")]
+pub use rabbitmq::{
+    RabbitArgs, RabbitSink, RabbitSinkConfig, Unroutable, RABBITMQ_MAX_MESSAGE_SIZE,
+};
 pub use stdout::StdoutSink;
 
 /// The sinks this build has (each behind its cargo feature; stdout always).
@@ -29,6 +35,9 @@ pub enum SinkKind {
     /// Kafka (feature `kafka`).
     #[cfg(feature = "kafka")]
     Kafka,
+    /// RabbitMQ (feature `rabbitmq`).
+    #[cfg(feature = "rabbitmq")]
+    Rabbitmq,
 }
 
 /// The `--sink` choice and every sink's own flags and environment variables, for the
@@ -46,6 +55,10 @@ pub struct SinkArgs {
     #[cfg(feature = "kafka")]
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// RabbitMQ sink settings.
+    #[cfg(feature = "rabbitmq")]
+    #[command(flatten)]
+    pub rabbitmq: RabbitArgs,
 }
 
 impl SinkArgs {
@@ -63,6 +76,10 @@ impl SinkArgs {
             SinkKind::Nats => std::sync::Arc::new(self.nats.connect(publish_timeout).await?),
             #[cfg(feature = "kafka")]
             SinkKind::Kafka => std::sync::Arc::new(self.kafka.connect(publish_timeout).await?),
+            #[cfg(feature = "rabbitmq")]
+            SinkKind::Rabbitmq => {
+                std::sync::Arc::new(self.rabbitmq.connect(publish_timeout).await?)
+            }
         })
     }
 
@@ -77,6 +94,8 @@ impl SinkArgs {
             ),
             #[cfg(feature = "kafka")]
             SinkKind::Kafka => None,
+            #[cfg(feature = "rabbitmq")]
+            SinkKind::Rabbitmq => None,
         }
     }
 }
