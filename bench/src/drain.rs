@@ -236,6 +236,44 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         .into());
     }
 
+    // RabbitMQ, when a URL is given: its own confirmed-publish rate beside the relay's.
+    #[allow(unused_mut)]
+    let mut rabbit: (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
+    if let Some(amqp) = &args.amqp {
+        #[cfg(feature = "rabbitmq")]
+        {
+            let queue = RabbitQueue::declare(amqp).await?;
+            let sink: Arc<dyn Sink> = Arc::new(
+                tidings_relay::sink::RabbitSink::connect(tidings_relay::sink::RabbitSinkConfig {
+                    url: amqp.clone(),
+                    exchange: "tidings-bench".into(),
+                    declare_exchange: true,
+                    ..Default::default()
+                })
+                .await?,
+            );
+            queue.bind().await?;
+            let raw_rabbit = publish_raw(&*sink, n, batch as usize).await?;
+            rows.push(("raw RabbitMQ confirmed publish (no PostgreSQL)", raw_rabbit));
+            queue.purge().await?;
+            backlog(url, n, None).await?;
+            let (r, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> RabbitMQ", r));
+            queue.purge().await?;
+            backlog(url, n, Some(1000)).await?;
+            let (r_keyed, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> RabbitMQ, 1000 ordering keys", r_keyed));
+            let _ = sink.close().await;
+            queue.delete().await?;
+            rabbit = (Some(raw_rabbit), Some(r), Some(r_keyed));
+        }
+        #[cfg(not(feature = "rabbitmq"))]
+        return Err(format!(
+            "--amqp {amqp}: this bench was built without RabbitMQ (cargo run --release -p tidings-bench --features rabbitmq)"
+        )
+        .into());
+    }
+
     for (name, rate) in &rows {
         println!(
             "{name:>46} {rate:>10.0} msg/s  ({:>5.1}% of raw)",
@@ -253,7 +291,74 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     Ok((
         json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": null, "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
                "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw),
-               "kafka_raw_produce_msgs": kafka.0, "kafka_msgs": kafka.1, "kafka_keyed_msgs": kafka.2}),
+               "kafka_raw_produce_msgs": kafka.0, "kafka_msgs": kafka.1, "kafka_keyed_msgs": kafka.2,
+               "rabbitmq_raw_publish_msgs": rabbit.0, "rabbitmq_msgs": rabbit.1, "rabbitmq_keyed_msgs": rabbit.2}),
         ok,
     ))
+}
+
+/// The durable queue the RabbitMQ rows publish into (bound to every topic of the bench
+/// exchange, so no publish is unroutable), purged between rows and deleted at the end.
+#[cfg(feature = "rabbitmq")]
+struct RabbitQueue {
+    _conn: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+#[cfg(feature = "rabbitmq")]
+impl RabbitQueue {
+    const NAME: &'static str = "tidings-bench";
+
+    async fn declare(url: &str) -> Result<Self, BoxError> {
+        use lapin::options::QueueDeclareOptions;
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .map_err(|e| format!("--amqp: cannot connect: {e}"))?;
+        let channel = conn.create_channel().await?;
+        channel
+            .queue_declare(
+                Self::NAME.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await?;
+        Ok(RabbitQueue {
+            _conn: conn,
+            channel,
+        })
+    }
+
+    /// Binds the queue to the exchange the sink declared.
+    async fn bind(&self) -> Result<(), BoxError> {
+        self.channel
+            .queue_bind(
+                Self::NAME.into(),
+                "tidings-bench".into(),
+                "#".into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn purge(&self) -> Result<(), BoxError> {
+        self.channel
+            .queue_purge(Self::NAME.into(), Default::default())
+            .await?;
+        Ok(())
+    }
+
+    async fn delete(&self) -> Result<(), BoxError> {
+        self.channel
+            .queue_delete(Self::NAME.into(), Default::default())
+            .await?;
+        self.channel
+            .exchange_delete("tidings-bench".into(), Default::default())
+            .await?;
+        Ok(())
+    }
 }

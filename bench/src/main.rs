@@ -40,6 +40,11 @@ pub struct Args {
     /// `--features kafka`; `bash bench/kafka.sh` starts a tansu broker and passes it).
     #[arg(long, env = "BENCH_KAFKA")]
     pub kafka: Option<String>,
+    /// RabbitMQ URL: adds the RabbitMQ rows to the drain benchmark (build with
+    /// `--features rabbitmq`), e.g. `amqp://127.0.0.1:5672/%2f`. The bench declares an exchange
+    /// and a durable queue named `tidings-bench` and deletes them afterwards.
+    #[arg(long, env = "BENCH_AMQP")]
+    pub amqp: Option<String>,
     /// Short run for CI: small sizes, one round, loose regression floors checked.
     #[arg(long)]
     pub quick: bool,
