@@ -420,3 +420,52 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
     assert_eq!(seen.len(), payments);
     assert_eq!(next.len(), producers * 25);
 }
+
+/// A Kafka topic name the template makes too long (the schema allows Tidings topics of 200
+/// characters; Kafka refuses names over 249) is a permanent failure of that message, naming the
+/// flag, and the sink goes on delivering the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_name_kafka_refuses_is_a_permanent_failure_of_that_message() {
+    let kafka = KafkaServer::start().await;
+    let sink = KafkaSink::connect(KafkaSinkConfig {
+        brokers: kafka.brokers.clone(),
+        topic_template: format!("{}.{{topic}}", "p".repeat(60)),
+        create_topics: true,
+        partitions: 1,
+        delivery_timeout: Duration::from_millis(800),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let envelope = |topic: String| Envelope {
+        seq: 0,
+        message: tidings_outbox::WireMessage {
+            id: tidings_outbox::MessageId::from_uuid(uuid::Uuid::now_v7()),
+            topic,
+            key: None,
+            biz_id: None,
+            payload: bytes::Bytes::from_static(b"{}"),
+            headers: Default::default(),
+            created_at: None,
+            attempts: 0,
+        },
+    };
+    let long = envelope("t".repeat(200));
+    let short = envelope("payment.succeeded".into());
+    let results = sink.publish_batch(&[&long, &short]).await;
+    match &results[0] {
+        Err(e @ tidings_relay::SinkError::Permanent(_)) => {
+            let text = e.to_string();
+            assert!(text.contains("not a valid Kafka topic name"), "{text}");
+            assert!(text.contains("--kafka-topic-template"), "{text}");
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    let records = tidings_tests::kafka_records(&kafka.brokers).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0].0,
+        format!("{}.payment.succeeded", "p".repeat(60))
+    );
+}
