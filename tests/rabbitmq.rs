@@ -752,6 +752,24 @@ impl Adapter for NeverAcks {
     }
 }
 
+/// A child process SIGKILLed and reaped when dropped, also when the test fails (a relay or card
+/// service left running would keep working against a dropped database).
+struct Proc(std::process::Child);
+
+impl Proc {
+    /// SIGKILLs it and waits until it is gone.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 fn card_runner_config() -> RunnerConfig {
     RunnerConfig {
         name: "card-service".into(),
@@ -890,14 +908,16 @@ async fn a_sigkilled_card_service_loses_nothing_and_issues_no_second_card() {
     .unwrap();
     assert_eq!(drain(&relay, &db).await.delivered, n);
     let card_service = || {
-        std::process::Command::new(CARD_SERVICE)
-            .env("DATABASE_URL", &db.url)
-            .env("AMQP_URL", &vhost.url)
-            .env_remove("KAFKA_BROKERS")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
+        Proc(
+            std::process::Command::new(CARD_SERVICE)
+                .env("DATABASE_URL", &db.url)
+                .env("AMQP_URL", &vhost.url)
+                .env_remove("KAFKA_BROKERS")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let c = db.client().await;
     let mut first = card_service();
@@ -905,8 +925,7 @@ async fn a_sigkilled_card_service_loses_nothing_and_issues_no_second_card() {
         Verdict::read(&c).await.unwrap().cards >= (n / 3) as i64
     })
     .await;
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill();
     let at_kill = Verdict::read(&c).await.unwrap().cards;
     assert!(at_kill < n as i64, "killed mid-run ({at_kill} cards)");
     let left = vhost.queue_messages("card-service").await;
@@ -919,8 +938,7 @@ async fn a_sigkilled_card_service_loses_nothing_and_issues_no_second_card() {
         vhost.queue_messages("card-service").await == 0
     })
     .await;
-    second.kill().unwrap();
-    second.wait().unwrap();
+    second.kill();
     let v = Verdict::read(&c).await.unwrap();
     eprintln!("killed at {at_kill} cards; {v:?}");
     assert_eq!(v.payments, n as i64);
@@ -1030,7 +1048,7 @@ async fn a_broker_restart_mid_run_loses_nothing_and_the_runner_reconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
     use rand::Rng;
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
 
     const CARD_SERVICE: &str = env!("CARGO_BIN_EXE_card-service");
     let tidings = std::path::PathBuf::from(CARD_SERVICE).with_file_name("tidings");
@@ -1056,21 +1074,23 @@ async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
     )
     .await;
     let url = server.url.clone();
-    let relay = || -> Child {
-        Command::new(&tidings)
-            .args(["relay", "--sink", "rabbitmq", "--batch-size", "200"])
-            .args(["--heartbeat-interval", "200ms"])
-            .env("TIDINGS_AMQP_URL", &url)
-            .env("DATABASE_URL", &db.url)
-            .env("TIDINGS_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+    let relay = || -> Proc {
+        Proc(
+            Command::new(&tidings)
+                .args(["relay", "--sink", "rabbitmq", "--batch-size", "200"])
+                .args(["--heartbeat-interval", "200ms"])
+                .env("TIDINGS_AMQP_URL", &url)
+                .env("DATABASE_URL", &db.url)
+                .env("TIDINGS_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let log_dir = std::env::var("CHAOS_LOG_DIR").ok();
     let spawned = std::cell::Cell::new(0);
-    let card_service = || -> Child {
+    let card_service = || -> Proc {
         let mut cmd = Command::new(CARD_SERVICE);
         cmd.env("DATABASE_URL", &db.url)
             .env("AMQP_URL", &url)
@@ -1082,10 +1102,10 @@ async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
             let file = std::fs::File::create(format!("{dir}/card-{}.log", spawned.get())).unwrap();
             cmd.env("CARD_LOG", "tidings_inbox=debug").stderr(file);
         }
-        cmd.spawn().unwrap()
+        Proc(cmd.spawn().unwrap())
     };
-    let mut relays: Vec<Child> = (0..2).map(|_| relay()).collect();
-    let mut cards: Vec<Child> = (0..2).map(|_| card_service()).collect();
+    let mut relays: Vec<Proc> = (0..2).map(|_| relay()).collect();
+    let mut cards: Vec<Proc> = (0..2).map(|_| card_service()).collect();
 
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -1114,11 +1134,11 @@ async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
         // A process that ended by itself (started while the broker was down, or gave up on
         // it) is started again.
         for (list, fresh) in [
-            (&mut relays, &relay as &dyn Fn() -> Child),
+            (&mut relays, &relay as &dyn Fn() -> Proc),
             (&mut cards, &card_service),
         ] {
             for p in list.iter_mut() {
-                if p.try_wait().unwrap().is_some() {
+                if p.0.try_wait().unwrap().is_some() {
                     *p = fresh();
                     exits += 1;
                 }
@@ -1165,14 +1185,13 @@ async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
             );
             continue;
         }
-        let (list, fresh): (&mut Vec<Child>, &dyn Fn() -> Child) = if rand::rng().random_bool(0.5) {
+        let (list, fresh): (&mut Vec<Proc>, &dyn Fn() -> Proc) = if rand::rng().random_bool(0.5) {
             (&mut relays, &relay)
         } else {
             (&mut cards, &card_service)
         };
         let i = rand::rng().random_range(0..list.len());
-        let _ = list[i].kill();
-        let _ = list[i].wait();
+        list[i].kill();
         list[i] = fresh();
         kills += 1;
         let pause = rand::rng().random_range(500..2000);
@@ -1189,8 +1208,7 @@ async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
     )
     .await;
     for p in relays.iter_mut().chain(cards.iter_mut()) {
-        let _ = p.kill();
-        let _ = p.wait();
+        p.kill();
     }
     let v = Verdict::read(&c).await.unwrap();
     eprintln!(
