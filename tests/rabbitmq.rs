@@ -1,19 +1,30 @@
-//! RabbitMQ end to end (the relay's RabbitMQ sink) against a real RabbitMQ 3.10: a vhost of a
-//! test's own on the shared server (127.0.0.1:5672), or a node of a test's own
-//! ([`RabbitServer`]) where the test kills, freezes or alarms the broker.
+//! RabbitMQ end to end (the relay's RabbitMQ sink, the inbox's RabbitMQ consumer adapter)
+//! against a real RabbitMQ 3.10: a vhost of a test's own on the shared server (127.0.0.1:5672),
+//! or a node of a test's own ([`RabbitServer`]) where the test kills, freezes or alarms the
+//! broker.
 #![cfg(feature = "rabbitmq")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use lapin::types::{AMQPValue, FieldTable};
+use tidings_examples::{charge, IssueCard, PaymentSucceeded, Verdict, SCHEMA, TOPIC};
+use tidings_inbox::rabbitmq::{QueueSetup, RabbitAdapter, RabbitConsumerConfig, RabbitDelivery};
+use tidings_inbox::runner::postgres::PgStore;
+use tidings_inbox::runner::{
+    Adapter, AdapterError, Decoded, Deliveries, Delivery, Runner, RunnerConfig,
+};
 use tidings_outbox::{Message, MessageId, WireMessage};
 use tidings_relay::sink::{RabbitSink, RabbitSinkConfig, Unroutable};
 use tidings_relay::{Envelope, Relay, RelayConfig, Sink, SinkError};
 use tidings_tests::conformance::{sink_conformance, BrokerUnderTest, Received, SinkFeatures};
+use tidings_tests::runner_conformance::{runner_conformance, ConsumerBroker};
 use tidings_tests::{
     amqp_bind, amqp_take_all, drain, eventually, pool, AmqpMessage, RabbitServer, RabbitVhost,
     TestDb,
@@ -616,4 +627,725 @@ async fn amqps_verifies_the_server_certificate() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The consumer adapter (tidings_inbox::rabbitmq).
+
+/// The shared server as the runner conformance suite's broker: a vhost of the test's own,
+/// published to through the relay's RabbitMQ sink (exchange `tidings`, routing key = topic),
+/// one durable queue per topic, named after it. Each adapter declares and binds its queue
+/// (`QueueSetup`); what the broker holds unacked is read with `rabbitmqctl list_queues`
+/// (`messages`: ready plus delivered and unacked).
+struct RabbitConsumers {
+    vhost: RabbitVhost,
+    sink: RabbitSink,
+    bound: Mutex<BTreeSet<String>>,
+    /// The queue (topic) of each consumer.
+    queues: Mutex<BTreeMap<String, String>>,
+}
+
+fn consumer_config(url: &str, queue: &str, binding_key: &str) -> RabbitConsumerConfig {
+    RabbitConsumerConfig {
+        url: url.to_owned(),
+        queue: queue.to_owned(),
+        declare: Some(QueueSetup {
+            exchange: EXCHANGE.into(),
+            binding_keys: vec![binding_key.to_owned()],
+        }),
+        ..Default::default()
+    }
+}
+
+impl ConsumerBroker for RabbitConsumers {
+    type Adapter = RabbitAdapter;
+
+    fn publish<'a>(&'a self, messages: &'a [WireMessage]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            for (i, m) in messages.iter().enumerate() {
+                // The queue exists before its messages are published (else they are unroutable).
+                if self.bound.lock().unwrap().insert(m.topic.clone()) {
+                    amqp_bind(
+                        &self.vhost.url,
+                        EXCHANGE,
+                        &m.topic,
+                        &m.topic,
+                        FieldTable::default(),
+                    )
+                    .await;
+                }
+                self.sink
+                    .publish(&Envelope {
+                        seq: i as i64,
+                        message: m.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+    }
+
+    fn adapter<'a>(
+        &'a self,
+        name: &'a str,
+        topic: &'a str,
+        // RabbitMQ redelivers what a consumer left unacked when its channel closes.
+        _redeliver_after: Duration,
+    ) -> BoxFuture<'a, RabbitAdapter> {
+        self.queues
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), topic.to_owned());
+        Box::pin(async move {
+            RabbitAdapter::connect(&consumer_config(&self.vhost.url, topic, topic))
+                .await
+                .unwrap()
+        })
+    }
+
+    fn unacked<'a>(&'a self, name: &'a str) -> BoxFuture<'a, u64> {
+        Box::pin(async move {
+            let queue = self.queues.lock().unwrap()[name].clone();
+            self.vhost.queue_messages(&queue).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_adapter_passes_the_runner_conformance_suite() {
+    let vhost = RabbitVhost::create();
+    let sink = sink(&vhost.url, Duration::from_secs(2), Unroutable::DeadLetter).await;
+    runner_conformance(&RabbitConsumers {
+        vhost,
+        sink,
+        bound: Default::default(),
+        queues: Default::default(),
+    })
+    .await;
+}
+
+/// An adapter whose acks never reach the broker (a consumer that commits and then dies before
+/// acking).
+struct NeverAcks(RabbitAdapter);
+
+struct Unacked(RabbitDelivery);
+
+impl Delivery for Unacked {
+    fn decode(&self) -> Decoded {
+        self.0.decode()
+    }
+    fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Adapter for NeverAcks {
+    type Delivery = Unacked;
+    fn open(&self) -> BoxFuture<'_, Result<Deliveries<'_, Unacked>, AdapterError>> {
+        Box::pin(async move {
+            let s = self.0.open().await?;
+            Ok(s.map(|d| d.map(Unacked)).boxed())
+        })
+    }
+    fn hold_interval(&self) -> Option<Duration> {
+        self.0.hold_interval()
+    }
+}
+
+/// A child process SIGKILLed and reaped when dropped, also when the test fails (a relay or card
+/// service left running would keep working against a dropped database).
+struct Proc(std::process::Child);
+
+impl Proc {
+    /// SIGKILLs it and waits until it is gone.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn card_runner_config() -> RunnerConfig {
+    RunnerConfig {
+        name: "card-service".into(),
+        concurrency: 8,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        reopen_backoff_max: Duration::from_secs(1),
+        replay_poll_interval: None,
+        ..Default::default()
+    }
+}
+
+/// `n` payments committed with their `payment.succeeded` messages in the outbox of the
+/// database at `url`.
+async fn pay(url: &str, from: usize, n: usize) {
+    let mut c = tidings_tests::connect(url).await;
+    let outbox = tidings_outbox::Outbox::default();
+    for i in from..from + n {
+        let e = PaymentSucceeded {
+            payment_id: format!("pay_{i}"),
+            customer: format!("c{}", i % 25),
+            n: (i / 25) as i64,
+            cents: 100 + i as i64,
+        };
+        let tx = c.transaction().await.unwrap();
+        charge(&tx, &outbox, &e).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+async fn cards_db() -> TestDb {
+    let db = TestDb::migrated().await;
+    db.client().await.batch_execute(SCHEMA).await.unwrap();
+    db
+}
+
+/// A consumer that committed its effects and crashed before acking (its task aborted, the
+/// adapter dropped with every delivery unacked): RabbitMQ requeues them when the connection
+/// goes, the next consumer gets them again (marked redelivered), and the inbox absorbs every
+/// one: no second card.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_consumer_leaves_its_deliveries_to_the_next_and_the_inbox_absorbs_them() {
+    let vhost = RabbitVhost::create();
+    let db = cards_db().await;
+    let config = consumer_config(&vhost.url, "cards", TOPIC);
+    // Declares the queue before anything is published.
+    let first = NeverAcks(RabbitAdapter::connect(&config).await.unwrap());
+    pay(&db.url, 0, 50).await;
+    let relay = Relay::new(
+        pool(&db, 2),
+        Arc::new(sink(&vhost.url, Duration::from_secs(2), Unroutable::DeadLetter).await),
+        relay_config(),
+    )
+    .unwrap();
+    assert_eq!(drain(&relay, &db).await.delivered, 50);
+
+    let runner = Runner::new(
+        first,
+        PgStore::new(pool(&db, 8), Arc::new(IssueCard)),
+        card_runner_config(),
+    )
+    .unwrap();
+    let runner = Arc::new(runner);
+    let task = tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.run(CancellationToken::new()).await }
+    });
+    let c = db.client().await;
+    eventually("50 cards issued", Duration::from_secs(30), || async {
+        Verdict::read(&c).await.unwrap().cards == 50
+    })
+    .await;
+    assert_eq!(
+        vhost.queue_messages("cards").await,
+        50,
+        "committed, never acked: all still held by RabbitMQ"
+    );
+    // The crash: the run loop is dropped mid-run, no shutdown, no close.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    drop(runner);
+
+    let second = Runner::new(
+        RabbitAdapter::connect(&config).await.unwrap(),
+        PgStore::new(pool(&db, 8), Arc::new(IssueCard)),
+        card_runner_config(),
+    )
+    .unwrap();
+    let second = Arc::new(second);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (runner, stop) = (second.clone(), stop.clone());
+        async move { runner.run(stop).await }
+    });
+    eventually(
+        "every redelivery absorbed and acked",
+        Duration::from_secs(30),
+        || async { vhost.queue_messages("cards").await == 0 },
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let s = second.stats();
+    assert_eq!(s.processed.load(Ordering::SeqCst), 0, "no effect again");
+    assert_eq!(s.duplicates.load(Ordering::SeqCst), 50);
+    let v = Verdict::read(&c).await.unwrap();
+    assert!(v.exactly_once(), "{v:?}");
+    assert_eq!((v.cards, v.absorbed), (50, 50), "{v:?}");
+}
+
+/// The card service (a process) SIGKILLed mid-run: what it had not acked comes back to the
+/// next one; every payment gets exactly one card.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_card_service_loses_nothing_and_issues_no_second_card() {
+    const CARD_SERVICE: &str = env!("CARGO_BIN_EXE_card-service");
+    let vhost = RabbitVhost::create();
+    let db = cards_db().await;
+    amqp_bind(
+        &vhost.url,
+        EXCHANGE,
+        "card-service",
+        TOPIC,
+        FieldTable::default(),
+    )
+    .await;
+    let n = 3000;
+    pay(&db.url, 0, n).await;
+    let relay = Relay::new(
+        pool(&db, 2),
+        Arc::new(sink(&vhost.url, Duration::from_secs(2), Unroutable::DeadLetter).await),
+        RelayConfig {
+            batch_size: 500,
+            ..relay_config()
+        },
+    )
+    .unwrap();
+    assert_eq!(drain(&relay, &db).await.delivered, n);
+    let card_service = || {
+        Proc(
+            std::process::Command::new(CARD_SERVICE)
+                .env("DATABASE_URL", &db.url)
+                .env("AMQP_URL", &vhost.url)
+                .env_remove("KAFKA_BROKERS")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let c = db.client().await;
+    let mut first = card_service();
+    eventually("a third of the cards", Duration::from_secs(60), || async {
+        Verdict::read(&c).await.unwrap().cards >= (n / 3) as i64
+    })
+    .await;
+    first.kill();
+    let at_kill = Verdict::read(&c).await.unwrap().cards;
+    assert!(at_kill < n as i64, "killed mid-run ({at_kill} cards)");
+    let left = vhost.queue_messages("card-service").await;
+    assert!(
+        left as i64 >= n as i64 - at_kill,
+        "what has no card is still in the queue: {left}"
+    );
+    let mut second = card_service();
+    eventually("every message acked", Duration::from_secs(60), || async {
+        vhost.queue_messages("card-service").await == 0
+    })
+    .await;
+    second.kill();
+    let v = Verdict::read(&c).await.unwrap();
+    eprintln!("killed at {at_kill} cards; {v:?}");
+    assert_eq!(v.payments, n as i64);
+    assert!(v.exactly_once(), "{v:?}");
+}
+
+/// The broker (a node of the test's own) SIGKILLed and restarted while payments flow through a
+/// relay to a runner: the relay and the runner reconnect by themselves, the durable queue keeps
+/// what was confirmed, unacked deliveries come again, and every payment gets exactly one card.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_restart_mid_run_loses_nothing_and_the_runner_reconnects() {
+    let mut server = RabbitServer::start().await;
+    let db = cards_db().await;
+    let adapter = RabbitAdapter::connect(&consumer_config(&server.url, "cards", TOPIC))
+        .await
+        .unwrap();
+    let relay = Arc::new(
+        Relay::new(
+            pool(&db, 2),
+            Arc::new(
+                sink(
+                    &server.url,
+                    Duration::from_millis(800),
+                    Unroutable::DeadLetter,
+                )
+                .await,
+            ),
+            RelayConfig {
+                max_attempts: 1000,
+                ..relay_config()
+            },
+        )
+        .unwrap(),
+    );
+    let runner = Arc::new(
+        Runner::new(
+            adapter,
+            PgStore::new(pool(&db, 8), Arc::new(IssueCard)),
+            card_runner_config(),
+        )
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    let runner_task = tokio::spawn({
+        let (runner, stop) = (runner.clone(), stop.clone());
+        async move { runner.run(stop).await }
+    });
+    let n = 2000;
+    let producer = tokio::spawn({
+        let url = db.url.clone();
+        async move { pay(&url, 0, n).await }
+    });
+    let c = db.client().await;
+    eventually("a fifth of the cards", Duration::from_secs(60), || async {
+        Verdict::read(&c).await.unwrap().cards >= (n / 5) as i64
+    })
+    .await;
+    server.restart().await;
+    let restarted_at = Verdict::read(&c).await.unwrap().cards;
+    producer.await.unwrap();
+    eventually(
+        "every payment carded and every message acked",
+        Duration::from_secs(90),
+        || async {
+            Verdict::read(&c).await.unwrap().cards >= n as i64
+                && db.outbox_count().await == 0
+                && server.queue_messages("cards").await == 0
+        },
+    )
+    .await;
+    stop.cancel();
+    relay_task.await.unwrap().unwrap();
+    runner_task.await.unwrap().unwrap();
+    let v = Verdict::read(&c).await.unwrap();
+    let s = runner.stats();
+    eprintln!(
+        "restarted at {restarted_at} cards (node up again in {:?}); {v:?}; stream failures {}",
+        server.started_in,
+        s.receive_errors.load(Ordering::SeqCst)
+    );
+    assert!(restarted_at < n as i64, "restarted mid-run");
+    assert_eq!(v.payments, n as i64);
+    assert!(v.exactly_once(), "{v:?}");
+    assert!(
+        s.receive_errors.load(Ordering::SeqCst) >= 1,
+        "the runner saw the outage"
+    );
+    assert_eq!(s.parked.load(Ordering::SeqCst), 0);
+    assert!(dead_letters(&db).await.is_empty());
+}
+
+/// Chaos on RabbitMQ: 10,000 payments (CHAOS_PAYMENTS) from 4 producers while 2 `tidings relay
+/// --sink rabbitmq` processes and 2 RabbitMQ card services are SIGKILLed at random moments
+/// (every 0.5-2 s, while producing and until half the cards are issued) and restarted, and the
+/// broker (a node of the test's own; durable exchange and queue, persistent messages) is
+/// SIGKILLed and restarted once, a quarter of the way. A process that exits by itself (it
+/// started while the broker was down) is restarted too, as a process manager would. Then:
+/// every committed payment has exactly one card, nothing was dead-lettered or parked, the
+/// outbox and the queue are empty.
+///
+/// CHAOS_LOG_DIR=DIR writes each card service's log (the runner's and the adapter's, debug)
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
+    use rand::Rng;
+    use std::process::{Command, Stdio};
+
+    const CARD_SERVICE: &str = env!("CARGO_BIN_EXE_card-service");
+    let tidings = std::path::PathBuf::from(CARD_SERVICE).with_file_name("tidings");
+    assert!(
+        tidings.exists(),
+        "{} is missing: cargo build -p tidings-relay --features rabbitmq --bin tidings",
+        tidings.display()
+    );
+    let payments: usize = std::env::var("CHAOS_PAYMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let producers = 4;
+    let (db, mut server) = (cards_db().await, RabbitServer::start().await);
+    let c = db.client().await;
+    // The exchange and the card service's queue, durable, before anyone publishes.
+    amqp_bind(
+        &server.url,
+        EXCHANGE,
+        "card-service",
+        TOPIC,
+        FieldTable::default(),
+    )
+    .await;
+    let url = server.url.clone();
+    let relay = || -> Proc {
+        Proc(
+            Command::new(&tidings)
+                .args(["relay", "--sink", "rabbitmq", "--batch-size", "200"])
+                .args(["--heartbeat-interval", "200ms"])
+                .env("TIDINGS_AMQP_URL", &url)
+                .env("DATABASE_URL", &db.url)
+                .env("TIDINGS_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let log_dir = std::env::var("CHAOS_LOG_DIR").ok();
+    let spawned = std::cell::Cell::new(0);
+    let card_service = || -> Proc {
+        let mut cmd = Command::new(CARD_SERVICE);
+        cmd.env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", &url)
+            .env_remove("KAFKA_BROKERS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(dir) = &log_dir {
+            spawned.set(spawned.get() + 1);
+            let file = std::fs::File::create(format!("{dir}/card-{}.log", spawned.get())).unwrap();
+            cmd.env("CARD_LOG", "tidings_inbox=debug").stderr(file);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+    let mut relays: Vec<Proc> = (0..2).map(|_| relay()).collect();
+    let mut cards: Vec<Proc> = (0..2).map(|_| card_service()).collect();
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let url = db.url.clone();
+        let per = payments / producers;
+        tasks.push(tokio::spawn(async move {
+            let mut c = tidings_tests::connect(&url).await;
+            let outbox = tidings_outbox::Outbox::default();
+            for i in 0..per {
+                let e = PaymentSucceeded {
+                    payment_id: format!("pay_{p}_{i}"),
+                    customer: format!("p{p}-c{}", i % 25),
+                    n: (i / 25) as i64,
+                    cents: 100 + i as i64,
+                };
+                let tx = c.transaction().await.unwrap();
+                charge(&tx, &outbox, &e).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut kills, mut exits, mut broker_restarted) = (0, 0, false);
+    loop {
+        // A process that ended by itself (started while the broker was down, or gave up on
+        // it) is started again.
+        for (list, fresh) in [
+            (&mut relays, &relay as &dyn Fn() -> Proc),
+            (&mut cards, &card_service),
+        ] {
+            for p in list.iter_mut() {
+                if p.0.try_wait().unwrap().is_some() {
+                    *p = fresh();
+                    exits += 1;
+                }
+            }
+        }
+        let v = Verdict::read(&c).await.unwrap();
+        let produced = tasks.iter().all(|t| t.is_finished());
+        if produced && v.payments as usize == payments && v.cards >= v.payments {
+            break;
+        }
+        if Instant::now() > deadline {
+            let state = c
+                .query_one(
+                    "SELECT (SELECT count(*) FROM tidings.outbox), (SELECT count(*) FROM tidings.dead_letters),
+                            (SELECT string_agg(DISTINCT left(last_error, 200), ' | ') FROM tidings.inbox_dead_letters),
+                            (SELECT count(*) FROM tidings.inbox_dead_letters)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            panic!(
+                "no convergence within 120 s: {v:?}; outbox {}, dead letters {}, parked {} ({:?}); queue {}",
+                state.get::<_, i64>(0),
+                state.get::<_, i64>(1),
+                state.get::<_, i64>(3),
+                state.get::<_, Option<String>>(2),
+                server.queue_messages("card-service").await
+            );
+        }
+        // Chaos while producing and until half the cards are issued.
+        if produced && v.cards as usize > payments / 2 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // Once, a quarter of the way: the broker is SIGKILLed and restarted. Relays see an
+        // outage (no attempt counted), card services lose their connection (what they had not
+        // acked is requeued), and both reconnect by themselves.
+        if !broker_restarted && v.cards as usize > payments / 4 {
+            broker_restarted = true;
+            server.restart().await;
+            eprintln!(
+                "broker restarted at {} cards (up again in {:?})",
+                v.cards, server.started_in
+            );
+            continue;
+        }
+        let (list, fresh): (&mut Vec<Proc>, &dyn Fn() -> Proc) = if rand::rng().random_bool(0.5) {
+            (&mut relays, &relay)
+        } else {
+            (&mut cards, &card_service)
+        };
+        let i = rand::rng().random_range(0..list.len());
+        list[i].kill();
+        list[i] = fresh();
+        kills += 1;
+        let pause = rand::rng().random_range(500..2000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Chaos over: the card services work off the re-sends and redeliveries still queued.
+    eventually(
+        "the queue emptied and every message acked",
+        Duration::from_secs(60),
+        || async { server.queue_messages("card-service").await == 0 },
+    )
+    .await;
+    for p in relays.iter_mut().chain(cards.iter_mut()) {
+        p.kill();
+    }
+    let v = Verdict::read(&c).await.unwrap();
+    eprintln!(
+        "rabbitmq chaos: {} payments in {:.1?}, {kills} SIGKILLs, 1 broker restart, {exits} processes restarted after exiting on their own; cards {}, duplicates absorbed by the inbox {}",
+        v.payments,
+        started.elapsed(),
+        v.cards,
+        v.absorbed
+    );
+    assert_eq!(v.payments as usize, payments);
+    assert!(v.exactly_once(), "{v:?}");
+    assert!(broker_restarted);
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM tidings.outbox").await, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.dead_letters").await,
+        0,
+        "the broker restart dead-lettered messages"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.inbox_dead_letters").await,
+        0,
+        "the card services parked messages"
+    );
+}
+
+/// A queue that exists already is used as it is (here a quorum queue, which a plain declare
+/// would refuse as inequivalent), and a quorum queue's `x-delivery-count` is the delivery count:
+/// a message given back twice comes a third time as delivery 3 (a classic queue can only say
+/// "redelivered": 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_queues_count_deliveries_and_existing_queues_are_used_as_they_are() {
+    let vhost = RabbitVhost::create();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    amqp_bind(&vhost.url, EXCHANGE, "quorum", "q.*", args).await;
+    let adapter = RabbitAdapter::connect(&consumer_config(&vhost.url, "quorum", "q.x"))
+        .await
+        .unwrap();
+    let s = sink(&vhost.url, Duration::from_secs(2), Unroutable::DeadLetter).await;
+    let sent = envelope("q.x", "hello");
+    s.publish(&sent).await.unwrap();
+    let mut stream = adapter.open().await.unwrap();
+    for want in 1..=3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("delivered")
+            .unwrap()
+            .unwrap();
+        let Decoded::Message(m) = d.decode() else {
+            panic!("a Tidings message")
+        };
+        assert_eq!(
+            (m.id, m.delivery, m.source.as_str()),
+            (sent.id, want, "quorum")
+        );
+        assert_eq!(m.payload.as_ref(), b"hello");
+        if want < 3 {
+            d.retry_later(Duration::ZERO).await;
+        } else {
+            d.ack().await.unwrap();
+        }
+    }
+    drop(stream);
+    adapter.close().await;
+    eventually("the message acked", Duration::from_secs(10), || async {
+        vhost.queue_messages("quorum").await == 0
+    })
+    .await;
+}
+
+/// Setup failures are start-up errors naming the server and what is wrong, never the password;
+/// an existing exchange of another type is used as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_errors_name_the_server_never_the_password() {
+    let vhost = RabbitVhost::create();
+    let chain = |e: &tidings_inbox::Error| {
+        let mut out = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            out = format!("{out}: {s}");
+            src = s.source();
+        }
+        out
+    };
+    let wrong = vhost.url.replace("guest:guest@", "guest:hunter2@");
+    let e = RabbitAdapter::connect(&consumer_config(&wrong, "q", "a"))
+        .await
+        .unwrap_err();
+    let text = format!("{} {e:?}", chain(&e));
+    assert!(text.contains("127.0.0.1:5672"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let e = RabbitAdapter::connect(&RabbitConsumerConfig {
+        url: vhost.url.clone(),
+        queue: "nope".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        chain(&e).contains("\"nope\" does not exist"),
+        "{}",
+        chain(&e)
+    );
+
+    // An exchange that exists with another type is bound to as it is.
+    let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    conn.create_channel()
+        .await
+        .unwrap()
+        .exchange_declare(
+            "fan".into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "OK".into()).await;
+    RabbitAdapter::connect(&RabbitConsumerConfig {
+        url: vhost.url.clone(),
+        queue: "fanned".into(),
+        declare: Some(QueueSetup {
+            exchange: "fan".into(),
+            binding_keys: vec!["".into()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 }

@@ -21,6 +21,8 @@ pub mod nats;
 mod postgres;
 #[cfg(feature = "tokio-postgres")]
 mod prune;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "runner")]
 pub mod runner;
 
@@ -119,6 +121,16 @@ pub enum Error {
     /// The database failed.
     #[error("database error in the inbox")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A broker refused or failed a consumer adapter's setup (connecting, declaring,
+    /// subscribing); the message names the server, never its credentials.
+    #[error("{context}")]
+    Broker {
+        /// What failed, where.
+        context: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A consumer runner's messages in flight did not finish within its shutdown timeout; they
     /// were left unacked for the broker to redeliver.
     #[error("messages in flight did not finish within {0:?}; left for redelivery")]

@@ -10,6 +10,8 @@
     allow(dead_code)
 )]
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod envelope;
 mod error;
 mod message;

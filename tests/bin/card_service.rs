@@ -4,7 +4,10 @@
 //!
 //! Environment: DATABASE_URL, NATS_URL, CARD_ACK_WAIT_MS (default 2000); or, with the `kafka`
 //! feature, KAFKA_BROKERS instead of NATS_URL (consumer group `card-service`, topic
-//! `payment.succeeded`). CARD_LOG (an EnvFilter, e.g. `tidings_inbox=debug`) logs to stderr.
+//! `payment.succeeded`); or, with the `rabbitmq` feature, AMQP_URL instead (queue AMQP_QUEUE,
+//! default `card-service`, declared durable and bound to exchange `tidings` with
+//! `payment.succeeded` if missing). CARD_LOG (an EnvFilter, e.g. `tidings_inbox=debug`) logs to
+//! stderr.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +56,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                     .map(|ms| vec![("session.timeout.ms".to_owned(), ms)])
                     .unwrap_or_default(),
             })?,
+            PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
+            RunnerConfig {
+                name: "card-service".into(),
+                concurrency: 8,
+                ..Default::default()
+            },
+        )?;
+        runner.run(stop).await?;
+        return Ok(());
+    }
+    #[cfg(feature = "rabbitmq")]
+    if let Ok(url) = std::env::var("AMQP_URL") {
+        use tidings_inbox::rabbitmq::{QueueSetup, RabbitAdapter, RabbitConsumerConfig};
+        use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
+        let config = RabbitConsumerConfig {
+            url,
+            queue: std::env::var("AMQP_QUEUE").unwrap_or_else(|_| "card-service".into()),
+            declare: Some(QueueSetup {
+                exchange: "tidings".into(),
+                binding_keys: vec!["payment.succeeded".into()],
+            }),
+            ..Default::default()
+        };
+        // The broker may be restarting when this process starts (the chaos test restarts it):
+        // keep trying for a minute, as a process manager would restart the service.
+        let mut tries = 0;
+        let adapter = loop {
+            match RabbitAdapter::connect(&config).await {
+                Ok(a) => break a,
+                Err(e) if tries < 120 => {
+                    eprintln!("cannot start consuming ({e}); retrying");
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let runner = Runner::new(
+            adapter,
             PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
             RunnerConfig {
                 name: "card-service".into(),

@@ -719,6 +719,57 @@ impl Drop for RabbitVhost {
     }
 }
 
+#[cfg(feature = "rabbitmq")]
+impl RabbitVhost {
+    /// How many messages `queue` holds, ready or delivered and not yet acked (0 when it does
+    /// not exist). Read with `rabbitmqctl list_queues` (no management plugin needed).
+    pub async fn queue_messages(&self, queue: &str) -> u64 {
+        queue_messages(None, &self.name, queue).await
+    }
+}
+
+/// `rabbitmqctl list_queues name messages` of `vhost`, for `queue`: ready plus unacked.
+#[cfg(feature = "rabbitmq")]
+async fn queue_messages(node: Option<(&str, &std::path::Path)>, vhost: &str, queue: &str) -> u64 {
+    let mut cmd = match node {
+        None => tokio::process::Command::new("rabbitmqctl"),
+        Some((name, home)) => {
+            let mut c = tokio::process::Command::new(rabbitmq_bin("rabbitmqctl"));
+            c.env("HOME", home).args(["-n", name]);
+            c
+        }
+    };
+    let out = cmd
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "-p",
+            vhost,
+            "name",
+            "messages",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl must be installed (Debian package rabbitmq-server)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_queues: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit_once(char::is_whitespace))
+        .filter(|(name, _)| name.trim() == queue)
+        .map(|(_, n)| {
+            n.trim()
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("list_queues: {l:?}", l = n))
+        })
+        .sum()
+}
+
 /// Runs `rabbitmqctl` against the shared server (`node` None, through the Debian wrapper) or a
 /// test's own node (`Some((node name, its home with the Erlang cookie))`); panics on failure.
 #[cfg(feature = "rabbitmq")]
@@ -909,6 +960,12 @@ impl RabbitServer {
     /// alarm: publishers are blocked) and `... 0.4` (lifted); panics on failure.
     pub fn ctl(&self, args: &[&str]) {
         rabbitmqctl(Some((&self.node, &self.dir)), args);
+    }
+
+    /// How many messages `queue` of vhost `/` holds, ready or delivered and not yet acked (0
+    /// when it does not exist).
+    pub async fn queue_messages(&self, queue: &str) -> u64 {
+        queue_messages(Some((&self.node, &self.dir)), "/", queue).await
     }
 }
 

@@ -29,7 +29,7 @@
 //!
 //! Credentials in `--amqp-url` are never logged or put in an error: errors name host, port and
 //! vhost; the password is given to lapin through an authentication provider, never in the URI
-//! it keeps. lapin traces the handshake frames, SASL response included (as bytes), at trace
+//! it keeps (`tidings_outbox::amqp`, shared with the inbox's RabbitMQ adapter). lapin traces the handshake frames, SASL response included (as bytes), at trace
 //! level: the `tidings` binary never lets lapin's trace events through.
 
 use std::path::PathBuf;
@@ -41,13 +41,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareO
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::{
-    AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
-};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind, ExchangeKind};
+use tidings_outbox::amqp::AmqpUrl;
 
 use super::{Capabilities, Delivery, Envelope, Sink, SinkError};
 use crate::Error;
@@ -122,9 +117,7 @@ impl Default for RabbitSinkConfig {
 /// Shows the URL without its credentials.
 impl std::fmt::Debug for RabbitSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url = parse_url(&self.url)
-            .map(|t| t.shown)
-            .unwrap_or_else(|_| "<invalid>".into());
+        let url = tidings_outbox::amqp::shown(&self.url);
         f.debug_struct("RabbitSinkConfig")
             .field("url", &url)
             .field("exchange", &self.exchange)
@@ -199,125 +192,10 @@ fn config_err(what: impl Into<String>) -> Error {
     Error::Config(what.into())
 }
 
-/// `--amqp-url` taken apart: what lapin gets (no password in it), the password, and how the
-/// server is named in messages.
-struct Target {
-    uri: AMQPUri,
-    /// The SASL PLAIN response, `\0user\0password`.
-    plain: String,
-    /// `host:port vhost "/"`.
-    shown: String,
-}
-
-/// Parses `--amqp-url`. Errors never repeat the URL (it may hold a password).
-fn parse_url(s: &str) -> Result<Target, Error> {
-    let url = url::Url::parse(s).map_err(|e| {
-        config_err(format!(
-            "--amqp-url is not a URL ({e}); expected amqp://user:password@host:port/vhost, with special characters in credentials percent-encoded"
-        ))
-    })?;
-    let scheme = match url.scheme() {
-        "amqp" => AMQPScheme::AMQP,
-        "amqps" => AMQPScheme::AMQPS,
-        other => {
-            return Err(config_err(format!(
-                "--amqp-url: unsupported scheme {:?} (use amqp:// or amqps://)",
-                other.escape_debug().to_string()
-            )))
-        }
-    };
-    let host = match url.host() {
-        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_owned(),
-        Some(url::Host::Ipv4(ip)) => ip.to_string(),
-        Some(url::Host::Ipv6(ip)) => ip.to_string(),
-        _ => return Err(config_err("--amqp-url has no host")),
-    };
-    let port = url.port().unwrap_or_else(|| scheme.default_port());
-    let decode = |what: &str, v: &str| {
-        percent_encoding::percent_decode_str(v)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| {
-                config_err(format!(
-                    "--amqp-url: the {what} is not UTF-8 after percent-decoding"
-                ))
-            })
-    };
-    let vhost = match url.path() {
-        "" => "/".to_owned(),
-        p => decode("vhost", &p[1..])?,
-    };
-    let (mut username, mut password) = ("guest".to_owned(), "guest".to_owned());
-    if !url.username().is_empty() || url.password().is_some() {
-        username = decode("user name", url.username())?;
-        password = decode("password", url.password().unwrap_or(""))?;
-    }
-    let mut query = AMQPQueryString::default();
-    for (k, v) in url.query_pairs() {
-        let number = |what: &str| {
-            v.parse::<u32>()
-                .map_err(|_| config_err(format!("--amqp-url: {what} must be a whole number")))
-        };
-        match k.as_ref() {
-            "heartbeat" => {
-                query.heartbeat = Some(u16::try_from(number("heartbeat")?).map_err(|_| {
-                    config_err("--amqp-url: heartbeat must be at most 65535 seconds")
-                })?)
-            }
-            "frame_max" => query.frame_max = Some(number("frame_max")?),
-            "channel_max" => {
-                query.channel_max = Some(u16::try_from(number("channel_max")?).map_err(|_| {
-                    config_err("--amqp-url: channel_max must be at most 65535")
-                })?)
-            }
-            "auth_mechanism" => match v.to_ascii_lowercase().as_str() {
-                "plain" => query.auth_mechanism = Some(SASLMechanism::Plain),
-                _ => {
-                    return Err(config_err(
-                        "--amqp-url: only auth_mechanism=plain is supported (the sink presents no client certificate)",
-                    ))
-                }
-            },
-            other => {
-                return Err(config_err(format!(
-                    "--amqp-url: unknown query parameter {:?} (known: heartbeat, frame_max, channel_max, auth_mechanism)",
-                    other.chars().take(40).collect::<String>()
-                )))
-            }
-        }
-    }
-    let shown = format!("{host}:{port} vhost {vhost:?}");
-    Ok(Target {
-        uri: AMQPUri {
-            scheme,
-            authority: AMQPAuthority {
-                // The password stays out of what lapin keeps (and could log): it goes through
-                // `PlainAuth`.
-                userinfo: AMQPUserInfo {
-                    username: username.clone(),
-                    password: String::new(),
-                },
-                host,
-                port,
-            },
-            vhost,
-            query,
-        },
-        plain: format!("\0{username}\0{password}"),
-        shown,
-    })
-}
-
-/// SASL PLAIN with the URL's credentials (the response is `\0user\0password`).
-struct PlainAuth(String);
-
-impl lapin::auth::AuthProvider for PlainAuth {
-    fn mechanism(&self) -> ShortString {
-        ShortString::from("PLAIN")
-    }
-    fn auth_starter(&self) -> Result<LongString, String> {
-        Ok(LongString::from(self.0.as_bytes().to_vec()))
-    }
+/// Parses `--amqp-url` (the URL handling is shared with the inbox's RabbitMQ adapter). Errors
+/// never repeat the URL (it may hold a password).
+fn parse_url(s: &str) -> Result<AmqpUrl, Error> {
+    AmqpUrl::parse(s, "--amqp-url").map_err(|e| config_err(e.to_string()))
 }
 
 /// One connection with its pool of idle confirm-mode channels.
@@ -374,7 +252,7 @@ struct Reconnect {
 /// Publishes to RabbitMQ.
 pub struct RabbitSink {
     config: RabbitSinkConfig,
-    target: Target,
+    target: AmqpUrl,
     tls: OwnedTLSConfig,
     exchange: ShortString,
     link: RwLock<Option<Arc<Link>>>,
@@ -440,7 +318,7 @@ impl RabbitSink {
         }
         let mut tls = OwnedTLSConfig::default();
         if let Some(ca) = &config.tls_ca_file {
-            if target.uri.scheme != AMQPScheme::AMQPS {
+            if !target.is_tls() {
                 return Err(config_err("--amqp-tls-ca needs an amqps:// --amqp-url"));
             }
             let pem = std::fs::read_to_string(ca).map_err(|e| {
@@ -472,7 +350,7 @@ impl RabbitSink {
         if !sink.config.exchange.is_empty() {
             sink.setup_exchange(&link, kind).await?;
         }
-        tracing::info!(server = %sink.target.shown, exchange = %sink.config.exchange,
+        tracing::info!(server = %sink.target.shown(), exchange = %sink.config.exchange,
             unroutable = ?sink.config.unroutable, "using RabbitMQ exchange");
         Ok(sink)
     }
@@ -481,7 +359,7 @@ impl RabbitSink {
     /// own: RabbitMQ closes the channel when it is missing).
     async fn setup_exchange(&self, link: &Link, kind: ExchangeKind) -> Result<(), Error> {
         let name = &self.config.exchange;
-        let shown = &self.target.shown;
+        let shown = self.target.shown();
         let declare = async {
             let ch = link.conn.create_channel().await?;
             ch.exchange_declare(
@@ -536,7 +414,7 @@ impl RabbitSink {
                 return Err(SinkError::Unavailable(
                     format!(
                         "not connected to RabbitMQ at {} ({}); next attempt in {:?}",
-                        self.target.shown,
+                        self.target.shown(),
                         rc.last_error,
                         at - now
                     )
@@ -552,7 +430,7 @@ impl RabbitSink {
         match tokio::time::timeout(limit, self.open()).await {
             Ok(Ok(link)) => {
                 if rc.failures > 0 || was_connected {
-                    tracing::info!(server = %self.target.shown, "reconnected to RabbitMQ");
+                    tracing::info!(server = %self.target.shown(), "reconnected to RabbitMQ");
                 }
                 *rc = Reconnect::default();
                 let link = Arc::new(link);
@@ -572,7 +450,11 @@ impl RabbitSink {
                 rc.last_error = why.clone();
                 *self.link.write().unwrap_or_else(|p| p.into_inner()) = None;
                 Err(SinkError::Unavailable(
-                    format!("cannot connect to RabbitMQ at {}: {why}", self.target.shown).into(),
+                    format!(
+                        "cannot connect to RabbitMQ at {}: {why}",
+                        self.target.shown()
+                    )
+                    .into(),
                 ))
             }
         }
@@ -589,17 +471,10 @@ impl RabbitSink {
     }
 
     async fn open(&self) -> Result<Link, lapin::Error> {
-        let mut props = ConnectionProperties::default()
-            .with_connection_name(LongString::from("tidings-relay".as_bytes().to_vec()));
-        props = props.with_auth_provider(PlainAuth(self.target.plain.clone()));
-        let runtime = lapin::runtime::default_runtime()?;
-        let conn = Connection::connect_uri_with_config(
-            self.target.uri.clone(),
-            props,
-            self.tls.clone(),
-            runtime,
-        )
-        .await?;
+        let conn = self
+            .target
+            .connect("tidings-relay", self.tls.clone())
+            .await?;
         let frame_max = conn.configuration().frame_max() as usize;
         let channel_max = match conn.configuration().channel_max() {
             0 => DEFAULT_CHANNEL_MAX,
@@ -623,7 +498,7 @@ impl RabbitSink {
             Some(l) if l.conn.status().blocked() => SinkError::Unavailable(
                 format!(
                     "RabbitMQ at {} blocked the connection (a memory or disk alarm) and did not confirm within {t:?}",
-                    self.target.shown
+                    self.target.shown()
                 )
                 .into(),
             ),
@@ -631,7 +506,7 @@ impl RabbitSink {
                 format!("no publisher confirm within {t:?} (outcome unknown)").into(),
             ),
             _ => SinkError::Unavailable(
-                format!("no connection to RabbitMQ at {} within {t:?}", self.target.shown).into(),
+                format!("no connection to RabbitMQ at {} within {t:?}", self.target.shown()).into(),
             ),
         }
     }
@@ -649,7 +524,8 @@ impl RabbitSink {
                 AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => SinkError::Unavailable(
                     format!(
                         "RabbitMQ exchange {:?} is gone at {}: {e}",
-                        self.config.exchange, self.target.shown
+                        self.config.exchange,
+                        self.target.shown()
                     )
                     .into(),
                 ),
@@ -851,7 +727,7 @@ impl Sink for RabbitSink {
                     return Err(SinkError::Unavailable(
                         format!(
                             "RabbitMQ at {} blocks publishing (a memory or disk alarm)",
-                            self.target.shown
+                            self.target.shown()
                         )
                         .into(),
                     ));
@@ -879,7 +755,8 @@ impl Sink for RabbitSink {
                 Err(_) => Err(SinkError::Unavailable(
                     format!(
                         "RabbitMQ at {} did not answer within {:?}",
-                        self.target.shown, self.config.timeout
+                        self.target.shown(),
+                        self.config.timeout
                     )
                     .into(),
                 )),
@@ -915,25 +792,29 @@ mod tests {
 
     #[test]
     fn url_credentials_never_reach_lapin_or_a_message() {
+        // The parsing itself is tested in tidings_outbox::amqp; here: the sink's use of it.
         let t = parse_url("amqps://relay:s3cr%40t@mq.internal:5671/shop?heartbeat=10").unwrap();
-        assert_eq!(t.uri.authority.userinfo.username, "relay");
-        assert_eq!(t.uri.authority.userinfo.password, "");
-        assert_eq!(t.uri.authority.host, "mq.internal");
-        assert_eq!(t.uri.vhost, "shop");
-        assert_eq!(t.uri.query.heartbeat, Some(10));
-        assert_eq!(t.plain, "\0relay\0s3cr@t");
-        assert_eq!(t.shown, "mq.internal:5671 vhost \"shop\"");
-        assert!(!format!("{:?}", t.uri).contains("s3cr"));
+        assert_eq!(t.uri().authority.userinfo.username, "relay");
+        assert_eq!(t.uri().authority.userinfo.password, "");
+        assert_eq!(t.uri().authority.host, "mq.internal");
+        assert_eq!(t.uri().vhost, "shop");
+        assert_eq!(t.uri().query.heartbeat, Some(10));
+        assert_eq!(t.shown(), "mq.internal:5671 vhost \"shop\"");
+        assert!(!format!("{:?}", t.uri()).contains("s3cr"));
+        assert!(!format!("{t:?}").contains("s3cr"));
 
         let t = parse_url("amqp://127.0.0.1:5672/%2f").unwrap();
         assert_eq!(
-            (t.uri.authority.host.as_str(), t.uri.vhost.as_str()),
+            (t.uri().authority.host.as_str(), t.uri().vhost.as_str()),
             ("127.0.0.1", "/")
         );
-        assert_eq!(t.plain, "\0guest\0guest");
-        assert_eq!(parse_url("amqp://h").unwrap().uri.vhost, "/");
+        assert_eq!(parse_url("amqp://h").unwrap().uri().vhost, "/");
         assert_eq!(
-            parse_url("amqp://[::1]:5672/v").unwrap().uri.authority.host,
+            parse_url("amqp://[::1]:5672/v")
+                .unwrap()
+                .uri()
+                .authority
+                .host,
             "::1"
         );
 
