@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,46 +19,16 @@ use rdkafka::message::Message;
 use tidings_examples::{IssueCard, Verdict};
 use tidings_inbox::kafka::{KafkaAdapter, KafkaConsumerConfig};
 use tidings_inbox::runner::postgres::PgStore;
-use tidings_inbox::runner::{
-    Adapter, AdapterError, Decoded, Deliveries, Delivery, Runner, RunnerConfig,
-};
+use tidings_inbox::runner::{Runner, RunnerConfig};
 use tidings_relay::sink::{KafkaSink, KafkaSinkConfig};
 use tidings_relay::{Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
+use super::never_acks::NeverAcks;
 use super::{demo_pool, relay_until_empty, BoxError, CrashAfter};
 
 const TOPIC: &str = "demo.payment.succeeded";
 const GROUP: &str = "card-service-demo";
-
-/// The card service's first run: handles records (effect and inbox record committed) but dies
-/// before committing any offset, as a crash would.
-struct DiesBeforeCommitting(KafkaAdapter);
-
-struct Uncommitted(tidings_inbox::kafka::KafkaDelivery);
-
-impl Delivery for Uncommitted {
-    fn decode(&self) -> Decoded {
-        self.0.decode()
-    }
-    fn ack(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-impl Adapter for DiesBeforeCommitting {
-    type Delivery = Uncommitted;
-    fn open(&self) -> BoxFuture<'_, Result<Deliveries<'_, Uncommitted>, AdapterError>> {
-        Box::pin(async move {
-            use futures::StreamExt;
-            let s = self.0.open().await?;
-            Ok(s.map(|d| d.map(Uncommitted)).boxed())
-        })
-    }
-    fn hold_interval(&self) -> Option<Duration> {
-        None
-    }
-}
 
 fn consumer_config(brokers: &str) -> KafkaConsumerConfig {
     KafkaConsumerConfig {
@@ -166,7 +135,7 @@ pub(crate) async fn run(
     let crash_after = 100.min(payments) as u64;
     {
         let doomed = Arc::new(Runner::new(
-            DiesBeforeCommitting(KafkaAdapter::connect(&consumer_config(&brokers))?),
+            NeverAcks(KafkaAdapter::connect(&consumer_config(&brokers))?),
             PgStore::new(pool.clone(), Arc::new(IssueCard)),
             runner_config.clone(),
         )?);
