@@ -37,8 +37,9 @@ pub struct KafkaConsumerConfig {
     pub group_id: String,
     /// Kafka topics to consume.
     pub topics: Vec<String>,
-    /// Any librdkafka property (TLS, SASL, ...), applied after the adapter's own. Values are
-    /// never logged.
+    /// Any librdkafka property (TLS, SASL, ...), applied after the adapter's own, except
+    /// `enable.auto.commit` and `enable.auto.offset.store`, which stay off. Values are never
+    /// logged.
     pub properties: Vec<(String, String)>,
 }
 
@@ -273,12 +274,26 @@ impl KafkaAdapter {
         for (k, v) in &config.properties {
             cc.set(k, v);
         }
+        // Never overridable: librdkafka committing on its own would commit past records whose
+        // inbox transactions have not committed.
+        cc.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let consumer: StreamConsumer<Context> = cc
             .create_with_context(Context {
                 tracker: tracker.clone(),
             })
-            .map_err(|e| Error::Database(format!("kafka consumer config: {e}").into()))?;
+            .map_err(|e| {
+                // Not rdkafka's own text for a refused property: it ends with the value, which
+                // may be a password.
+                let why = match &e {
+                    rdkafka::error::KafkaError::ClientConfig(_, desc, key, _) => {
+                        format!("{key}: {desc}")
+                    }
+                    e => e.to_string(),
+                };
+                Error::Database(format!("kafka consumer config: {why}").into())
+            })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
@@ -374,24 +389,75 @@ impl KafkaDelivery {
 /// Debezium's outbox router puts the event id in this header.
 const DEBEZIUM_ID: &str = "id";
 
+impl KafkaDelivery {
+    fn delivered(&self, message: WireMessage) -> Delivered {
+        Delivered {
+            message,
+            source: self.msg.topic().to_owned(),
+            delivery: 1,
+            replayed: false,
+        }
+    }
+
+    /// Parked under an id stable per record, so a lost ack after parking does not park it twice.
+    fn unusable(
+        &self,
+        headers: BTreeMap<String, String>,
+        payload: bytes::Bytes,
+        reason: String,
+    ) -> Decoded {
+        let id = uuid::Uuid::from_u64_pair(
+            fnv(self.msg.topic()) ^ self.msg.partition() as u64,
+            self.msg.offset() as u64,
+        );
+        Decoded::Unusable {
+            parked_as: self.delivered(WireMessage {
+                id: MessageId::from_uuid(id),
+                topic: self.msg.topic().to_owned(),
+                key: None,
+                biz_id: None,
+                headers,
+                payload,
+                created_at: None,
+                attempts: 0,
+            }),
+            reason,
+        }
+    }
+}
+
 impl Delivery for KafkaDelivery {
     fn decode(&self) -> Decoded {
-        let headers: BTreeMap<String, String> = self
-            .msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .filter_map(|h| {
-                        let v = std::str::from_utf8(h.value?).ok()?;
-                        Some((h.key.to_owned(), v.to_owned()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        // rdkafka 0.39 unwraps a header NAME as UTF-8 (`Headers::try_get`), and Kafka does not
+        // check names: one hostile record would panic the runner on every redelivery. Caught,
+        // and the record parked without its headers.
+        let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.msg
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|h| {
+                            let v = std::str::from_utf8(h.value?).ok()?;
+                            Some((h.key.to_owned(), v.to_owned()))
+                        })
+                        .collect::<BTreeMap<String, String>>()
+                })
+                .unwrap_or_default()
+        }));
+        let payload = bytes::Bytes::copy_from_slice(self.msg.payload().unwrap_or_default());
+        let headers = match headers {
+            Ok(h) => h,
+            Err(_) => {
+                return self.unusable(
+                    BTreeMap::new(),
+                    payload,
+                    "not a Tidings message: a header name is not UTF-8".into(),
+                )
+            }
+        };
         let fallback = headers
             .get(DEBEZIUM_ID)
             .and_then(|v| v.parse::<MessageId>().ok());
-        let payload = bytes::Bytes::copy_from_slice(self.msg.payload().unwrap_or_default());
         let decoded = WireMessage::decode(
             headers
                 .iter()
@@ -401,34 +467,9 @@ impl Delivery for KafkaDelivery {
             fallback,
             self.msg.topic(),
         );
-        let delivered = |message| Delivered {
-            message,
-            source: self.msg.topic().to_owned(),
-            delivery: 1,
-            replayed: false,
-        };
         match decoded {
-            Ok(m) => Decoded::Message(delivered(m)),
-            Err(e) => {
-                // Stable per record, so a lost ack after parking does not park it twice.
-                let id = uuid::Uuid::from_u64_pair(
-                    fnv(self.msg.topic()) ^ self.msg.partition() as u64,
-                    self.msg.offset() as u64,
-                );
-                Decoded::Unusable {
-                    parked_as: delivered(WireMessage {
-                        id: MessageId::from_uuid(id),
-                        topic: self.msg.topic().to_owned(),
-                        key: None,
-                        biz_id: None,
-                        headers,
-                        payload,
-                        created_at: None,
-                        attempts: 0,
-                    }),
-                    reason: format!("not a Tidings message: {e}"),
-                }
-            }
+            Ok(m) => Decoded::Message(self.delivered(m)),
+            Err(e) => self.unusable(headers, payload, format!("not a Tidings message: {e}")),
         }
     }
 

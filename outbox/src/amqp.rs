@@ -57,6 +57,18 @@ impl AmqpUrl {
                 "{setting} is not a URL ({e}); expected amqp://user:password@host:port/vhost, with special characters in credentials percent-encoded"
             ))
         })?;
+        // A '/', '?' or '#' left unencoded in a password ends the host part early, and the
+        // rest of the password would become the vhost, the query or the fragment (shown in
+        // logs and errors, sent to the broker). An '@' there gives it away.
+        if [Some(url.path()), url.query(), url.fragment()]
+            .into_iter()
+            .flatten()
+            .any(|p| p.contains('@'))
+        {
+            return Err(err(format!(
+                "{setting}: an '@' after the host: percent-encode '/', '?', '#' and '@' in the user name and password"
+            )));
+        }
         let scheme = match url.scheme() {
             "amqp" => AMQPScheme::AMQP,
             "amqps" => AMQPScheme::AMQPS,
@@ -247,6 +259,12 @@ mod tests {
             "amqp://u:hunter2@h/?auth_mechanism=external",
             "amqp://u:hunter2@h/?auth_mechanism=hunter2",
             "amqp://u:hunter2@h/%ff",
+            // Unencoded '/', '?', '#' in the password end the host part early.
+            "amqp://u:/hunter2@h/v",
+            "amqp://u:hun/ter2@h/v",
+            "amqp://u:hun?ter2@h/v",
+            "amqp://u:hun#ter2@h/v",
+            "amqp://u:123/hunter2@h/v",
         ] {
             let e = AmqpUrl::parse(bad, "the setting")
                 .err()

@@ -156,9 +156,12 @@ impl WireMessage {
                 attempts = value.parse().map_err(|_| WireError::BadHeader {
                     name: HEADER_ATTEMPT,
                 })?;
-            } else if name.len() >= RESERVED_HEADER_PREFIX.len()
-                && name[..RESERVED_HEADER_PREFIX.len()].eq_ignore_ascii_case(RESERVED_HEADER_PREFIX)
+            } else if name
+                .as_bytes()
+                .get(..RESERVED_HEADER_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX.as_bytes()))
             {
+                // (Compared as bytes: slicing the str could split a multi-byte character.)
                 // A Tidings header this version does not know: not the producer's.
             } else {
                 own.insert(name.to_owned(), value.to_owned());
@@ -219,5 +222,25 @@ mod tests {
             WireMessage::decode([(HEADER_ATTEMPT, "many")], Bytes::new(), Some(m.id), "t"),
             Err(WireError::BadHeader { .. })
         ));
+    }
+
+    /// Header names of any Unicode, around the length of the reserved prefix: no panic (a
+    /// name whose 8th byte falls inside a character once panicked every consumer).
+    #[test]
+    fn hostile_header_names_never_panic() {
+        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+        for name in [
+            "abcdefgé",
+            "tidings",
+            "Tidingsé",
+            "é",
+            "",
+            "tidings-é",
+            "ééééé",
+        ] {
+            let m = WireMessage::decode([(name, "v")], Bytes::new(), Some(id), "t").unwrap();
+            let reserved = name.to_ascii_lowercase().starts_with("tidings-");
+            assert_eq!(m.headers.contains_key(name), !reserved, "{name:?}");
+        }
     }
 }

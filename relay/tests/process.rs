@@ -304,6 +304,17 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
             "--kafka-config",
         ),
         (
+            // A misspelt secret property: refused, and its value never shown.
+            vec![
+                "relay",
+                "--sink",
+                "kafka",
+                "--kafka-config",
+                "sasl.pasword=SECRETPW",
+            ],
+            "--kafka-config: sasl.pasword",
+        ),
+        (
             vec!["relay", "--sink", "kafka", "--kafka-partitions", "0"],
             "--kafka-partitions must be between 1 and 10000",
         ),
@@ -311,6 +322,7 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
         let (code, text) = output(tidings(&db).args(&args));
         assert_eq!(code, 2, "{args:?}: {text}");
         assert!(text.contains(want), "{args:?}: {text}");
+        assert!(!text.contains("SECRETPW"), "{args:?}: {text}");
     }
     for bad in [
         "postgres://app:s3cret@127.0.0.1:notaport/db",

@@ -231,15 +231,14 @@ impl KafkaSink {
             }
         }
         let cc = client_config(&config);
-        // librdkafka checks property names and values here: its message names the property
-        // (never the value).
+        // librdkafka checks property names and values here.
         let producer: FutureProducer = cc
             .create()
-            .map_err(|e| config_err(format!("--kafka-config: {e}")))?;
+            .map_err(|e| config_err(format!("--kafka-config: {}", config_error(&e))))?;
         let admin = if config.create_topics {
             Some(
                 cc.create::<AdminClient<DefaultClientContext>>()
-                    .map_err(|e| config_err(format!("--kafka-config: {e}")))?,
+                    .map_err(|e| config_err(format!("--kafka-config: {}", config_error(&e))))?,
             )
         } else {
             None
@@ -393,6 +392,15 @@ impl KafkaSink {
             .unwrap_or_else(|p| p.into_inner())
             .insert(topic.to_owned());
         Ok(())
+    }
+}
+
+/// A client creation error without the property's value: rdkafka's own text for a refused
+/// property ends with the value, which may be a password.
+fn config_error(e: &rdkafka::error::KafkaError) -> String {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, _) => format!("{key}: {desc}"),
+        e => e.to_string(),
     }
 }
 
