@@ -488,6 +488,15 @@ impl Delivery for KafkaDelivery {
             Ok(())
         })
     }
+
+    /// False once the record's partition was revoked from this member (its next owner gets
+    /// the record again from the committed offset).
+    fn is_live(&self) -> bool {
+        let t = self.inner.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        t.partitions
+            .get(&self.tp)
+            .is_some_and(|s| s.assigned && s.generation == self.generation)
+    }
 }
 
 fn fnv(s: &str) -> u64 {

@@ -703,6 +703,12 @@ impl Delivery for RabbitDelivery {
             }
         })
     }
+
+    /// False once the delivery's channel is gone (RabbitMQ requeued the message) or it was
+    /// settled.
+    fn is_live(&self) -> bool {
+        self.acker.usable()
+    }
 }
 
 /// The id a message without a usable one is parked under: from its queue and content, so a

@@ -176,6 +176,13 @@ pub trait Delivery: Send + Sync + 'static {
     fn retry_later(&self, _delay: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+
+    /// False once the broker has taken the message back on its own (its channel closed, its
+    /// partition was revoked): another consumer may have it now, so the runner stops retrying
+    /// or parking it and leaves it to that redelivery. The default: always live.
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 /// A broker's side of a consumer: opens a stream of deliveries for the runner.
@@ -777,6 +784,11 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                     // The inbox transaction itself failed (database down, a failing COMMIT).
                     Err(e) => HandlerError::retry(e),
                 };
+                if !delivery.is_live() {
+                    // Retrying or parking it here would race the consumer that has it now.
+                    tracing::debug!(error = %failure, "the broker took the message back; left to its redelivery");
+                    return false;
+                }
                 let transient = failure.class() == ErrorClass::Retry
                     && self.store.is_transient(failure.cause());
                 if transient {
