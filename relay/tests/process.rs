@@ -518,6 +518,55 @@ async fn no_amqp_password_reaches_the_output_at_trace_level() {
     }
 }
 
+/// The Redis password reaches no output at trace level, in text and JSON, from the flag or the
+/// environment: not for a server that is down, nor for one that refuses it (the shared Redis
+/// has no password: it answers AUTH with an error). redis-rs logs nothing with the features
+/// Tidings uses; this checks it stays so.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn no_redis_password_reaches_the_output_at_trace_level() {
+    const PASSWORD: &str = "Red1sSecretPw";
+    let db = TestDb::migrated().await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (port, want) in [
+        (down, "Connection refused"),
+        (6379, "authentication failed"),
+    ] {
+        let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}");
+        for format in ["text", "json"] {
+            for from_env in [false, true] {
+                let mut cmd = tidings(&db);
+                cmd.args(["relay", "--sink", "redis", "--log-format", format])
+                    .env("TIDINGS_LOG", "trace");
+                if from_env {
+                    cmd.env("TIDINGS_REDIS_URL", &url);
+                } else {
+                    cmd.args(["--redis-url", &url]);
+                }
+                let (code, text) = output(&mut cmd);
+                assert_eq!(
+                    code, 1,
+                    "a server it cannot use is a runtime failure: {text}"
+                );
+                assert!(
+                    text.contains(&format!("cannot connect to Redis at 127.0.0.1:{port}"))
+                        && text.contains(want),
+                    "{text}"
+                );
+                assert!(text.contains("TRACE"), "trace level is on: {text}");
+                assert!(
+                    !text.contains(PASSWORD) && !text.contains("Red1s"),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn relay_refuses_an_unmigrated_database_and_migrate_cli_round_trips() {
     let db = TestDb::empty().await;
