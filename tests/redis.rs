@@ -1,20 +1,23 @@
-//! Redis Streams end to end (the relay's Redis sink) against a real Redis 7.0: a key prefix of
+//! Redis Streams end to end (the relay's Redis sink, the inbox's Redis consumer adapter) against a real Redis 7.0: a key prefix of
 //! a test's own on the shared server (127.0.0.1:6379), or a server of a test's own
 //! ([`RedisServer`]) where the test kills or freezes it.
 #![cfg(feature = "redis")]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use tidings_inbox::redis::{RedisAdapter, RedisConsumerConfig};
 use tidings_outbox::{Message, MessageId, WireMessage};
 use tidings_relay::sink::{
     RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
 };
 use tidings_relay::{Envelope, Relay, RelayConfig, Sink, SinkError};
 use tidings_tests::conformance::{sink_conformance, BrokerUnderTest, Received, SinkFeatures};
+use tidings_tests::runner_conformance::{runner_conformance, ConsumerBroker};
 use tidings_tests::{pool, redis_conn, RedisEntry, RedisKeys, RedisServer, TestDb};
 
 /// The conformance suite's oversized-payload case: the sink's own limit (Redis would close the
@@ -269,4 +272,241 @@ async fn configuration_errors_name_the_flag() {
         let e = RedisSink::connect(config).await.err().unwrap().to_string();
         assert!(e.contains(want) && !e.contains("hunter2"), "{e}");
     }
+}
+
+/// The consumer side on the shared server: streams and groups under the test's prefix.
+struct RedisConsumers {
+    keys: RedisKeys,
+    sink: RedisSink,
+    /// Consumer (group) name -> its stream.
+    groups: Mutex<HashMap<String, String>>,
+}
+
+impl ConsumerBroker for RedisConsumers {
+    type Adapter = RedisAdapter;
+
+    fn publish<'a>(&'a self, messages: &'a [WireMessage]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            for (i, m) in messages.iter().enumerate() {
+                self.sink
+                    .publish(&Envelope {
+                        seq: i as i64,
+                        message: m.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+    }
+
+    fn adapter<'a>(
+        &'a self,
+        name: &'a str,
+        topic: &'a str,
+        redeliver_after: Duration,
+    ) -> BoxFuture<'a, RedisAdapter> {
+        let stream = format!("{}:{topic}", self.keys.prefix);
+        self.groups
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), stream.clone());
+        Box::pin(async move {
+            RedisAdapter::connect(&RedisConsumerConfig {
+                url: self.keys.url.clone(),
+                stream,
+                group: name.to_owned(),
+                consumer: name.to_owned(),
+                block: Duration::from_millis(200),
+                claim_idle: redeliver_after,
+                timeout: Duration::from_secs(2),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        })
+    }
+
+    fn unacked<'a>(&'a self, name: &'a str) -> BoxFuture<'a, u64> {
+        Box::pin(async move {
+            let stream = self.groups.lock().unwrap()[name].clone();
+            group_backlog(&self.keys.url, &stream, name).await
+        })
+    }
+}
+
+/// Entries of `stream` group `group` has not acked: pending (delivered, unacked) plus not yet
+/// delivered (`lag`, Redis 7.0+).
+async fn group_backlog(url: &str, stream: &str, group: &str) -> u64 {
+    let mut c = redis_conn(url).await;
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    let int = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::Int(n)) => *n as u64,
+        _ => 0,
+    };
+    groups
+        .iter()
+        .find(|g| {
+            matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n.as_slice() == group.as_bytes())
+        })
+        .map_or(0, |g| int(g.get("pending")) + int(g.get("lag")))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_adapter_passes_the_runner_conformance_suite() {
+    let keys = RedisKeys::new();
+    let sink = sink(&keys, Duration::from_secs(2)).await;
+    runner_conformance(&RedisConsumers {
+        keys,
+        sink,
+        groups: Default::default(),
+    })
+    .await;
+}
+
+fn consumer_config(keys: &RedisKeys, topic: &str, consumer: &str) -> RedisConsumerConfig {
+    RedisConsumerConfig {
+        url: keys.url.clone(),
+        stream: format!("{}:{topic}", keys.prefix),
+        group: "cards".into(),
+        consumer: consumer.into(),
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_millis(300),
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_of_a_dead_consumer_are_claimed_with_their_delivery_count() {
+    use futures::StreamExt;
+    use tidings_inbox::runner::{Adapter, Decoded, Delivery};
+    let keys = RedisKeys::new();
+    let sink = sink(&keys, Duration::from_secs(2)).await;
+    let msgs: Vec<Envelope> = (0..3).map(|i| envelope("cards", &i.to_string())).collect();
+    for m in &msgs {
+        sink.publish(m).await.unwrap();
+    }
+    // Consumer a takes all three and dies without acking.
+    let a = RedisAdapter::connect(&consumer_config(&keys, "cards", "a"))
+        .await
+        .unwrap();
+    {
+        let mut s = a.open().await.unwrap();
+        for _ in 0..3 {
+            let d = s.next().await.unwrap().unwrap();
+            assert!(matches!(d.decode(), Decoded::Message(m) if m.delivery == 1));
+        }
+    }
+    drop(a);
+    let stream = format!("{}:cards", keys.prefix);
+    assert_eq!(group_backlog(&keys.url, &stream, "cards").await, 3);
+    // Consumer b gets them once they are idle for longer than claim_idle, as second deliveries,
+    // in stream order.
+    let b = RedisAdapter::connect(&consumer_config(&keys, "cards", "b"))
+        .await
+        .unwrap();
+    let mut s = b.open().await.unwrap();
+    for m in &msgs {
+        let d = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("claimed within a few claim_idle")
+            .unwrap()
+            .unwrap();
+        match d.decode() {
+            Decoded::Message(got) => {
+                assert_eq!((got.id, got.delivery), (m.id, 2));
+                assert_eq!(got.payload, m.payload);
+                assert_eq!(got.biz_id, m.biz_id);
+            }
+            Decoded::Unusable { reason, .. } => panic!("{reason}"),
+        }
+        d.ack().await.unwrap();
+    }
+    assert_eq!(group_backlog(&keys.url, &stream, "cards").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_that_is_not_a_tidings_message_is_parked_not_a_panic() {
+    use tidings_inbox::runner::postgres::PgStore;
+    use tidings_inbox::runner::{Runner, RunnerConfig};
+    use tidings_tests::runner_conformance::Effects;
+    let keys = RedisKeys::new();
+    let stream = format!("{}:odd", keys.prefix);
+    let mut c = redis_conn(&keys.url).await;
+    for fields in [
+        vec![("foo", "bar")],
+        vec![("id", "not-an-id"), ("payload", "x")],
+        vec![("h:Tidings-Message-Id", "garbage"), ("payload", "y")],
+    ] {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd.query_async::<String>(&mut c).await.unwrap();
+    }
+    let db = TestDb::migrated().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE effects (n bigserial PRIMARY KEY, biz_id text, payload text NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let adapter = RedisAdapter::connect(&consumer_config(&keys, "odd", "c"))
+        .await
+        .unwrap();
+    let runner = Arc::new(
+        Runner::new(
+            adapter,
+            PgStore::new(pool(&db, 2), Arc::new(Effects::default())),
+            RunnerConfig {
+                name: "odd".into(),
+                replay_poll_interval: None,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (runner, stop) = (runner.clone(), stop.clone());
+        async move { runner.run(stop).await }
+    });
+    tidings_tests::eventually("three parked", Duration::from_secs(20), || async {
+        runner
+            .stats()
+            .parked
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 3
+    })
+    .await;
+    tidings_tests::eventually("all acked", Duration::from_secs(10), || async {
+        group_backlog(&keys.url, &stream, "cards").await == 0
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let reasons: Vec<String> = db
+        .client()
+        .await
+        .query(
+            "SELECT last_error FROM tidings.inbox_dead_letters ORDER BY last_error",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| r.contains("not a Tidings message")),
+        "{reasons:?}"
+    );
 }
