@@ -518,6 +518,42 @@ async fn no_amqp_password_reaches_the_output_at_trace_level() {
     }
 }
 
+/// `--sink redis` settings Tidings refuses exit 2 naming the flag, never repeating a password.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_configuration_errors_exit_2_naming_the_flag() {
+    let db = TestDb::migrated().await;
+    for (flags, want) in [
+        (
+            vec!["--redis-url", "http://u:hunter2@h/"],
+            "--redis-url: unsupported scheme",
+        ),
+        (
+            vec!["--redis-url", "redis://u:hunter2@h:notaport/"],
+            "--redis-url is not a URL",
+        ),
+        (
+            vec!["--redis-url", "rediss://u:hunter2@h/#insecure"],
+            "--redis-url: a #fragment",
+        ),
+        (
+            vec!["--redis-stream-template", ""],
+            "--redis-stream-template",
+        ),
+        (vec!["--redis-maxlen", "0"], "--redis-maxlen"),
+        (vec!["--redis-maxlen", "many"], "--redis-maxlen"),
+        (
+            vec!["--redis-max-message-size", "0"],
+            "--redis-max-message-size",
+        ),
+    ] {
+        let (code, text) = output(tidings(&db).args(["relay", "--sink", "redis"]).args(&flags));
+        assert_eq!(code, 2, "{flags:?}: {text}");
+        assert!(text.contains(want), "{flags:?}: {text}");
+        assert!(!text.contains("hunter2"), "{flags:?}: {text}");
+    }
+}
+
 /// The Redis password reaches no output at trace level, in text and JSON, from the flag or the
 /// environment: not for a server that is down, nor for one that refuses it (the shared Redis
 /// has no password: it answers AUTH with an error). redis-rs logs nothing with the features
