@@ -510,3 +510,98 @@ async fn an_entry_that_is_not_a_tidings_message_is_parked_not_a_panic() {
         "{reasons:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_held_while_it_is_handled_is_not_claimed_by_another_consumer() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tidings_inbox::runner::postgres::PgStore;
+    use tidings_inbox::runner::{Runner, RunnerConfig};
+    use tidings_tests::runner_conformance::{message, Effects};
+    let keys = RedisKeys::new();
+    let sink = sink(&keys, Duration::from_secs(2)).await;
+    sink.publish(&Envelope {
+        seq: 1,
+        message: message("slow", "pay_slow", None, "block:1"),
+    })
+    .await
+    .unwrap();
+    let db = TestDb::migrated().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE effects (n bigserial PRIMARY KEY, biz_id text, payload text NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let handler = Arc::new(Effects::default());
+    let start = |consumer: &'static str| {
+        let (keys, db, handler) = (&keys, &db, handler.clone());
+        async move {
+            let adapter = RedisAdapter::connect(&consumer_config(keys, "slow", consumer))
+                .await
+                .unwrap();
+            let runner = Arc::new(
+                Runner::new(
+                    adapter,
+                    PgStore::new(pool(db, 2), handler),
+                    RunnerConfig {
+                        name: "cards".into(),
+                        replay_poll_interval: None,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            );
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn({
+                let (runner, stop) = (runner.clone(), stop.clone());
+                async move { runner.run(stop).await }
+            });
+            (runner, stop, task)
+        }
+    };
+    let entered = handler.entered.notified();
+    let (a, stop_a, task_a) = start("a").await;
+    tokio::time::timeout(Duration::from_secs(10), entered)
+        .await
+        .expect("a handles the entry");
+    // b claims entries idle for 300 ms, every 150 ms; a holds its entry every 100 ms. Five
+    // claim periods later, b has not taken it.
+    let (b, stop_b, task_b) = start("b").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stream = format!("{}:slow", keys.prefix);
+    let mut c = redis_conn(&keys.url).await;
+    let pending: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("cards")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(
+        (pending[0].1.as_str(), pending[0].3),
+        ("a", 1),
+        "still a's, delivered once: {pending:?}"
+    );
+    handler.release();
+    tidings_tests::eventually("a commits and acks", Duration::from_secs(10), || async {
+        group_backlog(&keys.url, &stream, "cards").await == 0
+    })
+    .await;
+    stop_a.cancel();
+    stop_b.cancel();
+    task_a.await.unwrap().unwrap();
+    task_b.await.unwrap().unwrap();
+    assert_eq!(a.stats().processed.load(SeqCst), 1);
+    assert_eq!(
+        (
+            b.stats().processed.load(SeqCst),
+            b.stats().duplicates.load(SeqCst)
+        ),
+        (0, 0),
+        "b never got it"
+    );
+}
