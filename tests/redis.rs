@@ -605,3 +605,99 @@ async fn an_entry_held_while_it_is_handled_is_not_claimed_by_another_consumer() 
         "b never got it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_rides_out_a_server_restart_with_exactly_one_effect_each() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tidings_inbox::runner::postgres::PgStore;
+    use tidings_inbox::runner::{Runner, RunnerConfig};
+    use tidings_tests::runner_conformance::{message, Effects};
+    let mut server = RedisServer::start().await;
+    let keys = RedisKeys::on(&server.url);
+    let publish = |from: usize, to: usize| {
+        let keys = &keys;
+        async move {
+            let sink = sink(keys, Duration::from_secs(2)).await;
+            let msgs: Vec<Envelope> = (from..to)
+                .map(|i| Envelope {
+                    seq: i as i64,
+                    message: message(
+                        "restart",
+                        &format!("pay_{i}"),
+                        Some(&format!("k{}", i % 7)),
+                        &format!("ok:{i}"),
+                    ),
+                })
+                .collect();
+            for r in sink.publish_batch(&msgs.iter().collect::<Vec<_>>()).await {
+                r.unwrap();
+            }
+        }
+    };
+    publish(0, 300).await;
+    let db = TestDb::migrated().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE effects (n bigserial PRIMARY KEY, biz_id text, payload text NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let adapter = RedisAdapter::connect(&consumer_config(&keys, "restart", "c"))
+        .await
+        .unwrap();
+    let runner = Arc::new(
+        Runner::new(
+            adapter,
+            PgStore::new(pool(&db, 4), Arc::new(Effects::default())),
+            RunnerConfig {
+                name: "cards".into(),
+                replay_poll_interval: None,
+                reopen_backoff_max: Duration::from_millis(500),
+                ack_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (runner, stop) = (runner.clone(), stop.clone());
+        async move { runner.run(stop).await }
+    });
+    tidings_tests::eventually("some processed", Duration::from_secs(20), || async {
+        runner.stats().processed.load(SeqCst) >= 50
+    })
+    .await;
+    let at_kill = runner.stats().processed.load(SeqCst);
+    server.stop();
+    server.restart().await;
+    publish(300, 400).await;
+    let stream = format!("{}:restart", keys.prefix);
+    tidings_tests::eventually(
+        "all 400 applied and acked",
+        Duration::from_secs(60),
+        || async {
+            runner.stats().processed.load(SeqCst) == 400
+                && group_backlog(&keys.url, &stream, "cards").await == 0
+        },
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let (effects, distinct): (i64, i64) = {
+        let r = db
+            .client()
+            .await
+            .query_one("SELECT count(*), count(DISTINCT biz_id) FROM effects", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((effects, distinct), (400, 400), "exactly one effect each");
+    assert_eq!(runner.stats().parked.load(SeqCst), 0);
+    eprintln!(
+        "{at_kill} processed when the server was killed; {} duplicates absorbed",
+        runner.stats().duplicates.load(SeqCst)
+    );
+}
