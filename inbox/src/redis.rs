@@ -37,6 +37,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
+use tidings_outbox::redis_url::{shown, RedisUrl};
 use tidings_outbox::{MessageId, WireMessage};
 
 use crate::runner::{Adapter, AdapterError, Decoded, Delivered, Deliveries, Delivery};
@@ -107,18 +108,6 @@ impl std::fmt::Debug for RedisConsumerConfig {
             .field("claim_idle", &self.claim_idle)
             .field("timeout", &self.timeout)
             .finish()
-    }
-}
-
-/// `host:port` of a Redis URL, never its credentials.
-fn shown(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(u) => format!(
-            "{}:{}",
-            u.host_str().unwrap_or("?"),
-            u.port().unwrap_or(6379)
-        ),
-        Err(_) => "(invalid URL)".into(),
     }
 }
 
@@ -264,12 +253,10 @@ impl RedisAdapter {
         if config.timeout.is_zero() || config.block.is_zero() || config.claim_idle.is_zero() {
             return bad("timeout, block and claim_idle must be greater than 0");
         }
-        let u = url::Url::parse(&config.url)
-            .map_err(|e| RedisConsumerError::Config(format!("url is not a URL: {e}")))?;
-        if !matches!(u.scheme(), "redis" | "rediss") || u.fragment().is_some() {
-            return bad("url must be redis:// or rediss:// (no #fragment: TLS is always verified)");
-        }
-        let server = shown(&config.url);
+        let server = RedisUrl::parse(&config.url, "url")
+            .map_err(|e| RedisConsumerError::Config(e.to_string()))?
+            .shown()
+            .to_owned();
         let client = ::redis::Client::open(config.url.as_str()).map_err(|e| {
             RedisConsumerError::Config(format!("url is not a Redis URL ({})", e.category()))
         })?;
@@ -704,7 +691,6 @@ mod tests {
         assert_eq!(got[0].fields.as_ref().unwrap()[0].1, b"x");
         assert!(got[1].fields.is_none());
         assert!(read_reply(&Value::Nil).is_empty());
-        assert_eq!(shown("redis://u:hunter2@h:6380/1"), "h:6380");
         let c = RedisConsumerConfig {
             url: "redis://u:hunter2@h".into(),
             ..Default::default()

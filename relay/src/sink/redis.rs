@@ -43,6 +43,8 @@ use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, RedisError, Value};
 
+use tidings_outbox::redis_url::RedisUrl;
+
 use super::{Capabilities, Delivery, Envelope, Sink, SinkError};
 use crate::Error;
 
@@ -93,9 +95,8 @@ impl Default for RedisSinkConfig {
 /// Shows the URL without its credentials.
 impl std::fmt::Debug for RedisSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url = parse_url(&self.url).map_or_else(|_| "(invalid)".to_owned(), |t| t.shown);
         f.debug_struct("RedisSinkConfig")
-            .field("url", &url)
+            .field("url", &tidings_outbox::redis_url::shown(&self.url))
             .field("stream_template", &self.stream_template)
             .field("maxlen", &self.maxlen)
             .field("timeout", &self.timeout)
@@ -162,48 +163,17 @@ struct Target {
     shown: String,
 }
 
-/// Parses `--redis-url`. Errors never repeat the URL (it may hold a password).
+/// Parses `--redis-url` (the checks are shared with the inbox's Redis adapter). Errors never
+/// repeat the URL (it may hold a password).
 fn parse_url(s: &str) -> Result<Target, Error> {
-    let u = url::Url::parse(s).map_err(|e| config_err(format!("--redis-url is not a URL: {e}")))?;
-    let tls = match u.scheme() {
-        "redis" => false,
-        "rediss" => true,
-        _ => {
-            return Err(config_err(
-                "--redis-url: unsupported scheme (redis:// or rediss://)",
-            ))
-        }
-    };
-    if u.fragment().is_some() {
-        // redis-rs reads `#insecure` as "do not verify the certificate".
-        return Err(config_err(
-            "--redis-url: a #fragment is not supported (the TLS certificate is always verified)",
-        ));
-    }
-    let host = match u.host() {
-        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_owned(),
-        Some(url::Host::Ipv4(a)) => a.to_string(),
-        Some(url::Host::Ipv6(a)) => format!("[{a}]"),
-        _ => return Err(config_err("--redis-url has no host")),
-    };
-    let port = u.port().unwrap_or(6379);
-    let db = u.path().trim_start_matches('/');
-    if !db.is_empty() && db.parse::<u32>().is_err() {
-        return Err(config_err(
-            "--redis-url: the path must be a database number",
-        ));
-    }
-    let mut shown = format!("{host}:{port}");
-    if !db.is_empty() && db != "0" {
-        shown.push_str(&format!(" db {db}"));
-    }
-    if tls {
-        shown.push_str(" (TLS)");
-    }
+    let u = RedisUrl::parse(s, "--redis-url").map_err(|e| config_err(e.to_string()))?;
     // redis-rs's own parse error is not shown: it may not be careful with the URL.
     let client = redis::Client::open(s)
         .map_err(|e| config_err(format!("--redis-url is not a Redis URL ({})", e.category())))?;
-    Ok(Target { client, shown })
+    Ok(Target {
+        client,
+        shown: u.shown().to_owned(),
+    })
 }
 
 /// Publishes to Redis Streams.
@@ -565,14 +535,9 @@ mod tests {
 
     #[test]
     fn url_credentials_never_reach_a_message() {
+        // The checks themselves are tested in tidings_outbox::redis_url; here: the sink's use.
         let t = parse_url("redis://relay:s3cr%40t@cache.internal:6380/2").unwrap();
         assert_eq!(t.shown, "cache.internal:6380 db 2");
-        let t = parse_url("rediss://:pw@[::1]").unwrap();
-        assert_eq!(t.shown, "[::1]:6379 (TLS)");
-        assert_eq!(
-            parse_url("redis://127.0.0.1:6379").unwrap().shown,
-            "127.0.0.1:6379"
-        );
         for bad in [
             "http://u:hunter2@h/",
             "redis://u:hunter2@h:notaport/",
