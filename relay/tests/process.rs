@@ -518,6 +518,92 @@ async fn no_amqp_password_reaches_the_output_at_trace_level() {
     }
 }
 
+/// `tidings relay --sink redis` end to end against the local Redis: the messages land in the
+/// stream of their topic, the relay says that consumers must deduplicate, and SIGTERM stops it
+/// with exit 0.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_relay_delivers_to_the_topics_stream_and_says_consumers_deduplicate() {
+    /// Deletes the test's stream, also when the test fails.
+    struct DelOnDrop(String);
+    impl Drop for DelOnDrop {
+        fn drop(&mut self) {
+            if let Ok(mut c) = redis::Client::open("redis://127.0.0.1:6379")
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            {
+                let _ = redis::cmd("DEL").arg(&self.0).query::<i64>(&mut c);
+            }
+        }
+    }
+    let prefix = format!("t-{}", uuid::Uuid::now_v7().simple());
+    let stream = DelOnDrop(format!("{prefix}:orders.created"));
+    let db = TestDb::migrated().await;
+    enqueue(&db, 5, 4).await;
+    let log = std::env::temp_dir().join(format!("{prefix}.log"));
+    let mut child = tidings(&db)
+        .args(["relay", "--sink", "redis"])
+        .args(["--redis-stream-template", &format!("{prefix}:{{topic}}")])
+        .env("TIDINGS_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut c = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    eventually(
+        "five entries in the stream",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            let key = stream.0.clone();
+            async move {
+                redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async::<i64>(&mut c)
+                    .await
+                    .unwrap()
+                    == 5
+            }
+        },
+    )
+    .await;
+    kill(&mut child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("exit within 10 s of SIGTERM");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("using Redis Streams"), "{text}");
+    assert!(text.contains("consumers must deduplicate"), "{text}");
+    let first: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&stream.0)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let fields = &first[0].1;
+    assert_eq!(fields[0].0, "id");
+    assert_eq!(fields[1], ("payload".to_owned(), "0000".to_owned()));
+    assert!(
+        fields.contains(&("h:Tidings-Biz-Id".to_owned(), "o-0".to_owned())),
+        "{fields:?}"
+    );
+}
+
 /// `--sink redis` settings Tidings refuses exit 2 naming the flag, never repeating a password.
 #[cfg(feature = "redis")]
 #[tokio::test]

@@ -22,7 +22,9 @@
 //! No dedup: Redis before 8.6 has no idempotent XADD, so a re-send (a lost reply, a relay crash
 //! between publish and commit) is a second entry; the sink declares no dedup window and
 //! consumers dedup in the inbox. Redis 8.6 added `XADD ... IDMP`; the sink reads the server's
-//! version at start-up and logs it, but does not use IDMP yet (nothing here runs 8.6 to test it).
+//! version at start-up and logs it, but does not use IDMP: nothing here runs 8.6 to test it, and
+//! IDMP keeps at most `IDMP-MAXSIZE` (<= 10,000) recent ids per producer, so its window is
+//! bounded by a count too, which a time-based `dedup_window` cannot promise.
 //!
 //! Failure classes: no connection (refused, reset, closed) is `Unavailable` (released, no
 //! attempt counted; the connection manager reconnects with backoff). A reply that times out is
