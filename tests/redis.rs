@@ -701,3 +701,59 @@ async fn a_consumer_rides_out_a_server_restart_with_exactly_one_effect_each() {
         runner.stats().duplicates.load(SeqCst)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_out_of_memory_is_an_outage_not_the_messages_fault() {
+    let server = RedisServer::start().await;
+    let keys = RedisKeys::on(&server.url);
+    let sink = Arc::new(sink(&keys, Duration::from_secs(2)).await);
+    let mut c = redis_conn(&server.url).await;
+    let maxmemory = |bytes: &'static str| {
+        let mut c = c.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(bytes)
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    // Over maxmemory with the default policy (noeviction): Redis refuses every write with OOM.
+    maxmemory("1").await;
+    match sink.publish(&envelope("orders.created", "x")).await {
+        Err(SinkError::Unavailable(e)) => assert!(e.to_string().contains("OOM"), "{e}"),
+        other => panic!("OOM is an outage: {other:?}"),
+    }
+    let db = TestDb::migrated().await;
+    db.enqueue(
+        (0..5)
+            .map(|i| Message::new("orders.created", format!("{i}")))
+            .collect(),
+    )
+    .await;
+    let relay = Relay::new(pool(&db, 2), sink, relay_config()).unwrap();
+    let r = relay.tick().await.unwrap();
+    assert!(
+        r.sink_unavailable && r.delivered == 0 && r.retried == 0 && r.dead_lettered == 0,
+        "{r:?}"
+    );
+    let attempts: i64 = db
+        .client()
+        .await
+        .query_one("SELECT coalesce(sum(attempts), 0) FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 0, "no attempt counted");
+    maxmemory("0").await;
+    let total = tidings_tests::drain(&relay, &db).await;
+    assert_eq!((total.delivered, total.dead_lettered), (5, 0), "{total:?}");
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("{}:orders.created", keys.prefix))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(len, 5);
+}
