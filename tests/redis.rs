@@ -757,3 +757,38 @@ async fn a_server_out_of_memory_is_an_outage_not_the_messages_fault() {
         .unwrap();
     assert_eq!(len, 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_group_without_create_group_fails_at_connect_naming_it() {
+    let keys = RedisKeys::new();
+    let config = RedisConsumerConfig {
+        create_group: false,
+        ..consumer_config(&keys, "nogroup", "c")
+    };
+    // Neither stream nor group exists.
+    let e = RedisAdapter::connect(&config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("\"cards\" does not exist") && e.contains("create_group"),
+        "{e}"
+    );
+    // The stream exists, the group does not.
+    RedisAdapter::connect(&consumer_config(&keys, "nogroup", "c"))
+        .await
+        .unwrap();
+    let other = RedisConsumerConfig {
+        group: "other".into(),
+        ..config.clone()
+    };
+    let e = RedisAdapter::connect(&other)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("\"other\" does not exist"), "{e}");
+    // An existing group is used as it is.
+    RedisAdapter::connect(&config).await.unwrap();
+}

@@ -184,9 +184,31 @@ impl Shared {
         }
     }
 
-    /// Creates the group if missing (an existing one is used as it is).
+    /// Creates the group if missing (an existing one is used as it is); without
+    /// `create_group`, checks that it exists (so a wrong name fails at once, not on every read).
     async fn ensure_group(&self) -> Result<(), RedisConsumerError> {
         if !self.config.create_group {
+            let mut cmd = ::redis::cmd("XINFO");
+            cmd.arg("GROUPS").arg(&self.config.stream);
+            let groups: Vec<HashMap<String, Value>> = match self.call("XINFO GROUPS", &cmd).await {
+                Ok(g) => g,
+                // No such stream: no group either.
+                Err(RedisConsumerError::Redis { source, .. })
+                    if source.code() == Some("ERR") && !source.is_io_error() =>
+                {
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            };
+            let exists = groups.iter().any(|g| {
+                g.get("name").and_then(text).as_deref() == Some(self.config.group.as_str())
+            });
+            if !exists {
+                return Err(RedisConsumerError::Config(format!(
+                    "consumer group {:?} does not exist on stream {:?}: create it, or set create_group",
+                    self.config.group, self.config.stream
+                )));
+            }
             return Ok(());
         }
         let mut cmd = ::redis::cmd("XGROUP");
