@@ -608,6 +608,18 @@ async fn an_entry_held_while_it_is_handled_is_not_claimed_by_another_consumer() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_rides_out_a_server_restart_with_exactly_one_effect_each() {
+    ride_out(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_rides_out_a_frozen_server_with_exactly_one_effect_each() {
+    ride_out(true).await;
+}
+
+/// A runner consumes 400 entries of 7 keys while its server is SIGKILLed and restarted, or
+/// frozen (SIGSTOP) for 3 s, a sixth of the way through: exactly one effect each, nothing
+/// parked, nothing left pending.
+async fn ride_out(freeze: bool) {
     use std::sync::atomic::Ordering::SeqCst;
     use tidings_inbox::runner::postgres::PgStore;
     use tidings_inbox::runner::{Runner, RunnerConfig};
@@ -670,8 +682,15 @@ async fn a_consumer_rides_out_a_server_restart_with_exactly_one_effect_each() {
     })
     .await;
     let at_kill = runner.stats().processed.load(SeqCst);
-    server.stop();
-    server.restart().await;
+    if freeze {
+        server.signal("-STOP");
+        // The outage's length: reads, acks and reopens time out meanwhile (2 s each).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        server.signal("-CONT");
+    } else {
+        server.stop();
+        server.restart().await;
+    }
     publish(300, 400).await;
     let stream = format!("{}:restart", keys.prefix);
     tidings_tests::eventually(
@@ -697,7 +716,8 @@ async fn a_consumer_rides_out_a_server_restart_with_exactly_one_effect_each() {
     assert_eq!((effects, distinct), (400, 400), "exactly one effect each");
     assert_eq!(runner.stats().parked.load(SeqCst), 0);
     eprintln!(
-        "{at_kill} processed when the server was killed; {} duplicates absorbed",
+        "{at_kill} processed when the server was {}; {} duplicates absorbed",
+        if freeze { "frozen" } else { "killed" },
         runner.stats().duplicates.load(SeqCst)
     );
 }
