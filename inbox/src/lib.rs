@@ -23,6 +23,8 @@ mod postgres;
 mod prune;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "runner")]
 pub mod runner;
 

@@ -15,6 +15,8 @@ pub mod amqp;
 pub mod envelope;
 mod error;
 mod message;
+#[cfg(feature = "redis-url")]
+pub mod redis_url;
 mod sql;
 
 #[cfg(feature = "diesel-async")]

@@ -1085,3 +1085,283 @@ pub async fn amqp_bind(
     .unwrap();
     let _ = conn.close(200, "OK".into()).await;
 }
+
+/// The shared Redis server (127.0.0.1:6379), where tests keep to key prefixes of their own.
+#[cfg(feature = "redis")]
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A key prefix of a test's own on a Redis server: every key the test makes starts with
+/// `prefix`; dropping it deletes them all (never FLUSHDB: other tests share the server).
+#[cfg(feature = "redis")]
+pub struct RedisKeys {
+    /// The server.
+    pub url: String,
+    /// `t-<uuid>`, unique per test.
+    pub prefix: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisKeys {
+    /// A fresh prefix on the shared server.
+    pub fn new() -> RedisKeys {
+        RedisKeys::on(REDIS_URL)
+    }
+
+    /// A fresh prefix on the server at `url`.
+    pub fn on(url: &str) -> RedisKeys {
+        RedisKeys {
+            url: url.to_owned(),
+            prefix: format!("t-{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    /// The keys with the prefix, sorted.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut c = redis_conn(&self.url).await;
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Every entry of every stream with the prefix: (stream, entry id, fields), streams sorted
+    /// by name, entries in stream order.
+    pub async fn entries(&self) -> Vec<RedisEntry> {
+        let mut c = redis_conn(&self.url).await;
+        let mut out = Vec::new();
+        for key in self.keys().await {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if kind != "stream" {
+                continue;
+            }
+            let range: Vec<(String, Fields)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            for (id, fields) in range {
+                out.push(RedisEntry {
+                    stream: key.clone(),
+                    id,
+                    fields,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Default for RedisKeys {
+    fn default() -> Self {
+        RedisKeys::new()
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        // A blocking client: Drop cannot await (and may run outside a runtime).
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return;
+        };
+        let mut cursor: u64 = 0;
+        loop {
+            let Ok((next, keys)) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query::<(u64, Vec<String>)>(&mut c)
+            else {
+                return;
+            };
+            if !keys.is_empty() {
+                let _ = redis::cmd("DEL").arg(&keys).query::<i64>(&mut c);
+            }
+            if next == 0 {
+                return;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// A stream entry's fields, in order.
+#[cfg(feature = "redis")]
+pub type Fields = Vec<(String, Vec<u8>)>;
+
+/// One stream entry as Redis holds it.
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone)]
+pub struct RedisEntry {
+    /// The stream key.
+    pub stream: String,
+    /// The entry id Redis gave it.
+    pub id: String,
+    /// Its fields, in order.
+    pub fields: Fields,
+}
+
+#[cfg(feature = "redis")]
+impl RedisEntry {
+    /// A field's value.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// An async connection to the Redis server at `url`.
+#[cfg(feature = "redis")]
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis at {url} must run: {e}"))
+}
+
+/// A Redis server of a test's own, for outages the shared server must not have: on a free port
+/// of 127.0.0.1, its files in a temporary folder, append-only file with `appendfsync always`
+/// (so a kill and restart keeps every acknowledged write). Killed when dropped. Can be killed
+/// (as a crash) and restarted with what it held, and frozen (SIGSTOP).
+#[cfg(feature = "redis")]
+pub struct RedisServer {
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+    /// The port.
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+#[cfg(feature = "redis")]
+impl RedisServer {
+    /// Starts a server and waits (10 s at most) until it answers PING.
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tidings-redis-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = RedisServer {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    /// Sends a signal to the server (`-STOP` freezes it, `-CONT` thaws it).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let ok = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {signal} {pid}");
+    }
+
+    /// Kills the server (SIGKILL, as a crash would) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with what it held; waits until it answers PING.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (Debian package redis-server)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                panic!(
+                    "redis-server did not start ({exited:?}): {}",
+                    &log[log.len().saturating_sub(3000)..]
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // A frozen server must be thawed to die cleanly; SIGKILL works on a stopped process too.
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

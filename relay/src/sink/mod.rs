@@ -12,8 +12,15 @@ mod kafka;
 mod nats;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
+#[cfg(feature = "redis")]
+mod redis;
 mod stdout;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    RedisArgs, RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
+    REDIS_MAX_MESSAGE_SIZE,
+};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaArgs, KafkaSink, KafkaSinkConfig};
 #[cfg(feature = "nats")]
@@ -38,6 +45,9 @@ pub enum SinkKind {
     /// RabbitMQ (feature `rabbitmq`).
     #[cfg(feature = "rabbitmq")]
     Rabbitmq,
+    /// Redis Streams (feature `redis`).
+    #[cfg(feature = "redis")]
+    Redis,
 }
 
 /// The `--sink` choice and every sink's own flags and environment variables, for the
@@ -59,6 +69,10 @@ pub struct SinkArgs {
     #[cfg(feature = "rabbitmq")]
     #[command(flatten)]
     pub rabbitmq: RabbitArgs,
+    /// Redis Streams sink settings.
+    #[cfg(feature = "redis")]
+    #[command(flatten)]
+    pub redis: RedisArgs,
 }
 
 impl SinkArgs {
@@ -80,6 +94,8 @@ impl SinkArgs {
             SinkKind::Rabbitmq => {
                 std::sync::Arc::new(self.rabbitmq.connect(publish_timeout).await?)
             }
+            #[cfg(feature = "redis")]
+            SinkKind::Redis => std::sync::Arc::new(self.redis.connect(publish_timeout).await?),
         })
     }
 
@@ -96,6 +112,8 @@ impl SinkArgs {
             SinkKind::Kafka => None,
             #[cfg(feature = "rabbitmq")]
             SinkKind::Rabbitmq => None,
+            #[cfg(feature = "redis")]
+            SinkKind::Redis => None,
         }
     }
 }
