@@ -12,8 +12,9 @@
 //! `tidings_demo` (dropped and recreated on each run) and a stream of its own.
 //! Environment: `DEMO_PG` (server URL, default postgres://postgres@127.0.0.1:5432),
 //! `DEMO_NATS` (default nats://127.0.0.1:4222), `DEMO_PAYMENTS` (default 1000).
-//! `--broker kafka` (feature `kafka`, `DEMO_KAFKA`) and `--broker rabbitmq` (feature
-//! `rabbitmq`, `DEMO_AMQP`) tell the same story on those brokers.
+//! `--broker kafka` (feature `kafka`, `DEMO_KAFKA`), `--broker rabbitmq` (feature `rabbitmq`,
+//! `DEMO_AMQP`) and `--broker redis` (feature `redis`, `DEMO_REDIS`) tell the same story on
+//! those brokers.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -115,10 +116,12 @@ fn nats_config(url: &str, prefix: &str) -> NatsSinkConfig {
 
 #[cfg(feature = "kafka")]
 mod kafka_story;
-#[cfg(any(feature = "kafka", feature = "rabbitmq"))]
+#[cfg(any(feature = "kafka", feature = "rabbitmq", feature = "redis"))]
 mod never_acks;
 #[cfg(feature = "rabbitmq")]
 mod rabbit_story;
+#[cfg(feature = "redis")]
+mod redis_story;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -147,7 +150,8 @@ async fn run() -> Result<bool, BoxError> {
         [] | ["--broker", "nats"] => "nats",
         ["--broker", "kafka"] => "kafka",
         ["--broker", "rabbitmq"] => "rabbitmq",
-        _ => return Err("usage: payments-demo [--broker nats|kafka|rabbitmq]".into()),
+        ["--broker", "redis"] => "redis",
+        _ => return Err("usage: payments-demo [--broker nats|kafka|rabbitmq|redis]".into()),
     };
     let server =
         std::env::var("DEMO_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
@@ -177,6 +181,17 @@ async fn run() -> Result<bool, BoxError> {
         #[cfg(not(feature = "rabbitmq"))]
         return Err(
             "this build has no RabbitMQ: cargo run -p tidings-examples --features rabbitmq --bin payments-demo -- --broker rabbitmq".into(),
+        );
+    }
+    if broker == "redis" {
+        #[cfg(feature = "redis")]
+        {
+            charge_all(&mut db, payments).await?;
+            return redis_story::run(&db_url, &db, payments).await;
+        }
+        #[cfg(not(feature = "redis"))]
+        return Err(
+            "this build has no Redis: cargo run -p tidings-examples --features redis --bin payments-demo -- --broker redis".into(),
         );
     }
     let nats_url = std::env::var("DEMO_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());

@@ -1,0 +1,235 @@
+//! The payments story on Redis Streams (`--broker redis`, cargo feature `redis`): the relay dies
+//! after publishing, before recording, so its successor re-sends; the stream keeps both entries
+//! (Redis 7 has no dedup on XADD), and the card service's inbox absorbs them. The card service
+//! dies after committing cards, before XACK, so the entries stay pending with its consumer
+//! name; its successor, under the same name, reads its own pending entries first: absorbed too.
+//!
+//! Broker: `DEMO_REDIS` (default `redis://127.0.0.1:6379`); the demo's stream
+//! `tidings-demo:payment.succeeded` (and with it its consumer group `card-service-demo`) is
+//! deleted at the start of every run.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tidings_examples::{IssueCard, Verdict, TOPIC};
+use tidings_inbox::redis::{RedisAdapter, RedisConsumerConfig};
+use tidings_inbox::runner::postgres::PgStore;
+use tidings_inbox::runner::{Runner, RunnerConfig};
+use tidings_relay::sink::{RedisSink, RedisSinkConfig};
+use tidings_relay::{Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::never_acks::NeverAcks;
+use super::{demo_pool, relay_until_empty, BoxError, CrashAfter};
+
+const STREAM_TEMPLATE: &str = "tidings-demo:{topic}";
+const GROUP: &str = "card-service-demo";
+/// The card service's consumer name, the same for its restart: Redis keeps pending entries per
+/// consumer name, and a consumer reads its own pending entries first when it opens.
+const CONSUMER: &str = "card-service-demo-0";
+
+fn stream() -> String {
+    STREAM_TEMPLATE.replace("{topic}", TOPIC)
+}
+
+/// The demo's own connection, for setting up and counting (never for the story's messages).
+async fn admin(url: &str) -> Result<MultiplexedConnection, BoxError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| format!("DEMO_REDIS is not a Redis URL ({})", e.category()))?;
+    Ok(tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| "Redis did not answer within 10 s (DEMO_REDIS)")?
+    .map_err(|e| format!("cannot connect to Redis (DEMO_REDIS): {e}"))?)
+}
+
+/// How many entries the stream holds (`XLEN`).
+async fn stream_len(conn: &mut MultiplexedConnection) -> Result<u64, BoxError> {
+    Ok(redis::cmd("XLEN").arg(stream()).query_async(conn).await?)
+}
+
+/// The card service's group: (entries delivered and not acked, entries not delivered yet).
+async fn group_state(conn: &mut MultiplexedConnection) -> Result<(i64, i64), BoxError> {
+    let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream())
+        .query_async(conn)
+        .await?;
+    let g = groups
+        .iter()
+        .find(|g| matches!(g.get("name"), Some(Value::BulkString(n)) if n == GROUP.as_bytes()))
+        .ok_or("the card service's consumer group is missing")?;
+    let int = |k: &str| match g.get(k) {
+        Some(Value::Int(i)) => Ok(*i),
+        other => Err(format!("XINFO GROUPS: {k} is {other:?}")),
+    };
+    Ok((int("pending")?, int("lag")?))
+}
+
+fn consumer_config(url: &str) -> RedisConsumerConfig {
+    RedisConsumerConfig {
+        url: url.to_owned(),
+        stream: stream(),
+        group: GROUP.into(),
+        consumer: CONSUMER.into(),
+        ..Default::default()
+    }
+}
+
+pub(crate) async fn run(
+    db_url: &str,
+    db: &tokio_postgres::Client,
+    payments: usize,
+) -> Result<bool, BoxError> {
+    let url = std::env::var("DEMO_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+
+    // The demo's own stream, deleted at every run (its consumer group goes with it) so only this
+    // run's entries count. The card service's adapter creates the group, reading from the
+    // stream's start, before anything is published.
+    let mut admin = admin(&url).await?;
+    redis::cmd("DEL")
+        .arg(stream())
+        .query_async::<i64>(&mut admin)
+        .await?;
+    let sink_config = RedisSinkConfig {
+        url: url.clone(),
+        stream_template: STREAM_TEMPLATE.into(),
+        ..Default::default()
+    };
+    let first_sink = RedisSink::connect(sink_config.clone()).await?;
+    let doomed_cards = NeverAcks(RedisAdapter::connect(&consumer_config(&url)).await?);
+
+    // 3. The relay, first run: it dies after publishing 300 messages, before recording them.
+    let pool = demo_pool(db_url)?;
+    let crashing = Arc::new(CrashAfter {
+        inner: Arc::new(first_sink),
+        published: AtomicUsize::new(0),
+        limit: 300.min(payments),
+        reached: tokio::sync::Notify::new(),
+    });
+    let config = RelayConfig {
+        batch_size: 500,
+        ..Default::default()
+    };
+    let doomed = Relay::new(pool.clone(), crashing.clone(), config.clone())?;
+    tokio::select! {
+        r = doomed.tick() => { r?; }
+        _ = crashing.reached.notified() => {}
+    }
+    drop(doomed);
+    let crashed_after = crashing.published.load(Ordering::SeqCst);
+    println!(
+        "relay crashed after {crashed_after} acknowledged XADDs (more were in flight), before recording any delivery"
+    );
+
+    // 4. A new relay takes over and re-sends: the stream keeps the re-sends (no dedup by id).
+    let relay = Relay::new(
+        pool.clone(),
+        Arc::new(RedisSink::connect(sink_config).await?),
+        config,
+    )?;
+    let (delivered, _) = relay_until_empty(&relay, db).await?;
+    let stored = stream_len(&mut admin).await? as usize;
+    println!(
+        "relay restarted: delivered {delivered}; the stream holds {stored} entries (the re-sends twice: Redis 7 cannot drop them)"
+    );
+
+    // 5. The card service, first run: it commits cards for the first 50 entries, then dies
+    //    before XACK; what it was given stays pending under its consumer name.
+    let runner_config = RunnerConfig {
+        name: "card-service-demo".into(),
+        ..Default::default()
+    };
+    let crash_after = 50.min(payments) as u64;
+    {
+        let doomed = Arc::new(Runner::new(
+            doomed_cards,
+            PgStore::new(pool.clone(), Arc::new(IssueCard)),
+            runner_config.clone(),
+        )?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (r, stop) = (doomed.clone(), stop.clone());
+            async move { r.run(stop).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while doomed.stats().processed.load(Ordering::SeqCst) < crash_after {
+            if Instant::now() > deadline {
+                return Err("the card service's first run got no entries within 60 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await??;
+        let (pending, _) = group_state(&mut admin).await?;
+        println!(
+            "card service crashed after committing {} cards, before XACK: {pending} entries pending under {CONSUMER}",
+            doomed.stats().processed.load(Ordering::SeqCst)
+        );
+    }
+
+    // 6. The card service restarts under the same consumer name: it reads its own pending
+    //    entries first, and the inbox absorbs every one it already applied.
+    let cards_service = Arc::new(Runner::new(
+        RedisAdapter::connect(&consumer_config(&url)).await?,
+        PgStore::new(pool.clone(), Arc::new(IssueCard)),
+        runner_config,
+    )?);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (c, stop) = (cards_service.clone(), stop.clone());
+        async move { c.run(stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = cards_service.stats();
+        let handled = s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst);
+        if handled as usize >= stored || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await??;
+    let (pending, lag) = group_state(&mut admin).await?;
+
+    let v = Verdict::read(db).await?;
+    let ok = v.exactly_once()
+        && v.payments as usize == payments
+        && stored >= payments
+        && pending == 0
+        && lag == 0
+        && v.orphan_cards == 0;
+    println!("payments charged:                        {}", v.payments);
+    println!(
+        "entries in the stream:                   {stored} ({pending} pending, {lag} never read)"
+    );
+    println!("membership cards issued:                 {}", v.cards);
+    println!(
+        "payments without a card / with several:  {} / {}",
+        v.without_card, v.with_several
+    );
+    println!(
+        "duplicates absorbed by the inbox (relay re-sends and card-service redeliveries): {}",
+        v.absorbed
+    );
+    println!(
+        "cards for a payment never committed (the rolled-back one): {}",
+        v.orphan_cards
+    );
+    println!(
+        "{}",
+        if ok {
+            "OK: every payment has exactly one membership card"
+        } else {
+            "FAILED: not exactly one card per payment"
+        }
+    );
+    Ok(ok)
+}
