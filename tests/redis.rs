@@ -812,3 +812,251 @@ async fn a_missing_group_without_create_group_fails_at_connect_naming_it() {
     // An existing group is used as it is.
     RedisAdapter::connect(&config).await.unwrap();
 }
+
+/// A child process SIGKILLed and reaped when dropped, also when the test fails (a relay or card
+/// service left running would keep working against a dropped database).
+struct Proc(std::process::Child);
+
+impl Proc {
+    /// SIGKILLs it and waits until it is gone.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The chaos test: 10,000 payments (CHAOS_PAYMENTS to change it) from 4 producers while two
+/// `tidings relay --sink redis` processes and two card services (`card-service` with
+/// REDIS_URL) are SIGKILLed at random every 0.5-2 s and restarted, and the Redis server (one of
+/// the test's own, append-only with `appendfsync always`, so it keeps every acknowledged write)
+/// is SIGKILLed and restarted once, a quarter of the way. Each card-service slot has a stable
+/// consumer name (`card-0`, `card-1`) that its restarts reuse, so a restarted instance reads
+/// its own pending entries at once; `claim_idle` is 5 s, so the other slot can take them over
+/// too. A process that exits by itself (it started while the server was down) is restarted,
+/// as a process manager would. Then: every committed payment has exactly one card, nothing
+/// dead-lettered or parked, the outbox empty, and nothing pending or unread in the group.
+///
+/// CHAOS_LOG_DIR=DIR writes each card service's log (the runner's and the adapter's, debug)
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_chaos_every_payment_gets_exactly_one_card() {
+    use rand::Rng;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    use tidings_examples::{charge, PaymentSucceeded, Verdict, SCHEMA, TOPIC};
+
+    const CARD_SERVICE: &str = env!("CARGO_BIN_EXE_card-service");
+    const GROUP: &str = "card-service";
+    let tidings = std::path::PathBuf::from(CARD_SERVICE).with_file_name("tidings");
+    assert!(
+        tidings.exists(),
+        "{} is missing: cargo build -p tidings-relay --features redis --bin tidings",
+        tidings.display()
+    );
+    let payments: usize = std::env::var("CHAOS_PAYMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let producers = 4;
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    let mut server = RedisServer::start().await;
+    // The relay's default stream template, on the test's own server.
+    let stream = format!("tidings:{TOPIC}");
+    // The card service's group, before anyone publishes (the card services would create it
+    // too, reading from the stream's start).
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async::<()>(&mut redis_conn(&server.url).await)
+        .await
+        .unwrap();
+    let url = server.url.clone();
+    let relay = || -> Proc {
+        Proc(
+            Command::new(&tidings)
+                .args(["relay", "--sink", "redis", "--batch-size", "200"])
+                .env("TIDINGS_REDIS_URL", &url)
+                .env("DATABASE_URL", &db.url)
+                .env("TIDINGS_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let log_dir = std::env::var("CHAOS_LOG_DIR").ok();
+    let spawned = std::cell::Cell::new(0);
+    // Slot `slot`'s card service: the same consumer name at every restart.
+    let card_service = |slot: usize| -> Proc {
+        let mut cmd = Command::new(CARD_SERVICE);
+        cmd.env("DATABASE_URL", &db.url)
+            .env("REDIS_URL", &url)
+            .env("REDIS_STREAM", &stream)
+            .env("REDIS_CONSUMER", format!("card-{slot}"))
+            .env("REDIS_CLAIM_IDLE_MS", "5000")
+            .env_remove("KAFKA_BROKERS")
+            .env_remove("AMQP_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(dir) = &log_dir {
+            spawned.set(spawned.get() + 1);
+            let file =
+                std::fs::File::create(format!("{dir}/card-{slot}-{}.log", spawned.get())).unwrap();
+            cmd.env("CARD_LOG", "tidings_inbox=debug").stderr(file);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+    let mut relays: Vec<Proc> = (0..2).map(|_| relay()).collect();
+    let mut cards: Vec<Proc> = (0..2).map(card_service).collect();
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let url = db.url.clone();
+        let per = payments / producers;
+        tasks.push(tokio::spawn(async move {
+            let mut c = tidings_tests::connect(&url).await;
+            let outbox = tidings_outbox::Outbox::default();
+            for i in 0..per {
+                let e = PaymentSucceeded {
+                    payment_id: format!("pay_{p}_{i}"),
+                    customer: format!("p{p}-c{}", i % 25),
+                    n: (i / 25) as i64,
+                    cents: 100 + i as i64,
+                };
+                let tx = c.transaction().await.unwrap();
+                charge(&tx, &outbox, &e).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(100);
+    let (mut kills, mut exits, mut server_restarted) = (0, 0, false);
+    loop {
+        // A process that ended by itself (started while the server was down, or gave up on
+        // it) is started again.
+        for p in relays.iter_mut() {
+            if p.0.try_wait().unwrap().is_some() {
+                *p = relay();
+                exits += 1;
+            }
+        }
+        for (slot, p) in cards.iter_mut().enumerate() {
+            if p.0.try_wait().unwrap().is_some() {
+                *p = card_service(slot);
+                exits += 1;
+            }
+        }
+        let v = Verdict::read(&c).await.unwrap();
+        let produced = tasks.iter().all(|t| t.is_finished());
+        if produced && v.payments as usize == payments && v.cards >= v.payments {
+            break;
+        }
+        if Instant::now() > deadline {
+            let state = c
+                .query_one(
+                    "SELECT (SELECT count(*) FROM tidings.outbox), (SELECT count(*) FROM tidings.dead_letters),
+                            (SELECT string_agg(DISTINCT left(last_error, 200), ' | ') FROM tidings.inbox_dead_letters),
+                            (SELECT count(*) FROM tidings.inbox_dead_letters)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            panic!(
+                "no convergence within 100 s: {v:?}; outbox {}, dead letters {}, parked {} ({:?}); group backlog {}",
+                state.get::<_, i64>(0),
+                state.get::<_, i64>(1),
+                state.get::<_, i64>(3),
+                state.get::<_, Option<String>>(2),
+                group_backlog(&server.url, &stream, GROUP).await
+            );
+        }
+        // Chaos while producing and until half the cards are issued.
+        if produced && v.cards as usize > payments / 2 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // Once, a quarter of the way: the server is SIGKILLed and restarted. Relays see an
+        // outage (no attempt counted), card services lose their connections (what they had
+        // not acked stays pending under their names), and both reconnect by themselves.
+        if !server_restarted && v.cards as usize > payments / 4 {
+            server_restarted = true;
+            let down = Instant::now();
+            server.restart().await;
+            eprintln!(
+                "server restarted at {} cards (up again in {:?})",
+                v.cards,
+                down.elapsed()
+            );
+            continue;
+        }
+        if rand::rng().random_bool(0.5) {
+            let i = rand::rng().random_range(0..relays.len());
+            relays[i].kill();
+            relays[i] = relay();
+        } else {
+            let i = rand::rng().random_range(0..cards.len());
+            cards[i].kill();
+            cards[i] = card_service(i);
+        }
+        kills += 1;
+        let pause = rand::rng().random_range(500..2000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Chaos over: the card services work off the re-sends still unread and what is pending.
+    tidings_tests::eventually(
+        "every entry of the stream read and acked",
+        Duration::from_secs(30),
+        || async { group_backlog(&server.url, &stream, GROUP).await == 0 },
+    )
+    .await;
+    for p in relays.iter_mut().chain(cards.iter_mut()) {
+        p.kill();
+    }
+    let entries: u64 = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut redis_conn(&server.url).await)
+        .await
+        .unwrap();
+    let v = Verdict::read(&c).await.unwrap();
+    eprintln!(
+        "redis chaos: {} payments in {:.1?}, {kills} SIGKILLs, 1 server restart, {exits} processes restarted after exiting on their own; {entries} stream entries, cards {}, duplicates absorbed by the inbox {}",
+        v.payments,
+        started.elapsed(),
+        v.cards,
+        v.absorbed
+    );
+    assert_eq!(v.payments as usize, payments);
+    assert!(v.exactly_once(), "{v:?}");
+    assert!(server_restarted);
+    assert!(entries as usize >= payments, "{entries} entries");
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM tidings.outbox").await, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.dead_letters").await,
+        0,
+        "the server restart dead-lettered messages"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.inbox_dead_letters").await,
+        0,
+        "the card services parked messages"
+    );
+}

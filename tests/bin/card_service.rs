@@ -6,8 +6,12 @@
 //! feature, KAFKA_BROKERS instead of NATS_URL (consumer group `card-service`, topic
 //! `payment.succeeded`); or, with the `rabbitmq` feature, AMQP_URL instead (queue AMQP_QUEUE,
 //! default `card-service`, declared durable and bound to exchange `tidings` with
-//! `payment.succeeded` if missing). CARD_LOG (an EnvFilter, e.g. `tidings_inbox=debug`) logs to
-//! stderr.
+//! `payment.succeeded` if missing); or, with the `redis` feature, REDIS_URL instead (stream
+//! REDIS_STREAM, default `tidings:payment.succeeded`, consumer group `card-service` created if
+//! missing, consumer name REDIS_CONSUMER, default `card-service`: give each instance its own and
+//! reuse it across its restarts; REDIS_CLAIM_IDLE_MS, default 60000, after which another
+//! consumer takes over a dead one's entries). CARD_LOG (an EnvFilter, e.g.
+//! `tidings_inbox=debug`) logs to stderr.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +88,50 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut tries = 0;
         let adapter = loop {
             match RabbitAdapter::connect(&config).await {
+                Ok(a) => break a,
+                Err(e) if tries < 120 => {
+                    eprintln!("cannot start consuming ({e}); retrying");
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let runner = Runner::new(
+            adapter,
+            PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
+            RunnerConfig {
+                name: "card-service".into(),
+                concurrency: 8,
+                ..Default::default()
+            },
+        )?;
+        runner.run(stop).await?;
+        return Ok(());
+    }
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        use tidings_inbox::redis::{RedisAdapter, RedisConsumerConfig};
+        use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
+        let config = RedisConsumerConfig {
+            url,
+            stream: std::env::var("REDIS_STREAM")
+                .unwrap_or_else(|_| "tidings:payment.succeeded".into()),
+            group: "card-service".into(),
+            consumer: std::env::var("REDIS_CONSUMER").unwrap_or_else(|_| "card-service".into()),
+            claim_idle: Duration::from_millis(
+                std::env::var("REDIS_CLAIM_IDLE_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(60_000),
+            ),
+            ..Default::default()
+        };
+        // The server may be restarting when this process starts (the chaos test restarts it):
+        // keep trying for a minute, as a process manager would restart the service.
+        let mut tries = 0;
+        let adapter = loop {
+            match RedisAdapter::connect(&config).await {
                 Ok(a) => break a,
                 Err(e) if tries < 120 => {
                     eprintln!("cannot start consuming ({e}); retrying");
