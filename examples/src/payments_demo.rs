@@ -88,6 +88,71 @@ async fn relay_until_empty(
     }
 }
 
+/// Steps 3 and 4 of every story: a relay publishing through `first` dies once 300 messages
+/// (or all) are acknowledged, before recording any delivery; a new relay publishing through
+/// `second` takes over and re-sends. Returns (publishes acknowledged before the crash,
+/// delivered by the new relay, re-sends the broker dropped).
+async fn relay_crashes_then_a_new_one_resends(
+    pool: &deadpool_postgres::Pool,
+    db: &tokio_postgres::Client,
+    first: Arc<dyn Sink>,
+    second: Arc<dyn Sink>,
+    payments: usize,
+) -> Result<(usize, usize, usize), BoxError> {
+    let crashing = Arc::new(CrashAfter {
+        inner: first,
+        published: AtomicUsize::new(0),
+        limit: 300.min(payments),
+        reached: tokio::sync::Notify::new(),
+    });
+    let config = RelayConfig {
+        batch_size: 500,
+        ..Default::default()
+    };
+    let doomed = Relay::new(pool.clone(), crashing.clone(), config.clone())?;
+    tokio::select! {
+        r = doomed.tick() => { r?; }
+        _ = crashing.reached.notified() => {}
+    }
+    drop(doomed);
+    let crashed_after = crashing.published.load(Ordering::SeqCst);
+    let relay = Relay::new(pool.clone(), second, config)?;
+    let (delivered, duplicates) = relay_until_empty(&relay, db).await?;
+    Ok((crashed_after, delivered, duplicates))
+}
+
+/// Runs `runner` until `done` holds for its counters or `within` passes, then stops it and
+/// waits for it; returns whether `done` held.
+#[cfg(any(feature = "kafka", feature = "rabbitmq", feature = "redis"))]
+async fn run_until<A, S>(
+    runner: &Arc<tidings_inbox::runner::Runner<A, S>>,
+    within: Duration,
+    done: impl Fn(&tidings_inbox::runner::ConsumerStats) -> bool,
+) -> Result<bool, BoxError>
+where
+    A: tidings_inbox::runner::Adapter,
+    S: tidings_inbox::runner::Store,
+{
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (r, stop) = (runner.clone(), stop.clone());
+        async move { r.run(stop).await }
+    });
+    let deadline = Instant::now() + within;
+    let reached = loop {
+        if done(runner.stats()) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.cancel();
+    task.await??;
+    Ok(reached)
+}
+
 fn demo_pool(db_url: &str) -> Result<deadpool_postgres::Pool, BoxError> {
     Ok(
         deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(db_url.parse()?, NoTls))
@@ -263,35 +328,19 @@ async fn nats_story(
 ) -> Result<bool, BoxError> {
     let (nats_url, prefix) = (nats_url.to_owned(), prefix.to_owned());
     // 3. The relay, first run: it dies after publishing 300 messages, before recording them.
-    let pool = demo_pool(db_url)?;
-    let crashing = Arc::new(CrashAfter {
-        inner: Arc::new(NatsSink::connect(nats_config(&nats_url, &prefix)).await?),
-        published: AtomicUsize::new(0),
-        limit: 300.min(payments),
-        reached: tokio::sync::Notify::new(),
-    });
-    let config = RelayConfig {
-        batch_size: 500,
-        ..Default::default()
-    };
-    let doomed = Relay::new(pool.clone(), crashing.clone(), config.clone())?;
-    tokio::select! {
-        r = doomed.tick() => { r?; }
-        _ = crashing.reached.notified() => {}
-    }
-    drop(doomed);
-    println!(
-        "relay crashed after {} acknowledged publishes (more were in flight), before recording any delivery",
-        crashing.published.load(Ordering::SeqCst)
-    );
-
     // 4. A new relay takes over and re-sends; JetStream drops re-sends by Nats-Msg-Id.
-    let relay = Relay::new(
-        pool.clone(),
+    let pool = demo_pool(db_url)?;
+    let (crashed_after, delivered, duplicates) = relay_crashes_then_a_new_one_resends(
+        &pool,
+        db,
         Arc::new(NatsSink::connect(nats_config(&nats_url, &prefix)).await?),
-        config,
-    )?;
-    let (delivered, duplicates) = relay_until_empty(&relay, db).await?;
+        Arc::new(NatsSink::connect(nats_config(&nats_url, &prefix)).await?),
+        payments,
+    )
+    .await?;
+    println!(
+        "relay crashed after {crashed_after} acknowledged publishes (more were in flight), before recording any delivery"
+    );
     println!("relay restarted: delivered {delivered}, of which {duplicates} re-sends JetStream dropped as duplicates");
 
     // 5. What the broker holds: exactly one message per committed payment.

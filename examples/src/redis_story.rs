@@ -9,9 +9,9 @@
 //! deleted at the start of every run.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -20,11 +20,9 @@ use tidings_inbox::redis::{RedisAdapter, RedisConsumerConfig};
 use tidings_inbox::runner::postgres::PgStore;
 use tidings_inbox::runner::{Runner, RunnerConfig};
 use tidings_relay::sink::{RedisSink, RedisSinkConfig};
-use tidings_relay::{Relay, RelayConfig};
-use tokio_util::sync::CancellationToken;
 
 use super::never_acks::NeverAcks;
-use super::{demo_pool, relay_until_empty, BoxError, CrashAfter};
+use super::{demo_pool, relay_crashes_then_a_new_one_resends, run_until, BoxError};
 
 const STREAM_TEMPLATE: &str = "tidings-demo:{topic}";
 const GROUP: &str = "card-service-demo";
@@ -106,35 +104,19 @@ pub(crate) async fn run(
     let doomed_cards = NeverAcks(RedisAdapter::connect(&consumer_config(&url)).await?);
 
     // 3. The relay, first run: it dies after publishing 300 messages, before recording them.
+    // 4. A new relay takes over and re-sends: the stream keeps the re-sends (no dedup by id).
     let pool = demo_pool(db_url)?;
-    let crashing = Arc::new(CrashAfter {
-        inner: Arc::new(first_sink),
-        published: AtomicUsize::new(0),
-        limit: 300.min(payments),
-        reached: tokio::sync::Notify::new(),
-    });
-    let config = RelayConfig {
-        batch_size: 500,
-        ..Default::default()
-    };
-    let doomed = Relay::new(pool.clone(), crashing.clone(), config.clone())?;
-    tokio::select! {
-        r = doomed.tick() => { r?; }
-        _ = crashing.reached.notified() => {}
-    }
-    drop(doomed);
-    let crashed_after = crashing.published.load(Ordering::SeqCst);
+    let (crashed_after, delivered, _) = relay_crashes_then_a_new_one_resends(
+        &pool,
+        db,
+        Arc::new(first_sink),
+        Arc::new(RedisSink::connect(sink_config).await?),
+        payments,
+    )
+    .await?;
     println!(
         "relay crashed after {crashed_after} acknowledged XADDs (more were in flight), before recording any delivery"
     );
-
-    // 4. A new relay takes over and re-sends: the stream keeps the re-sends (no dedup by id).
-    let relay = Relay::new(
-        pool.clone(),
-        Arc::new(RedisSink::connect(sink_config).await?),
-        config,
-    )?;
-    let (delivered, _) = relay_until_empty(&relay, db).await?;
     let stored = stream_len(&mut admin).await? as usize;
     println!(
         "relay restarted: delivered {delivered}; the stream holds {stored} entries (the re-sends twice: Redis 7 cannot drop them)"
@@ -153,20 +135,12 @@ pub(crate) async fn run(
             PgStore::new(pool.clone(), Arc::new(IssueCard)),
             runner_config.clone(),
         )?);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (r, stop) = (doomed.clone(), stop.clone());
-            async move { r.run(stop).await }
+        let crashed = run_until(&doomed, Duration::from_secs(60), |s| {
+            s.processed.load(Ordering::SeqCst) >= crash_after
         });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while doomed.stats().processed.load(Ordering::SeqCst) < crash_after {
-            if Instant::now() > deadline {
-                return Err("the card service's first run got no entries within 60 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !crashed.await? {
+            return Err("the card service's first run got no entries within 60 s".into());
         }
-        stop.cancel();
-        task.await??;
         let (pending, _) = group_state(&mut admin).await?;
         println!(
             "card service crashed after committing {} cards, before XACK: {pending} entries pending under {CONSUMER}",
@@ -181,22 +155,12 @@ pub(crate) async fn run(
         PgStore::new(pool.clone(), Arc::new(IssueCard)),
         runner_config,
     )?);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (c, stop) = (cards_service.clone(), stop.clone());
-        async move { c.run(stop).await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = cards_service.stats();
-        let handled = s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst);
-        if handled as usize >= stored || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.cancel();
-    task.await??;
+    // Until every message the broker held was handled (processed or absorbed), 120 s at most.
+    run_until(&cards_service, Duration::from_secs(120), |s| {
+        (s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst)) as usize
+            >= stored
+    })
+    .await?;
     let (pending, lag) = group_state(&mut admin).await?;
 
     let v = Verdict::read(db).await?;
