@@ -48,32 +48,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     #[cfg(feature = "kafka")]
     if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
         use tidings_inbox::kafka::{KafkaAdapter, KafkaConsumerConfig};
-        use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
-        let runner = Runner::new(
-            KafkaAdapter::connect(&KafkaConsumerConfig {
-                brokers,
-                group_id: "card-service".into(),
-                topics: vec!["payment.succeeded".into()],
-                // A SIGKILLed member holds its partitions until its session times out.
-                // KAFKA_SESSION_TIMEOUT_MS shortens that (librdkafka's default is 45 s).
-                properties: std::env::var("KAFKA_SESSION_TIMEOUT_MS")
-                    .map(|ms| vec![("session.timeout.ms".to_owned(), ms)])
-                    .unwrap_or_default(),
-            })?,
-            PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
-            RunnerConfig {
-                name: "card-service".into(),
-                concurrency: 8,
-                ..Default::default()
-            },
-        )?;
-        runner.run(stop).await?;
-        return Ok(());
+        let adapter = KafkaAdapter::connect(&KafkaConsumerConfig {
+            brokers,
+            group_id: "card-service".into(),
+            topics: vec!["payment.succeeded".into()],
+            // A SIGKILLed member holds its partitions until its session times out.
+            // KAFKA_SESSION_TIMEOUT_MS shortens that (librdkafka's default is 45 s).
+            properties: std::env::var("KAFKA_SESSION_TIMEOUT_MS")
+                .map(|ms| vec![("session.timeout.ms".to_owned(), ms)])
+                .unwrap_or_default(),
+        })?;
+        return issue_cards(adapter, pool, stop).await;
     }
     #[cfg(feature = "rabbitmq")]
     if let Ok(url) = std::env::var("AMQP_URL") {
         use tidings_inbox::rabbitmq::{QueueSetup, RabbitAdapter, RabbitConsumerConfig};
-        use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
         let config = RabbitConsumerConfig {
             url,
             queue: std::env::var("AMQP_QUEUE").unwrap_or_else(|_| "card-service".into()),
@@ -83,36 +72,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             }),
             ..Default::default()
         };
-        // The broker may be restarting when this process starts (the chaos test restarts it):
-        // keep trying for a minute, as a process manager would restart the service.
-        let mut tries = 0;
-        let adapter = loop {
-            match RabbitAdapter::connect(&config).await {
-                Ok(a) => break a,
-                Err(e) if tries < 120 => {
-                    eprintln!("cannot start consuming ({e}); retrying");
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let runner = Runner::new(
-            adapter,
-            PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
-            RunnerConfig {
-                name: "card-service".into(),
-                concurrency: 8,
-                ..Default::default()
-            },
-        )?;
-        runner.run(stop).await?;
-        return Ok(());
+        let adapter = keep_trying(|| RabbitAdapter::connect(&config)).await?;
+        return issue_cards(adapter, pool, stop).await;
     }
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         use tidings_inbox::redis::{RedisAdapter, RedisConsumerConfig};
-        use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
         let config = RedisConsumerConfig {
             url,
             stream: std::env::var("REDIS_STREAM")
@@ -127,31 +92,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             ),
             ..Default::default()
         };
-        // The server may be restarting when this process starts (the chaos test restarts it):
-        // keep trying for a minute, as a process manager would restart the service.
-        let mut tries = 0;
-        let adapter = loop {
-            match RedisAdapter::connect(&config).await {
-                Ok(a) => break a,
-                Err(e) if tries < 120 => {
-                    eprintln!("cannot start consuming ({e}); retrying");
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let runner = Runner::new(
-            adapter,
-            PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
-            RunnerConfig {
-                name: "card-service".into(),
-                concurrency: 8,
-                ..Default::default()
-            },
-        )?;
-        runner.run(stop).await?;
-        return Ok(());
+        let adapter = keep_trying(|| RedisAdapter::connect(&config)).await?;
+        return issue_cards(adapter, pool, stop).await;
     }
     let nats = std::env::var("NATS_URL")?;
     let client = async_nats::ConnectOptions::new()
@@ -169,4 +111,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         NatsConsumer::new(pool, client, config, Arc::new(tidings_examples::IssueCard)).await?;
     consumer.run(stop).await?;
     Ok(())
+}
+
+/// Issues one card per payment through `adapter` until stopped.
+#[cfg(any(feature = "kafka", feature = "rabbitmq", feature = "redis"))]
+async fn issue_cards<A: tidings_inbox::runner::Adapter>(
+    adapter: A,
+    pool: deadpool_postgres::Pool,
+    stop: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use tidings_inbox::runner::{postgres::PgStore, Runner, RunnerConfig};
+    let runner = Runner::new(
+        adapter,
+        PgStore::new(pool, Arc::new(tidings_examples::IssueCard)),
+        RunnerConfig {
+            name: "card-service".into(),
+            concurrency: 8,
+            ..Default::default()
+        },
+    )?;
+    runner.run(stop).await?;
+    Ok(())
+}
+
+/// The broker may be restarting when this process starts (the chaos tests restart it): keep
+/// trying for a minute, as a process manager would restart the service.
+#[cfg(any(feature = "rabbitmq", feature = "redis"))]
+async fn keep_trying<T, E, F, Fut>(connect: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut tries = 0;
+    loop {
+        match connect().await {
+            Ok(a) => return Ok(a),
+            Err(e) if tries < 120 => {
+                eprintln!("cannot start consuming ({e}); retrying");
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
