@@ -27,6 +27,8 @@ pub mod rabbitmq;
 pub mod redis;
 #[cfg(feature = "runner")]
 pub mod runner;
+#[cfg(feature = "webhook")]
+pub mod webhook;
 
 use tidings_outbox::MessageId;
 

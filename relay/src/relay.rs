@@ -74,6 +74,9 @@ pub struct TickReport {
     pub released: usize,
     /// The broker was unavailable; the relay backs off before the next claim.
     pub sink_unavailable: bool,
+    /// Failed because their destination was down (one webhook endpoint of several): each
+    /// waits for the time the sink asked, without counting an attempt.
+    pub postponed: usize,
 }
 
 impl std::ops::AddAssign<&TickReport> for TickReport {
@@ -88,6 +91,7 @@ impl std::ops::AddAssign<&TickReport> for TickReport {
         self.held_back += r.held_back;
         self.released += r.released;
         self.sink_unavailable |= r.sink_unavailable;
+        self.postponed += r.postponed;
     }
 }
 
@@ -521,6 +525,18 @@ impl Relay {
                         self.log_unavailable(&*e);
                     }
                 }
+                Outcome::Failed(SinkError::Postpone(after, e)) => {
+                    // Its destination is down, not the message at fault: it waits, uncounted.
+                    let after = after.clamp(Duration::from_millis(1), self.config.backoff_max);
+                    report.postponed += 1;
+                    tracing::debug!(id = %msg.id, topic = %msg.topic, error = %e, retry_in = ?after, "destination down, message postponed");
+                    rec.failed.push(msg.seq);
+                    rec.ids.insert(msg.seq, msg.id);
+                    rec.errors.push(SinkError::Postpone(after, e).to_string());
+                    rec.backoffs.push(after.as_secs_f64());
+                    rec.dead.push(None);
+                    rec.counted.push(false);
+                }
                 Outcome::Failed(e) => {
                     let attempt = msg.attempts.saturating_add(1);
                     let dead = match e {
@@ -547,6 +563,7 @@ impl Relay {
                     rec.errors.push(e.to_string());
                     rec.backoffs.push(backoff.as_secs_f64());
                     rec.dead.push(dead);
+                    rec.counted.push(true);
                 }
             }
         }
@@ -565,7 +582,9 @@ impl Relay {
                 if rec.delivered.contains(seq) {
                     report.delivered -= 1;
                 } else if let Some(i) = rec.failed.iter().position(|s| s == seq) {
-                    if rec.dead[i].is_none() {
+                    if !rec.counted[i] {
+                        report.postponed -= 1;
+                    } else if rec.dead[i].is_none() {
                         report.retried -= 1;
                     } else {
                         report.dead_lettered -= 1;
@@ -695,6 +714,7 @@ impl Relay {
                 errors: vec![reason],
                 backoffs: vec![0.0],
                 dead: vec![Some("permanent")],
+                counted: vec![true],
                 ..Default::default()
             };
             match finish_step(tx, finish, &bury, true).await? {
@@ -1076,6 +1096,8 @@ struct Outcomes {
     errors: Vec<String>,
     backoffs: Vec<f64>,
     dead: Vec<Option<&'static str>>,
+    /// Per failed row: whether it counts as an attempt (false for a postponed one).
+    counted: Vec<bool>,
     ids: std::collections::HashMap<i64, MessageId>,
 }
 
@@ -1093,6 +1115,7 @@ impl Outcomes {
             errors: vec![self.errors[i].clone()],
             backoffs: vec![self.backoffs[i]],
             dead: vec![self.dead[i]],
+            counted: vec![self.counted[i]],
             ..Default::default()
         }
     }
@@ -1107,12 +1130,13 @@ async fn finish_step(
     rec: &Outcomes,
     release: bool,
 ) -> Result<Result<(), tokio_postgres::Error>, Error> {
-    let params: [(&(dyn ToSql + Sync), Type); 5] = [
+    let params: [(&(dyn ToSql + Sync), Type); 6] = [
         (&rec.delivered, Type::INT8_ARRAY),
         (&rec.failed, Type::INT8_ARRAY),
         (&rec.errors, Type::TEXT_ARRAY),
         (&rec.backoffs, Type::FLOAT8_ARRAY),
         (&rec.dead, Type::TEXT_ARRAY),
+        (&rec.counted, Type::BOOL_ARRAY),
     ];
     let (sp, done) = tokio::join!(tx.batch_execute(SAVEPOINT), finish.query(tx, &params));
     sp?;

@@ -6,6 +6,8 @@
 
 pub mod conformance;
 pub mod runner_conformance;
+#[cfg(feature = "http")]
+pub mod webhook;
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

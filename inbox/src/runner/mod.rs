@@ -368,7 +368,7 @@ pub struct ConsumerStats {
 
 /// A database step or broker call that did not finish in time.
 #[derive(Debug)]
-struct TimedOut(&'static str, Duration);
+pub(crate) struct TimedOut(pub(crate) &'static str, pub(crate) Duration);
 
 impl std::fmt::Display for TimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -381,7 +381,7 @@ impl std::error::Error for TimedOut {}
 /// Longest wait for an adapter's close (flush) when `run` ends.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -921,7 +921,7 @@ impl<A: Adapter, S: Store> Runner<A, S> {
 
 /// The span of one message's handling, carrying the producer's W3C trace context: as fields
 /// always, and as the OpenTelemetry parent with the `opentelemetry` feature.
-fn consume_span(consumer: &str, d: &Delivered) -> tracing::Span {
+pub(crate) fn consume_span(consumer: &str, d: &Delivered) -> tracing::Span {
     let traceparent = d
         .headers
         .get(envelope::HEADER_TRACEPARENT)
@@ -1010,7 +1010,7 @@ SELECT message_id, biz_id, topic, ordering_key, payload, headers::text, created_
 pub(crate) const UNPARK: &str = "DELETE FROM tidings.inbox_dead_letters \
      WHERE consumer = $1 AND message_id = $2 AND replay_requested_at IS NOT NULL";
 
-fn has_nul(d: &Delivered) -> bool {
+pub(crate) fn has_nul(d: &Delivered) -> bool {
     let nul = |s: &str| s.contains('\0');
     nul(&d.topic)
         || d.key.as_deref().is_some_and(nul)
@@ -1018,7 +1018,7 @@ fn has_nul(d: &Delivered) -> bool {
         || d.headers.iter().any(|(k, v)| nul(k) || nul(v))
 }
 
-fn without_nul(d: &Delivered) -> Delivered {
+pub(crate) fn without_nul(d: &Delivered) -> Delivered {
     let fix = |s: &str| s.replace('\0', "\u{fffd}");
     let mut d = d.clone();
     d.message.topic = fix(&d.message.topic);

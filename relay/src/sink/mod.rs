@@ -6,6 +6,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tidings_outbox::WireMessage;
 
+#[cfg(feature = "http")]
+mod http;
 #[cfg(feature = "kafka")]
 mod kafka;
 #[cfg(feature = "nats")]
@@ -21,6 +23,8 @@ pub use self::redis::{
     RedisArgs, RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
     REDIS_MAX_MESSAGE_SIZE,
 };
+#[cfg(feature = "http")]
+pub use http::{HttpArgs, HttpSink, HttpSinkConfig, HTTP_MAX_MESSAGE_SIZE};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaArgs, KafkaSink, KafkaSinkConfig};
 #[cfg(feature = "nats")]
@@ -48,6 +52,9 @@ pub enum SinkKind {
     /// Redis Streams (feature `redis`).
     #[cfg(feature = "redis")]
     Redis,
+    /// HTTP webhooks, Standard Webhooks signed (feature `http`).
+    #[cfg(feature = "http")]
+    Http,
 }
 
 /// The `--sink` choice and every sink's own flags and environment variables, for the
@@ -73,6 +80,10 @@ pub struct SinkArgs {
     #[cfg(feature = "redis")]
     #[command(flatten)]
     pub redis: RedisArgs,
+    /// HTTP webhook sink settings.
+    #[cfg(feature = "http")]
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 impl SinkArgs {
@@ -96,6 +107,8 @@ impl SinkArgs {
             }
             #[cfg(feature = "redis")]
             SinkKind::Redis => std::sync::Arc::new(self.redis.connect(publish_timeout).await?),
+            #[cfg(feature = "http")]
+            SinkKind::Http => std::sync::Arc::new(self.http.connect(publish_timeout).await?),
         })
     }
 
@@ -114,6 +127,8 @@ impl SinkArgs {
             SinkKind::Rabbitmq => None,
             #[cfg(feature = "redis")]
             SinkKind::Redis => None,
+            #[cfg(feature = "http")]
+            SinkKind::Http => None,
         }
     }
 }
@@ -175,6 +190,13 @@ pub enum SinkError {
         std::time::Duration,
         Box<dyn std::error::Error + Send + Sync>,
     ),
+    /// Not the message's fault and not the whole broker's: its destination (one webhook
+    /// endpoint of several) is down. The row waits this long (capped by the relay's longest
+    /// backoff) without counting an attempt, and the relay goes on with other messages.
+    Postpone(
+        std::time::Duration,
+        Box<dyn std::error::Error + Send + Sync>,
+    ),
 }
 
 impl SinkError {
@@ -184,7 +206,8 @@ impl SinkError {
             SinkError::Retryable(e)
             | SinkError::Permanent(e)
             | SinkError::Unavailable(e)
-            | SinkError::RetryAfter(_, e) => e.as_ref(),
+            | SinkError::RetryAfter(_, e)
+            | SinkError::Postpone(_, e) => e.as_ref(),
         }
     }
 }
@@ -196,6 +219,7 @@ impl fmt::Display for SinkError {
             SinkError::Permanent(_) => "permanent",
             SinkError::Unavailable(_) => "broker unavailable",
             SinkError::RetryAfter(_, _) => "retry later",
+            SinkError::Postpone(_, _) => "destination down",
         };
         // The whole source chain, so what is stored as last_error keeps the cause.
         write!(f, "{class}: {}", self.cause())?;

@@ -4,7 +4,9 @@
 --
 -- Parameters: $1 bigint[] delivered seqs (deleted: delivered rows leave the hot table at once);
 --   $2 bigint[] failed seqs, with the same positions in $3 text[] last error, $4 float8[] backoff
---   seconds, $5 text[] dead-letter reason (NULL = retry later, else 'max_attempts'/'permanent').
+--   seconds, $5 text[] dead-letter reason (NULL = retry later, else 'max_attempts'/'permanent'),
+--   $6 bool[] whether the failure counts as an attempt (false: the message's destination was
+--   down, not the message at fault; the row only waits; NULL counts).
 -- Locking: every row named is locked by this transaction's claim_batch, so nothing else can
 --   have changed it.
 -- Retries: attempts + 1, last_error, and deliver_at = now + backoff, stored on the row so a
@@ -17,8 +19,8 @@ WITH delivered AS (
     DELETE FROM tidings.outbox WHERE seq = ANY($1::bigint[])
 ),
 failed AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::text[])
-        AS f(seq, error, backoff, dead_reason)
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::text[], $6::bool[])
+        AS f(seq, error, backoff, dead_reason, counted)
 ),
 dead AS (
     DELETE FROM tidings.outbox o USING failed f
@@ -36,7 +38,8 @@ buried AS (
 ),
 retried AS (
     UPDATE tidings.outbox o
-       SET attempts = least(greatest(o.attempts, 0), 999999) + 1,
+       SET attempts = least(greatest(o.attempts, 0), 999999)
+                      + CASE WHEN f.counted IS FALSE THEN 0 ELSE 1 END,
            first_due_at = coalesce(o.first_due_at, o.deliver_at),
            last_error = f.error,
            last_attempt_at = clock_timestamp(),

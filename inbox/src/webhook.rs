@@ -1,0 +1,427 @@
+//! The webhook receiver: the consumer side of the relay's HTTP sink, as a handler for an axum
+//! service (or any HTTP server, through [`WebhookReceiver::receive`]).
+//!
+//! For every `POST` it:
+//! 1. checks `webhook-timestamp` against the tolerance (5 minutes by default) and
+//!    `webhook-signature` against the body with any of its secrets (Standard Webhooks; several
+//!    secrets while one is rotated), and `Tidings-Signature` against the metadata headers its
+//!    inbox deduplicates on ([`tidings_outbox::webhook`]): a request that fails is answered
+//!    401 and nothing runs;
+//! 2. decodes the message (the same [`WireMessage`] every adapter reads: `webhook-id` is the
+//!    message id, `Tidings-*` the metadata); one that cannot be read is answered 400;
+//! 3. runs the handler with the inbox record in one transaction through a runner [`Store`]
+//!    ([`crate::runner::postgres::PgStore`] or the diesel-async one), and answers **only after
+//!    the commit**: 200 for an effect committed, and 200 for a duplicate (the inbox already
+//!    holds its key: the effect is not run again, and the sender must stop re-sending);
+//! 4. on a handler failure answers 500 (the sender retries it with backoff), or parks the
+//!    message in `tidings.inbox_dead_letters` and answers 200 when the handler asks for parking
+//!    or the delivery reaches `max_deliveries` (the sender's `Tidings-Attempt` + 1); a
+//!    transient database condition or a database that does not answer is 503 with
+//!    `Retry-After` (not the message's fault).
+//!
+//! Answers never carry the message's content or the database's error text (the sender may be
+//! another company's relay); the receiver logs the reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tidings_outbox::envelope::{
+    HEADER_ATTEMPT, HEADER_BIZ_ID, HEADER_CREATED_AT, HEADER_KEY, HEADER_TOPIC,
+};
+use tidings_outbox::webhook::{self, Secret, SignatureError};
+use tidings_outbox::{MessageId, WireMessage};
+use tracing::Instrument;
+
+use crate::runner::{
+    bump, chain, consume_span, has_nul, without_nul, ConsumerStats, Delivered, ErrorClass, Parked,
+    Step, Store, TimedOut,
+};
+use crate::{Error, Inbox};
+
+/// Receiver settings.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// Inbox consumer name (1-512 bytes, no control characters): deduplication is per (name,
+    /// biz-id).
+    pub consumer: String,
+    /// The secrets a request may be signed with (`whsec_...`); at least one.
+    pub secrets: Vec<String>,
+    /// How far `webhook-timestamp` may be from now. Defaults to 5 minutes.
+    pub tolerance: Duration,
+    /// Largest body accepted (larger: 413). Defaults to 16 MiB, the sink's default limit.
+    pub max_body_bytes: usize,
+    /// The delivery (the sender's attempt + 1) at which a failing message is parked instead of
+    /// answered 500. Defaults to 10, the relay's default `--max-attempts`: keep it at most that,
+    /// or the sender dead-letters first.
+    pub max_deliveries: i64,
+    /// Bounds the inbox transaction and parking. Defaults to 10 seconds.
+    pub db_timeout: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            consumer: String::new(),
+            secrets: Vec::new(),
+            tolerance: Duration::from_secs(webhook::DEFAULT_TOLERANCE_SECS as u64),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_deliveries: 10,
+            db_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("consumer", &self.consumer)
+            .field("secrets", &format!("<{} redacted>", self.secrets.len()))
+            .field("tolerance", &self.tolerance)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("db_timeout", &self.db_timeout)
+            .finish()
+    }
+}
+
+/// What a request came to; [`WebhookReceiver::receive`] returns it with the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// The effect committed (200).
+    Processed,
+    /// The inbox already held its key; nothing ran (200).
+    Duplicate,
+    /// Parked in `tidings.inbox_dead_letters` (200).
+    Parked,
+    /// The handler failed; the sender retries (500).
+    Failed,
+    /// The database did not answer or failed transiently; the sender retries (503).
+    Unavailable,
+    /// Signature, timestamp or required header wrong (401), or not a readable message (400).
+    Refused,
+}
+
+struct Inner<S> {
+    store: S,
+    inbox: Inbox,
+    secrets: Vec<Secret>,
+    config: WebhookConfig,
+    stats: ConsumerStats,
+}
+
+/// A webhook endpoint backed by a runner [`Store`]. Cheap to clone.
+pub struct WebhookReceiver<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for WebhookReceiver<S> {
+    fn clone(&self) -> Self {
+        WebhookReceiver {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Store> WebhookReceiver<S> {
+    /// A receiver running `store`'s handler, after checking `config` (the consumer name and
+    /// every secret).
+    pub fn new(store: S, config: WebhookConfig) -> Result<Self, Error> {
+        let inbox = Inbox::new(config.consumer.clone())?;
+        if config.secrets.is_empty() {
+            return Err(Error::Invalid {
+                what: "webhook secrets",
+                reason: "at least one whsec_ secret is needed",
+            });
+        }
+        let secrets = config
+            .secrets
+            .iter()
+            .map(|s| Secret::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Error::Invalid {
+                what: "webhook secret",
+                reason: "a secret is whsec_ followed by base64 of 24 to 64 bytes",
+            })?;
+        if config.max_deliveries < 1 || config.db_timeout.is_zero() || config.max_body_bytes == 0 {
+            return Err(Error::Invalid {
+                what: "webhook receiver settings",
+                reason: "max_deliveries, db_timeout and max_body_bytes must be greater than 0",
+            });
+        }
+        Ok(WebhookReceiver {
+            inner: Arc::new(Inner {
+                store,
+                inbox,
+                secrets,
+                config,
+                stats: ConsumerStats::default(),
+            }),
+        })
+    }
+
+    /// The receiver's counters (`processed`, `duplicates`, `failed`, `transient`, `parked`).
+    pub fn stats(&self) -> &ConsumerStats {
+        &self.inner.stats
+    }
+
+    /// An axum router answering `POST path` (with the body limit set).
+    pub fn router(&self, path: &str) -> axum::Router {
+        let me = self.clone();
+        axum::Router::new()
+            .route(
+                path,
+                axum::routing::post(
+                    |State(me): State<WebhookReceiver<S>>,
+                     uri: axum::http::Uri,
+                     headers: HeaderMap,
+                     body: Bytes| async move {
+                        me.receive(uri.path(), &headers, body).await.1
+                    },
+                ),
+            )
+            .layer(DefaultBodyLimit::max(self.inner.config.max_body_bytes))
+            .with_state(me)
+    }
+
+    /// Handles one request (for servers other than axum): what it came to, and the answer to
+    /// send. `source` names where it arrived (the path) in the handler's [`Delivered::source`].
+    pub async fn receive(
+        &self,
+        source: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> (Received, Response) {
+        let msg = match self.verify(headers, body) {
+            Ok(m) => m,
+            Err((status, why)) => {
+                tracing::warn!(status = status.as_u16(), reason = %why, "webhook request refused");
+                return (Received::Refused, (status, why).into_response());
+            }
+        };
+        let delivery = headers
+            .get(HEADER_ATTEMPT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+            .clamp(0, i64::MAX - 1)
+            + 1;
+        let d = Delivered {
+            message: msg,
+            source: source.to_owned(),
+            delivery,
+            replayed: false,
+        };
+        let span = consume_span(&self.inner.config.consumer, &d);
+        let got = self.handle(&d).instrument(span).await;
+        let answer = match got {
+            Received::Processed | Received::Duplicate | Received::Parked => {
+                (StatusCode::OK, "ok").into_response()
+            }
+            Received::Failed => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the handler failed; retry later",
+            )
+                .into_response(),
+            Received::Unavailable | Received::Refused => {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database is unavailable; retry later",
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    HeaderValue::from_static("5"),
+                );
+                r
+            }
+        };
+        (got, answer)
+    }
+
+    /// Signature, timestamp and metadata checks, then the message. Errors are the status and a
+    /// text naming the rule (never the content).
+    #[allow(clippy::result_large_err)]
+    fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<WireMessage, (StatusCode, String)> {
+        let unauthorized = |e: SignatureError| (StatusCode::UNAUTHORIZED, e.to_string());
+        let get = |name: &'static str| -> Result<&str, (StatusCode, String)> {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| unauthorized(SignatureError::MissingHeader(name)))
+        };
+        let id = get(webhook::WEBHOOK_ID)?;
+        let now = chrono::Utc::now().timestamp();
+        let tolerance = self.inner.config.tolerance.as_secs().min(i64::MAX as u64) as i64;
+        let ts = webhook::check_timestamp(get(webhook::WEBHOOK_TIMESTAMP)?, now, tolerance)
+            .map_err(unauthorized)?;
+        let secrets = &self.inner.secrets;
+        webhook::verify(
+            secrets,
+            get(webhook::WEBHOOK_SIGNATURE)?,
+            webhook::WEBHOOK_SIGNATURE,
+            id,
+            ts,
+            &body,
+        )
+        .map_err(unauthorized)?;
+        // The metadata headers, as text (a value that is not UTF-8 cannot be Tidings').
+        let text = |name: &str| -> Result<Option<&str>, (StatusCode, String)> {
+            match headers.get(name) {
+                None => Ok(None),
+                Some(v) => std::str::from_utf8(v.as_bytes()).map(Some).map_err(|_| {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("header {name} is not UTF-8"),
+                    )
+                }),
+            }
+        };
+        let topic = text(HEADER_TOPIC)?.unwrap_or("");
+        let metadata = webhook::metadata_text(
+            topic,
+            text(HEADER_KEY)?,
+            text(HEADER_BIZ_ID)?,
+            text(HEADER_CREATED_AT)?,
+        );
+        webhook::verify(
+            secrets,
+            get(webhook::TIDINGS_SIGNATURE)?,
+            webhook::TIDINGS_SIGNATURE,
+            id,
+            ts,
+            metadata.as_bytes(),
+        )
+        .map_err(unauthorized)?;
+        let message_id: MessageId = id.parse().map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                "webhook-id is not a Tidings message id".to_owned(),
+            )
+        })?;
+        let mut pairs = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            if is_transport(name.as_str()) {
+                continue;
+            }
+            let v = std::str::from_utf8(value.as_bytes()).map_err(|_| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("header {} is not UTF-8", name.as_str()),
+                )
+            })?;
+            pairs.push((name.as_str(), v));
+        }
+        WireMessage::decode(pairs, body, Some(message_id), "").map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("not a Tidings message: {e}"),
+            )
+        })
+    }
+
+    async fn handle(&self, d: &Delivered) -> Received {
+        let inner = &*self.inner;
+        let limit = inner.config.db_timeout;
+        let step = match tokio::time::timeout(limit, inner.store.transact(&inner.inbox, d)).await {
+            Ok(Ok(step)) => step,
+            Ok(Err(e)) => {
+                bump(&inner.stats.transient);
+                tracing::warn!(error = %chain(&e), "inbox transaction failed; answered 503");
+                return Received::Unavailable;
+            }
+            Err(_) => {
+                bump(&inner.stats.transient);
+                tracing::warn!(error = %TimedOut("the inbox transaction", limit), "answered 503");
+                return Received::Unavailable;
+            }
+        };
+        match step {
+            Step::Processed | Step::NotParked => {
+                bump(&inner.stats.processed);
+                Received::Processed
+            }
+            Step::Duplicate => {
+                bump(&inner.stats.duplicates);
+                Received::Duplicate
+            }
+            Step::Failed(e) if inner.store.is_transient(e.cause()) => {
+                bump(&inner.stats.transient);
+                tracing::warn!(error = %e, "transient database failure; answered 503");
+                Received::Unavailable
+            }
+            Step::Failed(e) => {
+                bump(&inner.stats.failed);
+                let park =
+                    e.class() == ErrorClass::Park || d.delivery >= inner.config.max_deliveries;
+                if !park {
+                    tracing::warn!(error = %e, delivery = d.delivery, "handler failed; answered 500 for a retry");
+                    return Received::Failed;
+                }
+                let error = e.to_string();
+                match tokio::time::timeout(limit, self.park(d, &error)).await {
+                    Ok(Ok(())) => Received::Parked,
+                    Ok(Err(pe)) => {
+                        tracing::warn!(error = %chain(&pe), "cannot park; answered 503");
+                        Received::Unavailable
+                    }
+                    Err(_) => {
+                        tracing::warn!(error = %TimedOut("parking", limit), "answered 503");
+                        Received::Unavailable
+                    }
+                }
+            }
+        }
+    }
+
+    async fn park(&self, d: &Delivered, error: &str) -> Result<(), Error> {
+        let clean;
+        let d = if has_nul(d) {
+            clean = without_nul(d);
+            &clean
+        } else {
+            d
+        };
+        self.inner
+            .store
+            .park(Parked {
+                consumer: &self.inner.config.consumer,
+                message: d,
+                deliveries: d.delivery.clamp(0, i32::MAX as i64) as i32,
+                error: &error.replace('\0', "\u{fffd}"),
+            })
+            .await?;
+        bump(&self.inner.stats.parked);
+        tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
+            "message parked in tidings.inbox_dead_letters");
+        Ok(())
+    }
+}
+
+/// Headers of the request itself, not of the message.
+fn is_transport(name: &str) -> bool {
+    matches!(
+        name,
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "user-agent"
+            | "accept"
+            | "accept-encoding"
+            | "idempotency-key"
+            | "tidings-signature"
+    ) || name.starts_with("webhook-")
+}
