@@ -1096,3 +1096,195 @@ async fn relay_logs_within_seconds_when_its_database_freezes() {
     )
     .await;
 }
+
+/// `--sink http` settings Tidings refuses exit 2 naming the flag, never repeating a secret or
+/// the URL's path and query.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn http_configuration_errors_exit_2_naming_the_flag() {
+    let db = TestDb::migrated().await;
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    for (flags, want) in [
+        (vec!["--http-secret", good], "needs --http-url"),
+        (
+            vec!["--http-url", "http://127.0.0.1:9/hook/{topic}"],
+            "needs a signing secret",
+        ),
+        (
+            vec![
+                "--http-url",
+                "http://127.0.0.1:9/x",
+                "--http-secret",
+                "hunter2hunter2",
+            ],
+            "starts with whsec_",
+        ),
+        (
+            vec![
+                "--http-url",
+                "http://127.0.0.1:9/x",
+                "--http-secret",
+                "whsec_aHVudGVyMg==",
+            ],
+            "24 to 64 bytes",
+        ),
+        (
+            vec![
+                "--http-url",
+                "ftp://127.0.0.1/hunter2",
+                "--http-secret",
+                good,
+            ],
+            "--http-url: the scheme must be http or https",
+        ),
+        (
+            vec!["--http-url", "https://u:hunter2@h/x", "--http-secret", good],
+            "--http-url: credentials in the URL are refused",
+        ),
+        (
+            vec!["--http-route", "payments", "--http-secret", good],
+            "--http-route must be PATTERN=URL",
+        ),
+        (
+            vec!["--http-route", "a*b=http://h/x", "--http-secret", good],
+            "may have * only at its end",
+        ),
+        (
+            vec![
+                "--http-url",
+                "http://h/x",
+                "--http-secret",
+                good,
+                "--http-concurrency",
+                "0",
+            ],
+            "--http-concurrency",
+        ),
+        (
+            vec![
+                "--http-url",
+                "http://h/x",
+                "--http-secret",
+                good,
+                "--http-tls-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "--http-tls-ca: cannot read",
+        ),
+        (
+            vec![
+                "--http-url",
+                "http://h/x",
+                "--http-secret-file",
+                "/nonexistent/secrets",
+            ],
+            "--http-secret-file: cannot read",
+        ),
+    ] {
+        let (code, text) = output(tidings(&db).args(["relay", "--sink", "http"]).args(&flags));
+        assert_eq!(code, 2, "{flags:?}: {text}");
+        assert!(text.contains(want), "{flags:?}: {text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("aHVudGVy"),
+            "{flags:?}: {text}"
+        );
+        assert!(!text.contains("MfKQ9r8"), "{flags:?}: {text}");
+    }
+}
+
+/// Neither the signing secret nor the URL's path and query (which may hold a token) reach the
+/// output at trace level, in text and JSON, while the relay delivers to an endpoint that is
+/// down: the endpoint is named by scheme, host and port.
+#[cfg(feature = "http")]
+#[tokio::test(flavor = "multi_thread")]
+async fn no_webhook_secret_or_url_token_reaches_the_output_at_trace_level() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let db = TestDb::migrated().await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let up = answer_204().await;
+    for (port, format, want) in [
+        (down, "text", "is down"),
+        (down, "json", "is down"),
+        (up, "text", "delivered"),
+        (up, "json", "delivered"),
+    ] {
+        enqueue(&db, 3, 4).await;
+        let url = format!("http://127.0.0.1:{port}/hooks/PathT0ken/{{topic}}?token=QueryT0ken");
+        let log = std::env::temp_dir().join(format!(
+            "tidings-http-{}.log",
+            uuid::Uuid::now_v7().simple()
+        ));
+        let mut child = tidings(&db)
+            .args(["relay", "--sink", "http", "--log-format", format])
+            .env("TIDINGS_HTTP_URL", &url)
+            .env("TIDINGS_HTTP_SECRET", SECRET)
+            .env("TIDINGS_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        eventually(want, Duration::from_secs(30), || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains(want) && (want != "delivered" || db.outbox_count().await == 0)
+        })
+        .await;
+        kill(&mut child, "-TERM");
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let _ = std::fs::remove_file(&log);
+        assert!(status.success(), "{text}");
+        assert!(
+            text.contains(&format!("http://127.0.0.1:{port}")),
+            "the endpoint is named: {text}"
+        );
+        assert!(text.contains("TRACE"), "trace level is on");
+        for secret in ["MfKQ9r8", "PathT0ken", "QueryT0ken"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
+}
+
+/// A minimal HTTP endpoint on a free port of 127.0.0.1 answering 204 to every request (one per
+/// connection); returns the port.
+#[cfg(feature = "http")]
+async fn answer_204() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    port
+}
