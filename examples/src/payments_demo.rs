@@ -14,7 +14,8 @@
 //! `DEMO_NATS` (default nats://127.0.0.1:4222), `DEMO_PAYMENTS` (default 1000).
 //! `--broker kafka` (feature `kafka`, `DEMO_KAFKA`), `--broker rabbitmq` (feature `rabbitmq`,
 //! `DEMO_AMQP`) and `--broker redis` (feature `redis`, `DEMO_REDIS`) tell the same story on
-//! those brokers.
+//! those brokers; `--broker http` (feature `http`) tells it over signed HTTP webhooks to a card
+//! service with the inbox's webhook receiver, no broker at all.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -179,6 +180,8 @@ fn nats_config(url: &str, prefix: &str) -> NatsSinkConfig {
     }
 }
 
+#[cfg(feature = "http")]
+mod http_story;
 #[cfg(feature = "kafka")]
 mod kafka_story;
 #[cfg(any(feature = "kafka", feature = "rabbitmq", feature = "redis"))]
@@ -216,7 +219,8 @@ async fn run() -> Result<bool, BoxError> {
         ["--broker", "kafka"] => "kafka",
         ["--broker", "rabbitmq"] => "rabbitmq",
         ["--broker", "redis"] => "redis",
-        _ => return Err("usage: payments-demo [--broker nats|kafka|rabbitmq|redis]".into()),
+        ["--broker", "http"] => "http",
+        _ => return Err("usage: payments-demo [--broker nats|kafka|rabbitmq|redis|http]".into()),
     };
     let server =
         std::env::var("DEMO_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
@@ -257,6 +261,17 @@ async fn run() -> Result<bool, BoxError> {
         #[cfg(not(feature = "redis"))]
         return Err(
             "this build has no Redis: cargo run -p tidings-examples --features redis --bin payments-demo -- --broker redis".into(),
+        );
+    }
+    if broker == "http" {
+        #[cfg(feature = "http")]
+        {
+            charge_all(&mut db, payments).await?;
+            return http_story::run(&db_url, &db, payments).await;
+        }
+        #[cfg(not(feature = "http"))]
+        return Err(
+            "this build has no HTTP webhooks: cargo run -p tidings-examples --features http --bin payments-demo -- --broker http".into(),
         );
     }
     let nats_url = std::env::var("DEMO_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
