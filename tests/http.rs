@@ -675,6 +675,23 @@ async fn receiver_refuses_forged_tampered_and_stale_requests() {
         refused(rx.receive("/", &h, body.clone()).await),
         StatusCode::BAD_REQUEST
     );
+    // A second Tidings-Biz-Id (the signature checks would read the first, the message the
+    // last) and a Tidings-Message-Id other than the signed webhook-id are refused.
+    let mut h = signed(&parse(&new), &env, now);
+    h.append("tidings-biz-id", "pay-2".parse().unwrap());
+    assert_eq!(
+        refused(rx.receive("/", &h, body.clone()).await),
+        StatusCode::BAD_REQUEST
+    );
+    let mut h = signed(&parse(&new), &env, now);
+    h.insert(
+        "tidings-message-id",
+        uuid::Uuid::now_v7().to_string().parse().unwrap(),
+    );
+    assert_eq!(
+        refused(rx.receive("/", &h, body.clone()).await),
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(cards(&db).await, 0, "nothing ran");
 
     let (got, resp) = rx
@@ -737,12 +754,12 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
     assert_eq!(cards(&db).await, 0);
 }
 
-/// A message that makes its endpoint fail (500) whenever it is sent, with no other traffic: the
-/// endpoint's circuit opens, but the message is the probe after each cool-down, and a probe
-/// answered 500 counts, so the message still ends dead instead of holding the endpoint down
-/// forever; the next message then closes the circuit.
+/// A message that makes its endpoint fail (500) whenever it is sent. Alone, it cannot be told
+/// from an endpoint outage: it opens the circuit (its first failure counted, the rest the
+/// endpoint's) and waits, uncounted. With other traffic to the endpoint, it cannot hold the
+/// endpoint down, and it still ends dead.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_poison_message_still_ends_dead_and_frees_its_endpoint() {
+async fn a_poison_message_cannot_hold_its_endpoint_down_and_still_ends_dead() {
     let recorder = Recorder::default();
     recorder.answer(|r| {
         if String::from_utf8_lossy(&r.body).contains("poison") {
@@ -775,10 +792,80 @@ async fn a_poison_message_still_ends_dead_and_frees_its_endpoint() {
         },
     )
     .unwrap();
-    let total = drain(&relay, &db).await;
-    assert_eq!(total.dead_lettered, 1, "{total:?}");
-    assert!(dead(&db).await[0].1.contains("500"));
-    db.enqueue(vec![Message::new("t", "fine")]).await;
-    let total = drain(&relay, &db).await;
-    assert_eq!(total.delivered, 1, "{total:?}");
+    // Alone, until its endpoint counts as down.
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        relay.tick().await.unwrap();
+        let (_, attempts, err) = schedule(&db, "t").await[0].clone();
+        if err
+            .as_deref()
+            .is_some_and(|e| e.contains("destination down"))
+        {
+            assert_eq!(attempts, 1, "only the failure before the threshold counted");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the circuit never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Other traffic shows the endpoint works: a failed probe waits twice as long as the rest,
+    // so the next probe is another message, which closes the circuit; between the other
+    // messages' successes the poison message's failures count again, and it ends dead.
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut fine = 0;
+    while dead(&db).await.is_empty() {
+        db.enqueue(vec![Message::new("t", "fine")]).await;
+        fine += 1;
+        relay.tick().await.unwrap();
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the poison message never ended dead"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drain(&relay, &db).await;
+    let dead = dead(&db).await;
+    assert_eq!(dead.len(), 1, "only the poison message: {dead:?}");
+    assert!(dead[0].1.contains("500"), "{dead:?}");
+    assert_eq!(
+        recorder.requests().len(),
+        fine,
+        "every other message got through"
+    );
+}
+
+/// TLS is verified: an https endpoint whose certificate no trusted CA signed is not sent to
+/// (it counts as the endpoint down: postponed, no attempt), and with the certificate given as
+/// `tls_ca_file` (`--http-tls-ca`) the same endpoint gets the message.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_endpoints_are_verified_against_the_roots_and_the_extra_ca() {
+    let recorder = Recorder::default();
+    let (server, cert) = WebhookServer::start_tls(recorder.router()).await;
+    let config = HttpSinkConfig {
+        url: Some(format!("{}/hooks/{{topic}}", server.url)),
+        secrets: vec![secret()],
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let untrusting = HttpSink::connect(config.clone()).await.unwrap();
+    match untrusting.publish(&envelope("tls", "{}")).await {
+        Err(SinkError::Postpone(_, e)) => {
+            assert!(e.to_string().contains("certificate"), "{e}")
+        }
+        other => panic!("an unverified certificate must not be sent to: {other:?}"),
+    }
+    assert!(recorder.seen().is_empty(), "nothing reached the endpoint");
+    let trusting = HttpSink::connect(HttpSinkConfig {
+        tls_ca_file: Some(cert),
+        ..config
+    })
+    .await
+    .unwrap();
+    trusting
+        .publish(&envelope("tls", "{}"))
+        .await
+        .expect("delivered over verified TLS");
+    assert_eq!(recorder.requests().len(), 1);
 }

@@ -30,7 +30,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tidings_outbox::envelope::{
-    HEADER_ATTEMPT, HEADER_BIZ_ID, HEADER_CREATED_AT, HEADER_KEY, HEADER_TOPIC,
+    HEADER_ATTEMPT, HEADER_BIZ_ID, HEADER_CREATED_AT, HEADER_KEY, HEADER_MESSAGE_ID, HEADER_TOPIC,
 };
 use tidings_outbox::webhook::{self, Secret, SignatureError};
 use tidings_outbox::{MessageId, WireMessage};
@@ -58,7 +58,8 @@ pub struct WebhookConfig {
     /// answered 500. Defaults to 10, the relay's default `--max-attempts`: keep it at most that,
     /// or the sender dead-letters first.
     pub max_deliveries: i64,
-    /// Bounds the inbox transaction and parking. Defaults to 10 seconds.
+    /// Bounds the inbox transaction and parking. Defaults to 3 seconds: below the sender's
+    /// default request timeout (4 s), so that a slow database is a 503, not a lost answer.
     pub db_timeout: Duration,
 }
 
@@ -70,7 +71,7 @@ impl Default for WebhookConfig {
             tolerance: Duration::from_secs(webhook::DEFAULT_TOLERANCE_SECS as u64),
             max_body_bytes: 16 * 1024 * 1024,
             max_deliveries: 10,
-            db_timeout: Duration::from_secs(10),
+            db_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -258,6 +259,16 @@ impl<S: Store> WebhookReceiver<S> {
                 .filter(|v| !v.is_empty())
                 .ok_or_else(|| unauthorized(SignatureError::MissingHeader(name)))
         };
+        // One value each for what is signed or read as metadata: with two, the checks below
+        // would read the first and the message the last.
+        for (name, _) in headers {
+            let n = name.as_str();
+            if (n.starts_with("tidings-") || n.starts_with("webhook-"))
+                && headers.get_all(name).iter().nth(1).is_some()
+            {
+                return Err((StatusCode::BAD_REQUEST, format!("header {n} appears twice")));
+            }
+        }
         let id = get(webhook::WEBHOOK_ID)?;
         let now = chrono::Utc::now().timestamp();
         let tolerance = self.inner.config.tolerance.as_secs().min(i64::MAX as u64) as i64;
@@ -292,15 +303,18 @@ impl<S: Store> WebhookReceiver<S> {
             text(HEADER_BIZ_ID)?,
             text(HEADER_CREATED_AT)?,
         );
-        webhook::verify(
-            secrets,
-            get(webhook::TIDINGS_SIGNATURE)?,
-            webhook::TIDINGS_SIGNATURE,
-            id,
-            ts,
-            metadata.as_bytes(),
-        )
-        .map_err(unauthorized)?;
+        webhook::verify_metadata(secrets, get(webhook::TIDINGS_SIGNATURE)?, id, ts, &metadata)
+            .map_err(unauthorized)?;
+        // The message id is webhook-id (signed); a Tidings-Message-Id saying otherwise is not
+        // from the relay.
+        if let Some(other) = headers.get(HEADER_MESSAGE_ID) {
+            if other.as_bytes() != id.as_bytes() {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "Tidings-Message-Id differs from webhook-id".to_owned(),
+                ));
+            }
+        }
         let message_id: MessageId = id.parse().map_err(|_| {
             (
                 StatusCode::BAD_REQUEST,
@@ -406,7 +420,8 @@ impl<S: Store> WebhookReceiver<S> {
     }
 }
 
-/// Headers of the request itself, not of the message.
+/// Headers of the request itself or of the proxies on its way (credentials among them), not
+/// of the message: never handed to the handler nor stored with a parked message.
 fn is_transport(name: &str) -> bool {
     matches!(
         name,
@@ -418,10 +433,18 @@ fn is_transport(name: &str) -> bool {
             | "te"
             | "trailer"
             | "upgrade"
+            | "expect"
             | "user-agent"
             | "accept"
             | "accept-encoding"
+            | "authorization"
+            | "cookie"
+            | "forwarded"
+            | "via"
+            | "x-real-ip"
             | "idempotency-key"
             | "tidings-signature"
     ) || name.starts_with("webhook-")
+        || name.starts_with("x-forwarded-")
+        || name.starts_with("proxy-")
 }

@@ -10,11 +10,11 @@
 //!
 //! The Standard Webhooks signature covers the body only, not the headers. Tidings' metadata
 //! headers (`Tidings-Topic`, `Tidings-Key`, `Tidings-Biz-Id`, `Tidings-Created-At`) decide what
-//! a receiver's inbox deduplicates on, so they are signed too, by [`TIDINGS_SIGNATURE`]: the same
-//! scheme over `"{id}.{timestamp}.{topic}\n{key}\n{biz-id}\n{created-at}"` (an absent one as the
-//! empty string; the schema refuses empty values and control characters in all four, so the
-//! text is unambiguous). Without it, whoever could replay a captured request could change its
-//! biz-id and have the effect run twice.
+//! a receiver's inbox deduplicates on, so they are signed too, by [`TIDINGS_SIGNATURE`]: HMAC-SHA256
+//! with the same secrets over `"tidings-metadata-v1.{id}.{timestamp}.{topic}\n{key}\n{biz-id}\n{created-at}"`
+//! (an absent one as the empty string; the schema refuses empty values and control characters
+//! in all four, so the text is unambiguous). Without it, whoever could replay a captured
+//! request could change its biz-id and have the effect run twice.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -128,10 +128,58 @@ pub fn metadata_text(
     )
 }
 
-/// `Tidings-Signature`: the metadata headers signed like the body.
+/// `Tidings-Signature`: the metadata headers signed like the body, but over
+/// `"tidings-metadata-v1.{id}.{timestamp}.{metadata}"`: the prefix keeps a metadata signature
+/// from passing as a `webhook-signature` of a request whose body is the metadata text (a
+/// Standard Webhooks verifier would read the prefix as the id and the message id as the
+/// timestamp, which is not a number).
 pub fn sign_metadata(secrets: &[Secret], id: &str, timestamp: i64, metadata: &str) -> String {
-    sign(secrets, id, timestamp, metadata.as_bytes())
+    let ts = timestamp.to_string();
+    join(
+        secrets,
+        &[
+            METADATA_DOMAIN.as_bytes(),
+            b".",
+            id.as_bytes(),
+            b".",
+            ts.as_bytes(),
+            b".",
+            metadata.as_bytes(),
+        ],
+    )
 }
+
+/// Checks `Tidings-Signature` (see [`sign_metadata`]).
+pub fn verify_metadata(
+    secrets: &[Secret],
+    header: &str,
+    id: &str,
+    timestamp: i64,
+    metadata: &str,
+) -> Result<(), SignatureError> {
+    let ts = timestamp.to_string();
+    verify_parts(
+        secrets,
+        header,
+        TIDINGS_SIGNATURE,
+        &[
+            METADATA_DOMAIN.as_bytes(),
+            b".",
+            id.as_bytes(),
+            b".",
+            ts.as_bytes(),
+            b".",
+            metadata.as_bytes(),
+        ],
+    )
+}
+
+/// What [`sign_metadata`] puts first.
+pub const METADATA_DOMAIN: &str = "tidings-metadata-v1";
+
+/// At most this many entries of a signature header are looked at (one per secret being
+/// rotated is the use; thousands are an attack on the receiver's CPU).
+pub const MAX_SIGNATURES: usize = 16;
 
 fn join(secrets: &[Secret], parts: &[&[u8]]) -> String {
     let mut out = String::new();
@@ -158,8 +206,9 @@ pub fn check_timestamp(header: &str, now: i64, tolerance_secs: i64) -> Result<i6
     Ok(ts)
 }
 
-/// Whether any `v1` entry of `header` is the signature of `signed` (`"{id}.{timestamp}."`
-/// followed by `rest`) under any of `secrets`, compared in constant time.
+/// Whether any `v1` entry of `header` is the signature of `"{id}.{timestamp}."` followed by
+/// `rest` under any of `secrets`, compared in constant time. Each secret's MAC is computed
+/// once, however many entries the header has; at most [`MAX_SIGNATURES`] entries are read.
 pub fn verify(
     secrets: &[Secret],
     header: &str,
@@ -169,26 +218,48 @@ pub fn verify(
     rest: &[u8],
 ) -> Result<(), SignatureError> {
     let ts = timestamp.to_string();
-    for entry in header.split(' ') {
-        let Some(b64) = entry.strip_prefix("v1,") else {
-            continue;
-        };
-        let Ok(given) = STANDARD.decode(b64) else {
-            continue;
-        };
-        for s in secrets {
-            let mut mac = Hmac::<Sha256>::new_from_slice(&s.key).expect("HMAC takes any key");
-            mac.update(id.as_bytes());
-            mac.update(b".");
-            mac.update(ts.as_bytes());
-            mac.update(b".");
-            mac.update(rest);
-            if mac.verify_slice(&given).is_ok() {
-                return Ok(());
-            }
+    verify_parts(
+        secrets,
+        header,
+        header_name,
+        &[id.as_bytes(), b".", ts.as_bytes(), b".", rest],
+    )
+}
+
+fn verify_parts(
+    secrets: &[Secret],
+    header: &str,
+    header_name: &'static str,
+    parts: &[&[u8]],
+) -> Result<(), SignatureError> {
+    let given: Vec<[u8; 32]> = header
+        .split(' ')
+        .take(MAX_SIGNATURES)
+        .filter_map(|entry| entry.strip_prefix("v1,"))
+        .filter(|b64| b64.len() == 44)
+        .filter_map(|b64| STANDARD.decode(b64).ok())
+        .filter_map(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .collect();
+    if given.is_empty() {
+        return Err(SignatureError::NoMatch(header_name));
+    }
+    let mut matched = false;
+    for s in secrets {
+        let expected = s.mac(parts);
+        for g in &given {
+            // Constant time: every byte is compared whatever the first difference.
+            let diff = expected
+                .iter()
+                .zip(g)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            matched |= diff == 0;
         }
     }
-    Err(SignatureError::NoMatch(header_name))
+    if matched {
+        Ok(())
+    } else {
+        Err(SignatureError::NoMatch(header_name))
+    }
 }
 
 #[cfg(test)]
@@ -226,16 +297,48 @@ mod tests {
         );
         let sig = sign(&[old.clone(), new.clone()], "id", 7, b"body");
         assert_eq!(sig.split(' ').count(), 2);
-        verify(std::slice::from_ref(&new), &sig, WEBHOOK_SIGNATURE, "id", 7, b"body").unwrap();
-        verify(std::slice::from_ref(&old), &sig, WEBHOOK_SIGNATURE, "id", 7, b"body").unwrap();
+        verify(
+            std::slice::from_ref(&new),
+            &sig,
+            WEBHOOK_SIGNATURE,
+            "id",
+            7,
+            b"body",
+        )
+        .unwrap();
+        verify(
+            std::slice::from_ref(&old),
+            &sig,
+            WEBHOOK_SIGNATURE,
+            "id",
+            7,
+            b"body",
+        )
+        .unwrap();
         let other = Secret::parse(&Secret::generate()).unwrap();
         assert_eq!(
             verify(&[other], &sig, WEBHOOK_SIGNATURE, "id", 7, b"body"),
             Err(SignatureError::NoMatch(WEBHOOK_SIGNATURE))
         );
         // Any change to id, time or body breaks it.
-        assert!(verify(std::slice::from_ref(&new), &sig, WEBHOOK_SIGNATURE, "id2", 7, b"body").is_err());
-        assert!(verify(std::slice::from_ref(&new), &sig, WEBHOOK_SIGNATURE, "id", 8, b"body").is_err());
+        assert!(verify(
+            std::slice::from_ref(&new),
+            &sig,
+            WEBHOOK_SIGNATURE,
+            "id2",
+            7,
+            b"body"
+        )
+        .is_err());
+        assert!(verify(
+            std::slice::from_ref(&new),
+            &sig,
+            WEBHOOK_SIGNATURE,
+            "id",
+            8,
+            b"body"
+        )
+        .is_err());
         assert!(verify(&[new], &sig, WEBHOOK_SIGNATURE, "id", 7, b"bodY").is_err());
     }
 
@@ -274,5 +377,41 @@ mod tests {
             Err(SignatureError::BadTimestamp)
         );
         assert!(check_timestamp("-9223372036854775808", 1000, 300).is_err());
+    }
+
+    #[test]
+    fn a_metadata_signature_is_no_body_signature() {
+        let k = vec![Secret::parse(&Secret::generate()).unwrap()];
+        let meta = metadata_text("t", Some("k"), Some("b"), None);
+        let sig = sign_metadata(&k, "id", 7, &meta);
+        verify_metadata(&k, &sig, "id", 7, &meta).unwrap();
+        assert!(verify(&k, &sig, WEBHOOK_SIGNATURE, "id", 7, meta.as_bytes()).is_err());
+        assert!(verify_metadata(&k, &sign(&k, "id", 7, meta.as_bytes()), "id", 7, &meta).is_err());
+    }
+
+    #[test]
+    fn only_the_first_entries_of_a_signature_header_are_read() {
+        let k = vec![Secret::parse(&Secret::generate()).unwrap()];
+        let good = sign(&k, "id", 7, b"body");
+        let junk = vec!["v1,"; 10_000].join(" ");
+        assert!(verify(
+            &k,
+            &format!("{junk} {good}"),
+            WEBHOOK_SIGNATURE,
+            "id",
+            7,
+            b"body"
+        )
+        .is_err());
+        let few = vec!["v1,AAAA"; MAX_SIGNATURES - 1].join(" ");
+        verify(
+            &k,
+            &format!("{few} {good}"),
+            WEBHOOK_SIGNATURE,
+            "id",
+            7,
+            b"body",
+        )
+        .unwrap();
     }
 }

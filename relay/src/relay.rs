@@ -508,7 +508,7 @@ impl Relay {
             Err(_) => vec![false; batch.len()],
         };
         let mut outcomes = self.publish_all(&batch, &invalid, &hold).await;
-        self.check_outage(&mut outcomes, claim_deadline).await;
+        let all_postponed = self.check_outage(&mut outcomes, claim_deadline).await;
 
         let mut rec = Outcomes::default();
         for (msg, outcome) in batch.iter().zip(outcomes) {
@@ -565,6 +565,12 @@ impl Relay {
                     rec.dead.push(dead);
                     rec.counted.push(true);
                 }
+            }
+        }
+        if let Some(verdict) = all_postponed {
+            if !report.sink_unavailable {
+                report.sink_unavailable = true;
+                self.log_unavailable(&*Box::<dyn std::error::Error + Send + Sync>::from(verdict));
             }
         }
         for msg in &batch {
@@ -627,12 +633,19 @@ impl Relay {
     /// timeout and the time left in the claim). If it does not, the failures are the outage's
     /// (a broker that froze or filled up, also in the middle of this batch): they become
     /// `Unavailable` (released, no attempt counted, the relay backs off). A frozen or full
-    /// broker therefore never burns attempts or dead-letters messages.
-    async fn check_outage(&self, outcomes: &mut [Outcome], claim_deadline: Instant) {
-        if outcomes
+    /// broker therefore never burns attempts or dead-letters messages. A batch in which nothing
+    /// got through and the rest was postponed (every destination the sink knows is down) is
+    /// asked about too: when the check fails, the postponed rows keep their new times and the
+    /// relay backs off as for any outage (the returned `Some(verdict)`).
+    async fn check_outage(
+        &self,
+        outcomes: &mut [Outcome],
+        claim_deadline: Instant,
+    ) -> Option<String> {
+        let delivered = outcomes
             .iter()
-            .any(|o| matches!(o, Outcome::Delivered { .. }))
-        {
+            .any(|o| matches!(o, Outcome::Delivered { .. }));
+        if delivered {
             for o in outcomes.iter_mut() {
                 if let Outcome::Failed(SinkError::Unavailable(e)) = o {
                     let cause = format!("refused while the broker accepted others: {e}");
@@ -649,15 +662,18 @@ impl Relay {
                 )
             })
             .count();
-        if failed == 0 {
-            return;
+        let postponed = outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Failed(SinkError::Postpone(_, _))));
+        if failed == 0 && (delivered || !postponed) {
+            return None;
         }
         let left = claim_deadline
             .saturating_duration_since(Instant::now())
             .saturating_sub(CLAIM_MARGIN);
         let limit = self.config.publish_timeout.min(left);
         let verdict = match tokio::time::timeout(limit, self.sink.check()).await {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return None,
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("the broker did not answer a health check within {limit:?}"),
         };
@@ -668,6 +684,7 @@ impl Relay {
                 *o = Outcome::Failed(SinkError::Unavailable(cause.into()));
             }
         }
+        (!delivered && postponed).then_some(verdict)
     }
 
     /// Records the batch's outcome in one statement. If the database refuses it (a row that

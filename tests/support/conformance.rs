@@ -332,10 +332,15 @@ pub async fn sink_conformance(broker: &mut dyn BrokerUnderTest, features: SinkFe
     .await;
     let relay = Relay::new(pool(&db, 2), broker.sink().await, config()).expect("relay");
     broker.stop().await;
-    for _ in 0..3 {
+    for i in 0..3 {
         let r = relay.tick().await.expect("broker down: tick");
+        // A sink that postpones the messages of a destination that is down (HTTP) leaves
+        // nothing to claim until their new time: after the first tick, that is fine too.
         assert!(
-            r.sink_unavailable && r.delivered == 0 && r.retried == 0 && r.dead_lettered == 0,
+            (r.sink_unavailable || (i > 0 && r.claimed == 0))
+                && r.delivered == 0
+                && r.retried == 0
+                && r.dead_lettered == 0,
             "broker down: an outage, not the messages' fault: {r:?}"
         );
     }

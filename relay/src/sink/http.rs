@@ -24,17 +24,24 @@
 //! (3xx, 4xx, 410 included) is permanent: dead-lettered at once, with the status and up to 200
 //! bytes of the answer's body in the error.
 //!
-//! **An endpoint down is an outage, not the messages' fault.** Each endpoint has a circuit:
-//! it opens when a connection cannot be made (refused, DNS, TLS, connect timeout) or after
+//! **An endpoint down is an outage, not the messages' fault.** Each endpoint (an origin:
+//! scheme, host and port, shared by all its topics' URLs) has a circuit: it opens when a
+//! connection cannot be made (refused, DNS, TLS, connect timeout) or after
 //! `--http-failure-threshold` failures in a row (408/429/5xx, timeouts), and stays open for a
 //! cool-down that starts at one second and doubles up to `--http-cooldown-max` (or the
-//! endpoint's `Retry-After`, when longer). While it is open no request is sent: when every
-//! endpoint the sink knows is open the sink is unavailable as a whole (the relay releases the
-//! batch untouched and backs off); otherwise that endpoint's messages are postponed without
-//! counting an attempt while the others flow. After the cool-down one message goes as a
-//! probe: its success closes the circuit. A probe that cannot connect is not counted; one
-//! answered with 5xx is (so that a message that crashes its endpoint still ends dead, one
-//! attempt per cool-down). At most `--http-concurrency` requests are in flight per endpoint.
+//! endpoint's `Retry-After`, when longer). The failures before the threshold count as the
+//! messages' attempts; from the one that opens the circuit on, the endpoint's messages are
+//! **postponed** ([`SinkError::Postpone`]: their next attempt time moves, their attempts do
+//! not), and nothing is sent to it. When every endpoint used lately is down, the sink's health
+//! check fails: the relay counts none of the batch's failures and backs off as for any broker
+//! outage. After the cool-down one message goes as a probe: its success closes the circuit; a
+//! failed probe is not counted and waits twice as long as the others, so that the next probe
+//! is another message. A message that makes its endpoint fail therefore cannot keep it "down"
+//! while other messages get through, and between their successes its own failures count, so
+//! it still ends dead; alone (no other traffic to that endpoint) it is indistinguishable from
+//! an outage and waits, uncounted. A probe whose request is abandoned (the relay gave up on the
+//! round) is forgotten, so another can start. At most `--http-concurrency` requests are in
+//! flight per endpoint; a message that finds no free slot within the timeout is postponed.
 //!
 //! **Secrets.** Neither the secrets nor the URLs (whose path or query may hold a token) are
 //! logged or put in an error: an endpoint is named by its scheme, host and port only.
@@ -278,7 +285,7 @@ fn check_template(template: &str, flag: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// One endpoint's circuit and its slots.
+/// One endpoint's circuit and its slots (an endpoint is an origin: scheme, host and port).
 struct Endpoint {
     shown: String,
     slots: Arc<Semaphore>,
@@ -293,99 +300,121 @@ struct Circuit {
     open_until: Option<Instant>,
     /// The next cool-down.
     cooldown: Duration,
-    /// A probe is in flight.
-    probing: bool,
+    /// A probe is in flight since then (a probe older than twice the timeout was dropped
+    /// without an outcome, and another may start).
+    probe_since: Option<Instant>,
     last_used: Option<Instant>,
 }
 
 /// What the circuit lets a message do.
 enum Pass {
-    /// Send it.
+    /// Send it (`probe`: the one message sent to find out whether the endpoint is back).
     Go { probe: bool },
     /// Do not send it: the endpoint is down; wait this long.
     Wait(Duration),
-    /// Do not send it: the endpoint's probe is in flight; wait a moment (postponed, never
-    /// "unavailable", which the relay would count as a failure once the probe gets through).
-    AfterProbe,
+}
+
+/// What a failure did to the circuit.
+enum Verdict {
+    /// The circuit is closed: the failure is this message's (counted).
+    Counted,
+    /// The circuit is open: the failure is the endpoint's; the message waits this long,
+    /// uncounted.
+    Down(Duration),
+}
+
+/// Clears the circuit's probe mark if a probe's future is dropped before its outcome (the
+/// relay gave up on the round): otherwise the endpoint would wait for that probe forever.
+struct ProbeGuard<'a>(Option<&'a Endpoint>);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(ep) = self.0 {
+            ep.lock().probe_since = None;
+        }
+    }
 }
 
 impl Endpoint {
-    fn pass(&self) -> Pass {
-        let mut c = self.circuit.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Circuit> {
+        self.circuit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pass(&self, timeout: Duration) -> Pass {
+        let mut c = self.lock();
         let now = Instant::now();
         c.last_used = Some(now);
         match c.open_until {
             None => Pass::Go { probe: false },
             Some(until) if now < until => Pass::Wait(until - now),
-            Some(_) if c.probing => Pass::AfterProbe,
+            Some(_) if c.probe_since.is_some_and(|t| now - t < timeout * 2) => {
+                Pass::Wait(PROBE_WAIT)
+            }
             Some(_) => {
-                c.probing = true;
+                c.probe_since = Some(now);
                 Pass::Go { probe: true }
             }
         }
     }
 
     fn is_open(&self) -> bool {
-        self.circuit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .open_until
-            .is_some()
+        self.lock().open_until.is_some()
     }
 
     fn succeeded(&self) {
-        let mut c = self.circuit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.lock();
         if c.open_until.is_some() {
             tracing::info!(endpoint = %self.shown, "webhook endpoint answers again");
         }
         c.failures = 0;
         c.open_until = None;
         c.cooldown = COOLDOWN_MIN;
-        c.probing = false;
+        c.probe_since = None;
     }
 
-    /// Records a failure; `down` opens the circuit at once (no connection), `hint` is the
-    /// endpoint's own `Retry-After`. Returns how long it is open, when it is.
+    /// Records a failure of a request: `down` (no connection) opens the circuit at once, as
+    /// does the threshold of failures in a row, or a failed probe (with a doubled cool-down);
+    /// `hint` is the endpoint's own `Retry-After`.
     fn failed(
         &self,
         down: bool,
+        probe: bool,
         hint: Option<Duration>,
         threshold: u32,
         max: Duration,
         why: &str,
-    ) -> Option<Duration> {
-        let mut c = self.circuit.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Verdict {
+        let max = max.max(COOLDOWN_MIN);
+        let mut c = self.lock();
         c.failures = c.failures.saturating_add(1);
-        let was_probe = std::mem::take(&mut c.probing);
-        let now = Instant::now();
-        if let (Some(until), false) = (c.open_until, was_probe) {
-            // Already open: one more request of the wave that opened it (sent before it
-            // opened) failing too. It neither escalates the cool-down nor extends it, unless
-            // the endpoint asks for a longer wait.
-            let until = match hint {
-                Some(h) => until.max(now + h.min(max.max(COOLDOWN_MIN))),
-                None => until,
-            };
-            c.open_until = Some(until);
-            return Some(until.saturating_duration_since(now));
+        if probe {
+            c.probe_since = None;
         }
-        if !(down || was_probe || c.failures >= threshold) {
-            return None;
+        let now = Instant::now();
+        if let (Some(until), false) = (c.open_until, probe) {
+            // Already open: one more request of the wave that opened it (sent before it
+            // opened) failing too. It neither escalates the cool-down nor shortens it.
+            let until = until.max(now + hint.unwrap_or_default().min(max));
+            c.open_until = Some(until);
+            return Verdict::Down(until.saturating_duration_since(now));
+        }
+        if !(down || probe || c.failures >= threshold) {
+            return Verdict::Counted;
         }
         if c.cooldown.is_zero() {
             c.cooldown = COOLDOWN_MIN;
         }
-        let wait = c
-            .cooldown
-            .max(hint.unwrap_or_default())
-            .min(max.max(COOLDOWN_MIN));
+        let wait = c.cooldown.max(hint.unwrap_or_default()).min(max);
         if c.open_until.is_none() {
             tracing::warn!(endpoint = %self.shown, failures = c.failures, retry_in = ?wait, error = why,
                 "webhook endpoint is down: its messages wait (no attempts counted) until a probe gets through");
         }
         c.open_until = Some(now + wait);
-        c.cooldown = (c.cooldown * 2).min(max.max(COOLDOWN_MIN));
-        Some(wait)
+        c.cooldown = (c.cooldown * 2).min(max);
+        // A failed probe waits twice as long as the others, so that the next probe is another
+        // message: a message that makes its endpoint fail cannot keep it "down" while other
+        // messages would get through.
+        Verdict::Down(if probe { wait * 2 } else { wait })
     }
 }
 
@@ -394,9 +423,8 @@ pub struct HttpSink {
     config: HttpSinkConfig,
     secrets: Vec<Secret>,
     client: reqwest::Client,
+    /// By origin (`scheme://host:port`).
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
-    /// A probe failed with an answer since the last health check.
-    probe_failed: std::sync::atomic::AtomicBool,
 }
 
 impl HttpSink {
@@ -417,7 +445,13 @@ impl HttpSink {
                     "--http-route: the topic pattern before = is empty",
                 ));
             }
-            if pattern[..pattern.len() - 1].contains('*') {
+            if pattern.contains("://") || pattern.contains('/') {
+                // Most likely a URL without PATTERN= (split at its query's =): not repeated.
+                return Err(config_err(
+                    "--http-route must be PATTERN=URL; the part before = looks like a URL",
+                ));
+            }
+            if pattern.strip_suffix('*').unwrap_or(pattern).contains('*') {
                 return Err(config_err(format!(
                     "--http-route: pattern {pattern:?} may have * only at its end"
                 )));
@@ -474,7 +508,6 @@ impl HttpSink {
             secrets,
             client,
             endpoints: Mutex::new(HashMap::new()),
-            probe_failed: Default::default(),
         })
     }
 
@@ -493,43 +526,45 @@ impl HttpSink {
         Some(template.replace("{topic}", &utf8_percent_encode(topic, SEGMENT).to_string()))
     }
 
-    fn endpoint(&self, url: &str) -> Arc<Endpoint> {
+    /// The endpoint (origin) of a URL.
+    fn endpoint(&self, url: &url::Url) -> Arc<Endpoint> {
+        let origin = shown(url.as_str());
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = map.get(url) {
+        if let Some(e) = map.get(&origin) {
             return e.clone();
         }
         if map.len() >= 1024 {
             map.retain(|_, e| {
-                let c = e.circuit.lock().unwrap_or_else(|p| p.into_inner());
+                let c = e.lock();
                 c.open_until.is_some() || c.last_used.is_some_and(|t| t.elapsed() < ENDPOINT_IDLE)
             });
         }
         let e = Arc::new(Endpoint {
-            shown: shown(url),
+            shown: origin.clone(),
             slots: Arc::new(Semaphore::new(self.config.concurrency)),
             circuit: Mutex::new(Circuit {
                 cooldown: COOLDOWN_MIN,
                 ..Default::default()
             }),
         });
-        map.insert(url.to_owned(), e.clone());
+        map.insert(origin, e.clone());
         e
     }
 
-    /// Whether every endpoint the sink knows is down (then the sink as a whole is).
+    /// Whether every endpoint used lately is down (then the sink as a whole is).
     fn all_down(&self) -> bool {
         let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        !map.is_empty() && map.values().all(|e| e.is_open())
-    }
-
-    /// A message kept from its endpoint: unavailable when all endpoints are down, else
-    /// postponed.
-    fn wait(&self, wait: Duration, why: String) -> SinkError {
-        if self.all_down() {
-            SinkError::Unavailable(why.into())
-        } else {
-            SinkError::Postpone(wait, why.into())
-        }
+        let mut recent = map.values().filter(|e| {
+            e.lock()
+                .last_used
+                .is_some_and(|t| t.elapsed() < ENDPOINT_IDLE)
+        });
+        let mut any = false;
+        let all = recent.all(|e| {
+            any = true;
+            e.is_open()
+        });
+        any && all
     }
 
     /// The request headers of `msg`, or why HTTP cannot carry them.
@@ -542,6 +577,13 @@ impl HttpSink {
             if h.contains_key(&n) {
                 return Err(SinkError::Permanent(
                     format!("headers named {name:?} twice (HTTP header names ignore case)").into(),
+                ));
+            }
+            if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+                // HTTP drops them on the way, and the receiver would see another value
+                // (another biz-id or key: its metadata signature would not match).
+                return Err(SinkError::Permanent(
+                    format!("the value of header {name:?} starts or ends with a space or tab, which HTTP strips").into(),
                 ));
             }
             let v = HeaderValue::from_bytes(value.as_bytes()).map_err(|_| {
@@ -606,21 +648,18 @@ impl HttpSink {
                 format!("the endpoint of topic {:?} is not a URL: {e}", msg.topic).into(),
             )
         })?;
-        let now = chrono::Utc::now().timestamp();
-        let headers = self.headers(msg, now)?;
-        let ep = self.endpoint(&url);
-        let probe = match ep.pass() {
-            Pass::Wait(w) => {
-                return Err(self.wait(w, format!("webhook endpoint {} is down", ep.shown)))
-            }
-            Pass::AfterProbe => {
-                return Err(SinkError::Postpone(
-                    PROBE_WAIT,
-                    format!("webhook endpoint {} was down and is being probed", ep.shown).into(),
-                ))
-            }
+        let ep = self.endpoint(&parsed);
+        let down = |wait: Duration| {
+            SinkError::Postpone(
+                wait,
+                format!("webhook endpoint {} is down", ep.shown).into(),
+            )
+        };
+        let probe = match ep.pass(self.config.timeout) {
+            Pass::Wait(w) => return Err(down(w)),
             Pass::Go { probe } => probe,
         };
+        let _guard = ProbeGuard(probe.then_some(&*ep));
         let deadline = started + self.config.timeout;
         let permit = match tokio::time::timeout_at(
             deadline.into(),
@@ -630,24 +669,23 @@ impl HttpSink {
         {
             Ok(Ok(p)) => p,
             _ => {
-                if probe {
-                    ep.circuit.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
-                }
                 return Err(SinkError::Postpone(
-                    PROBE_WAIT,
-                    format!(
-                        "not sent: all {} slots of webhook endpoint {} stayed busy for {:?} (--http-concurrency)",
-                        self.config.concurrency, ep.shown, self.config.timeout
-                    )
-                    .into(),
-                ));
+                        PROBE_WAIT,
+                        format!(
+                            "not sent: all {} slots of webhook endpoint {} stayed busy for {:?} (--http-concurrency)",
+                            self.config.concurrency, ep.shown, self.config.timeout
+                        )
+                        .into(),
+                    ));
             }
         };
         // It may have gone down while this message waited for a slot.
         if !probe && ep.is_open() {
             drop(permit);
-            return Err(self.wait(PROBE_WAIT, format!("webhook endpoint {} is down", ep.shown)));
+            return Err(down(PROBE_WAIT));
         }
+        // Signed just before sending: the timestamp is this attempt's.
+        let headers = self.headers(msg, chrono::Utc::now().timestamp())?;
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
@@ -659,15 +697,16 @@ impl HttpSink {
             .body(msg.payload.clone())
             .send()
             .await;
-        let threshold = self.config.failure_threshold;
-        let max = self.config.cooldown_max;
-        // A probe that got an answer (or timed out) failed on its own account: counted, and
-        // the health check must not call it the outage's (see `check`).
-        let counted = |ep: &Endpoint, hint: Option<Duration>, why: &str| {
-            ep.failed(false, hint, threshold, max, why);
-            if probe {
-                self.probe_failed
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (threshold, max) = (self.config.failure_threshold, self.config.cooldown_max);
+        // A failure with an answer (or a timeout): the message's while the circuit is closed,
+        // the endpoint's once it is open (or when it opens now).
+        let failed = |hint: Option<Duration>, why: String| -> SinkError {
+            match ep.failed(false, probe, hint, threshold, max, &why) {
+                Verdict::Down(wait) => SinkError::Postpone(wait, why.into()),
+                Verdict::Counted => match hint {
+                    Some(after) => SinkError::RetryAfter(after, why.into()),
+                    None => SinkError::Retryable(why.into()),
+                },
             }
         };
         let resp = match answer {
@@ -676,48 +715,40 @@ impl HttpSink {
                 let e = e.without_url();
                 let why = format!("webhook endpoint {}: {}", ep.shown, chain(&e));
                 if e.is_connect() {
-                    let wait = ep
-                        .failed(true, None, threshold, max, &why)
-                        .unwrap_or(COOLDOWN_MIN);
-                    return Err(self.wait(wait, why));
+                    let wait = match ep.failed(true, probe, None, threshold, max, &why) {
+                        Verdict::Down(w) => w,
+                        Verdict::Counted => COOLDOWN_MIN,
+                    };
+                    return Err(SinkError::Postpone(wait, why.into()));
                 }
-                let why = if e.is_timeout() {
-                    format!(
-                        "webhook endpoint {} did not answer within {:?} (outcome unknown)",
-                        ep.shown, self.config.timeout
-                    )
-                } else {
-                    why
-                };
-                counted(&ep, None, &why);
-                return Err(SinkError::Retryable(why.into()));
+                if e.is_timeout() {
+                    return Err(failed(
+                        None,
+                        format!(
+                            "webhook endpoint {} did not answer within {:?} (outcome unknown)",
+                            ep.shown, self.config.timeout
+                        ),
+                    ));
+                }
+                return Err(failed(None, why));
             }
         };
         let status = resp.status();
         if status.is_success() {
             ep.succeeded();
-            // The body is not needed; reqwest reuses the connection once it is read or dropped.
             return Ok(Delivery::default());
         }
-        let hint = retry_after(resp.headers().get(RETRY_AFTER));
+        // A hint shorter than the first cool-down is taken as that (a `Retry-After: 0` must
+        // not spend every attempt within a second).
+        let hint = retry_after(resp.headers().get(RETRY_AFTER)).map(|h| h.max(COOLDOWN_MIN));
         let body = read_some(resp, deadline).await;
         let why = format!("webhook endpoint {} answered {status}{body}", ep.shown);
         match status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                counted(&ep, hint, &why);
-                match hint {
-                    Some(after) => Err(SinkError::RetryAfter(after, why.into())),
-                    None => Err(SinkError::Retryable(why.into())),
-                }
+                Err(failed(hint, why))
             }
-            StatusCode::REQUEST_TIMEOUT => {
-                counted(&ep, None, &why);
-                Err(SinkError::Retryable(why.into()))
-            }
-            s if s.is_server_error() => {
-                counted(&ep, None, &why);
-                Err(SinkError::Retryable(why.into()))
-            }
+            StatusCode::REQUEST_TIMEOUT => Err(failed(None, why)),
+            s if s.is_server_error() => Err(failed(None, why)),
             s if s.is_redirection() => {
                 // The endpoint is alive; the message goes nowhere it was not configured to.
                 ep.succeeded();
@@ -732,7 +763,6 @@ impl HttpSink {
         }
     }
 }
-
 /// Up to 200 bytes of an error answer's body, as `: text` (control characters replaced), or
 /// nothing; reading stops at the deadline.
 async fn read_some(resp: reqwest::Response, deadline: Instant) -> String {
@@ -850,19 +880,11 @@ impl Sink for HttpSink {
         }
     }
 
-    /// Down when every endpoint the sink knows is down (no request is sent: a webhook
-    /// endpoint has no health check of its own): the failures that opened the circuits are
-    /// then the outage's, not counted. Up when a probe failed with an answer since the last
-    /// check: that failure is the probe message's own and counts, so a message that crashes its
-    /// endpoint still ends dead (one attempt per cool-down) instead of holding it down forever.
+    /// Down when every endpoint used lately is down (no request is sent: a webhook endpoint
+    /// has no health check of its own): the failures that opened the circuits are then the
+    /// outage's, not counted, and the relay backs off.
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            if self
-                .probe_failed
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                return Ok(());
-            }
             if self.all_down() {
                 Err(SinkError::Unavailable(
                     "every webhook endpoint is down".into(),
