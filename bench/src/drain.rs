@@ -377,7 +377,7 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         ok &= floor("relay -> NATS msg/s", nats, 1_000.0);
     }
     Ok((
-        json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": null, "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
+        json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": (null), "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
                "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw),
                "kafka_raw_produce_msgs": kafka.0, "kafka_msgs": kafka.1, "kafka_keyed_msgs": kafka.2,
                "rabbitmq_raw_publish_msgs": rabbit.0, "rabbitmq_msgs": rabbit.1, "rabbitmq_keyed_msgs": rabbit.2,
