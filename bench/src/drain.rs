@@ -1,5 +1,7 @@
 //! Relay drain rate: a backlog drained by plain SQL (claim + delete, no publishing: the raw
-//! PostgreSQL rate), by the relay to a null sink, and by the relay to NATS JetStream.
+//! PostgreSQL rate), by the relay to a null sink, and by the relay to NATS JetStream; with
+//! `--kafka`, `--amqp`, `--redis` and `--http`, also to Kafka, RabbitMQ, Redis Streams and HTTP
+//! webhooks, each beside the broker's (or endpoint's) own rate for the same messages.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,10 +103,10 @@ async fn drain_relay(
     drain_relays(url, sink, config, 1).await
 }
 
-/// The broker's own ceiling here: the same number of messages published through its sink
-/// in batches of `batch`, all acks awaited per batch, with no PostgreSQL involved.
-async fn publish_raw(sink: &dyn Sink, n: usize, batch: usize) -> Result<f64, BoxError> {
-    let msgs: Vec<Envelope> = (0..n)
+/// `n` messages like the backlog's (100-byte JSON payloads, a content-type header), for the
+/// raw rows that publish without PostgreSQL.
+fn raw_messages(n: usize) -> Vec<Envelope> {
+    (0..n)
         .map(|i| Envelope {
             seq: i as i64,
             message: tidings_outbox::WireMessage {
@@ -121,7 +123,13 @@ async fn publish_raw(sink: &dyn Sink, n: usize, batch: usize) -> Result<f64, Box
                 attempts: 0,
             },
         })
-        .collect();
+        .collect()
+}
+
+/// The broker's own ceiling here: the same number of messages published through its sink
+/// in batches of `batch`, all acks awaited per batch, with no PostgreSQL involved.
+async fn publish_raw(sink: &dyn Sink, n: usize, batch: usize) -> Result<f64, BoxError> {
+    let msgs = raw_messages(n);
     let started = Instant::now();
     for chunk in msgs.chunks(batch) {
         for r in futures::future::join_all(chunk.iter().map(|m| sink.publish(m))).await {
@@ -274,6 +282,86 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         .into());
     }
 
+    // Redis Streams, when a URL is given: pipelined XADD of the same messages beside the relay.
+    #[allow(unused_mut)]
+    let mut redis_rates: (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
+    if let Some(redis_url) = &args.redis {
+        #[cfg(feature = "redis")]
+        {
+            let mut conn = redis::Client::open(redis_url.as_str())?
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("--redis: cannot connect: {e}"))?;
+            let raw_xadd = redis_raw_xadd(&mut conn, n, batch as usize).await?;
+            rows.push(("raw Redis pipelined XADD (no PostgreSQL)", raw_xadd));
+            let sink = Arc::new(
+                tidings_relay::sink::RedisSink::connect(tidings_relay::sink::RedisSinkConfig {
+                    url: redis_url.clone(),
+                    stream_template: format!("{REDIS_PREFIX}{{topic}}"),
+                    ..Default::default()
+                })
+                .await?,
+            );
+            let stream = sink.stream_key("bench.drain");
+            redis_del(&mut conn, &stream).await?;
+            backlog(url, n, None).await?;
+            let (r, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> Redis Streams", r));
+            redis_added(&mut conn, &stream, n, "relay -> Redis Streams").await?;
+            redis_del(&mut conn, &stream).await?;
+            backlog(url, n, Some(1000)).await?;
+            let (r_keyed, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> Redis Streams, 1000 ordering keys", r_keyed));
+            redis_added(&mut conn, &stream, n, "relay -> Redis Streams, keyed").await?;
+            redis_del(&mut conn, &stream).await?;
+            redis_rates = (Some(raw_xadd), Some(r), Some(r_keyed));
+        }
+        #[cfg(not(feature = "redis"))]
+        return Err(format!(
+            "--redis {redis_url}: this bench was built without Redis (cargo run --release -p tidings-bench --features redis)"
+        )
+        .into());
+    }
+
+    // HTTP webhooks, when asked: POSTs to an endpoint of the bench's own, raw beside the relay.
+    #[allow(unused_mut)]
+    let mut http_rates: (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
+    if args.http {
+        #[cfg(feature = "http")]
+        {
+            let hooks = Hooks::start().await?;
+            let concurrency = tidings_relay::sink::HttpSinkConfig::default().concurrency;
+            let raw_post = http_raw_post(&hooks, n, concurrency).await?;
+            rows.push(("raw HTTP POST, 16 in flight (no PostgreSQL)", raw_post));
+            let sink = Arc::new(
+                tidings_relay::sink::HttpSink::connect(tidings_relay::sink::HttpSinkConfig {
+                    url: Some(format!("{}/hooks/{{topic}}", hooks.base)),
+                    secrets: vec![tidings_outbox::webhook::Secret::generate()],
+                    ..Default::default()
+                })
+                .await?,
+            );
+            backlog(url, n, None).await?;
+            let before = hooks.received();
+            let (h, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> HTTP webhooks", h));
+            hooks.check(before, n, "relay -> HTTP webhooks");
+            backlog(url, n, Some(1000)).await?;
+            let before = hooks.received();
+            let (h_keyed, _) = drain_relay(url, sink.clone(), config.clone()).await?;
+            rows.push(("relay -> HTTP webhooks, 1000 ordering keys", h_keyed));
+            hooks.check(before, n, "relay -> HTTP webhooks, keyed");
+            let _ = sink.close().await;
+            hooks.stop();
+            http_rates = (Some(raw_post), Some(h), Some(h_keyed));
+        }
+        #[cfg(not(feature = "http"))]
+        return Err(
+            "--http: this bench was built without HTTP (cargo run --release -p tidings-bench --features http)"
+                .into(),
+        );
+    }
+
     for (name, rate) in &rows {
         println!(
             "{name:>46} {rate:>10.0} msg/s  ({:>5.1}% of raw)",
@@ -289,10 +377,12 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         ok &= floor("relay -> NATS msg/s", nats, 1_000.0);
     }
     Ok((
-        json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": null, "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
+        json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": (null), "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
                "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw),
                "kafka_raw_produce_msgs": kafka.0, "kafka_msgs": kafka.1, "kafka_keyed_msgs": kafka.2,
-               "rabbitmq_raw_publish_msgs": rabbit.0, "rabbitmq_msgs": rabbit.1, "rabbitmq_keyed_msgs": rabbit.2}),
+               "rabbitmq_raw_publish_msgs": rabbit.0, "rabbitmq_msgs": rabbit.1, "rabbitmq_keyed_msgs": rabbit.2,
+               "redis_raw_xadd_msgs": redis_rates.0, "redis_msgs": redis_rates.1, "redis_keyed_msgs": redis_rates.2,
+               "http_raw_post_msgs": http_rates.0, "http_msgs": http_rates.1, "http_keyed_msgs": http_rates.2}),
         ok,
     ))
 }
@@ -361,4 +451,165 @@ impl RabbitQueue {
             .await?;
         Ok(())
     }
+}
+
+/// Prefix of the bench's Redis keys.
+#[cfg(feature = "redis")]
+const REDIS_PREFIX: &str = "tidings-bench:";
+
+/// Redis's own ceiling here: the same messages, with the fields the sink writes (id, payload,
+/// one `h:` field per header), added by pipelines of `batch` XADDs, one round trip each and
+/// awaited in turn (as the relay sends its batches), to a fresh stream deleted afterwards.
+#[cfg(feature = "redis")]
+async fn redis_raw_xadd(
+    conn: &mut redis::aio::MultiplexedConnection,
+    n: usize,
+    batch: usize,
+) -> Result<f64, BoxError> {
+    use tidings_relay::sink::{FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD};
+    let key = format!("{REDIS_PREFIX}raw-xadd");
+    redis_del(conn, &key).await?;
+    let msgs = raw_messages(n);
+    let started = Instant::now();
+    for chunk in msgs.chunks(batch) {
+        let mut pipe = redis::Pipeline::with_capacity(chunk.len());
+        for m in chunk {
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg(FIELD_ID)
+                .arg(m.id.to_string())
+                .arg(FIELD_PAYLOAD)
+                .arg(m.payload.as_ref());
+            for (name, value) in m.wire_headers() {
+                cmd.arg(format!("{FIELD_HEADER_PREFIX}{name}")).arg(value);
+            }
+        }
+        let ids: Vec<String> = pipe.query_async(conn).await?;
+        if ids.len() != chunk.len() {
+            return Err(format!("{} XADDs answered with {} ids", chunk.len(), ids.len()).into());
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    redis_added(conn, &key, n, "raw XADD").await?;
+    redis_del(conn, &key).await?;
+    Ok(rate)
+}
+
+#[cfg(feature = "redis")]
+async fn redis_del(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<(), BoxError> {
+    redis::cmd("DEL").arg(key).query_async::<()>(conn).await?;
+    Ok(())
+}
+
+/// Prints a warning unless the stream holds `n` entries.
+#[cfg(feature = "redis")]
+async fn redis_added(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    n: usize,
+    row: &str,
+) -> Result<(), BoxError> {
+    let len: usize = redis::cmd("XLEN").arg(key).query_async(conn).await?;
+    if len != n {
+        println!("  unexpected: {row} left {len} stream entries for {n} messages");
+    }
+    Ok(())
+}
+
+/// The bench's own webhook endpoint: POST /hooks/{topic} reads the body and answers 204,
+/// counting requests.
+#[cfg(feature = "http")]
+struct Hooks {
+    base: String,
+    received: Arc<std::sync::atomic::AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+#[cfg(feature = "http")]
+impl Hooks {
+    async fn start() -> Result<Hooks, BoxError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let app = axum::Router::new().route(
+            "/hooks/{topic}",
+            axum::routing::post(move |_body: axum::body::Bytes| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("bench webhook endpoint failed: {e}");
+            }
+        });
+        Ok(Hooks {
+            base,
+            received,
+            server,
+        })
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Prints a warning unless `n` requests arrived since `before`.
+    fn check(&self, before: u64, n: usize, row: &str) {
+        let got = self.received() - before;
+        if got != n as u64 {
+            println!("  unexpected: {row} made {got} requests for {n} messages");
+        }
+    }
+
+    fn stop(self) {
+        self.server.abort();
+    }
+}
+
+/// The endpoint's own ceiling here: the same number of POSTs with the same bodies (and
+/// content-type), sent by a plain reqwest client with `concurrency` in flight, unsigned, with
+/// no PostgreSQL involved.
+#[cfg(feature = "http")]
+async fn http_raw_post(hooks: &Hooks, n: usize, concurrency: usize) -> Result<f64, BoxError> {
+    use futures::StreamExt;
+    // reqwest is built without a TLS provider of its own (the sink hands it a ring config);
+    // building a client needs one installed, even for http:// only.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let msgs = raw_messages(n);
+    let target = format!("{}/hooks/raw", hooks.base);
+    let before = hooks.received();
+    let started = Instant::now();
+    let mut answers = futures::stream::iter(&msgs)
+        .map(|m| {
+            client
+                .post(&target)
+                .header("content-type", "application/json")
+                .body(m.payload.clone())
+                .send()
+        })
+        .buffer_unordered(concurrency);
+    while let Some(r) = answers.next().await {
+        let status = r?.status();
+        if status != reqwest::StatusCode::NO_CONTENT {
+            return Err(format!("the bench endpoint answered {status}").into());
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    hooks.check(before, n, "raw HTTP POST");
+    Ok(rate)
 }

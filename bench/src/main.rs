@@ -45,6 +45,15 @@ pub struct Args {
     /// and a durable queue named `tidings-bench` and deletes them afterwards.
     #[arg(long, env = "BENCH_AMQP")]
     pub amqp: Option<String>,
+    /// Redis URL: adds the Redis Streams rows to the drain benchmark (build with
+    /// `--features redis`), e.g. `redis://127.0.0.1:6379`. The bench writes streams under the
+    /// prefix `tidings-bench:` and deletes them afterwards.
+    #[arg(long, env = "BENCH_REDIS")]
+    pub redis: Option<String>,
+    /// Adds the HTTP webhook rows to the drain benchmark (build with `--features http`): the
+    /// bench answers the webhooks itself, from an in-process endpoint on 127.0.0.1.
+    #[arg(long)]
+    pub http: bool,
     /// Short run for CI: small sizes, one round, loose regression floors checked.
     #[arg(long)]
     pub quick: bool,
