@@ -869,3 +869,80 @@ async fn https_endpoints_are_verified_against_the_roots_and_the_extra_ca() {
         .expect("delivered over verified TLS");
     assert_eq!(recorder.requests().len(), 1);
 }
+
+/// The receiver records through the `metrics` facade: with a Prometheus recorder installed,
+/// effects, duplicates, handler durations and lags appear under its consumer name (and no
+/// message id or biz-id appears in any label).
+#[tokio::test(flavor = "multi_thread")]
+async fn receiver_metrics_count_effects_duplicates_and_lag() {
+    let prometheus = prometheus();
+    let db = cards_db().await;
+    let s = secret();
+    let consumer = format!("metrics-{}", uuid::Uuid::now_v7().simple());
+    let rx = WebhookReceiver::new(
+        PgStore::new(pool(&db, 2), Arc::new(Cards { gate: None })),
+        WebhookConfig {
+            consumer: consumer.clone(),
+            secrets: vec![s.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let server = WebhookServer::start(rx.router("/hooks/{topic}")).await;
+    let sink = sink_to(&server.url, vec![s], Duration::from_secs(2)).await;
+    let mut a = envelope("payment.succeeded", "{}");
+    a.message.biz_id = Some("pay-a".into());
+    let mut b = envelope("payment.succeeded", "{}");
+    b.message.biz_id = Some("pay-b".into());
+    for e in [&a, &b, &a] {
+        sink.publish(e).await.unwrap();
+    }
+    let text = prometheus.render();
+    let get = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let label = format!("{{consumer=\"{consumer}\"}}");
+    assert_eq!(
+        get(&format!("tidings_consumer_processed_total{label}")),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        get(&format!(
+            "tidings_consumer_duplicates_absorbed_total{label}"
+        )),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        get(&format!(
+            "tidings_consumer_handler_duration_seconds_count{label}"
+        )),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        get(&format!("tidings_consumer_lag_seconds_count{label}")),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(
+        !text.contains("pay-a") && !text.contains(&a.id.to_string()),
+        "{text}"
+    );
+}
+
+/// One Prometheus recorder for this test binary.
+fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the only recorder of this test binary")
+        })
+        .clone()
+}

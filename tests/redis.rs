@@ -688,8 +688,20 @@ async fn ride_out(freeze: bool) {
         tokio::time::sleep(Duration::from_secs(3)).await;
         server.signal("-CONT");
     } else {
+        assert!(runner.readiness().ready, "{:?}", runner.readiness());
         server.stop();
+        // The runner says it cannot work while the server is gone (its stream failed), and
+        // why.
+        tidings_tests::eventually("not ready", Duration::from_secs(20), || async {
+            let r = runner.readiness();
+            !r.ready && r.to_json().contains("broker: the stream is not open")
+        })
+        .await;
         server.restart().await;
+        tidings_tests::eventually("ready again", Duration::from_secs(20), || async {
+            runner.readiness().ready
+        })
+        .await;
     }
     publish(300, 400).await;
     let stream = format!("{}:restart", keys.prefix);

@@ -37,8 +37,8 @@ use tidings_outbox::{MessageId, WireMessage};
 use tracing::Instrument;
 
 use crate::runner::{
-    bump, chain, consume_span, has_nul, without_nul, ConsumerStats, Delivered, ErrorClass, Parked,
-    Step, Store, TimedOut,
+    chain, consume_span, has_nul, metric, note, record_lag, without_nul, ConsumerStats, Delivered,
+    ErrorClass, Parked, Step, Store, TimedOut,
 };
 use crate::{Error, Inbox};
 
@@ -217,7 +217,13 @@ impl<S: Store> WebhookReceiver<S> {
             replayed: false,
         };
         let span = consume_span(&self.inner.config.consumer, &d);
+        if d.delivery <= 1 {
+            record_lag(&self.inner.config.consumer, &d);
+        }
+        let started = std::time::Instant::now();
         let got = self.handle(&d).instrument(span).await;
+        metrics::histogram!(metric::HANDLER_SECONDS, "consumer" => self.inner.config.consumer.clone())
+            .record(started.elapsed().as_secs_f64());
         let answer = match got {
             Received::Processed | Received::Duplicate | Received::Parked => {
                 (StatusCode::OK, "ok").into_response()
@@ -348,32 +354,52 @@ impl<S: Store> WebhookReceiver<S> {
         let step = match tokio::time::timeout(limit, inner.store.transact(&inner.inbox, d)).await {
             Ok(Ok(step)) => step,
             Ok(Err(e)) => {
-                bump(&inner.stats.transient);
+                note(
+                    &inner.stats.transient,
+                    metric::TRANSIENT,
+                    &inner.config.consumer,
+                );
                 tracing::warn!(error = %chain(&e), "inbox transaction failed; answered 503");
                 return Received::Unavailable;
             }
             Err(_) => {
-                bump(&inner.stats.transient);
+                note(
+                    &inner.stats.transient,
+                    metric::TRANSIENT,
+                    &inner.config.consumer,
+                );
                 tracing::warn!(error = %TimedOut("the inbox transaction", limit), "answered 503");
                 return Received::Unavailable;
             }
         };
         match step {
             Step::Processed | Step::NotParked => {
-                bump(&inner.stats.processed);
+                note(
+                    &inner.stats.processed,
+                    metric::PROCESSED,
+                    &inner.config.consumer,
+                );
                 Received::Processed
             }
             Step::Duplicate => {
-                bump(&inner.stats.duplicates);
+                note(
+                    &inner.stats.duplicates,
+                    metric::DUPLICATES,
+                    &inner.config.consumer,
+                );
                 Received::Duplicate
             }
             Step::Failed(e) if inner.store.is_transient(e.cause()) => {
-                bump(&inner.stats.transient);
+                note(
+                    &inner.stats.transient,
+                    metric::TRANSIENT,
+                    &inner.config.consumer,
+                );
                 tracing::warn!(error = %e, "transient database failure; answered 503");
                 Received::Unavailable
             }
             Step::Failed(e) => {
-                bump(&inner.stats.failed);
+                note(&inner.stats.failed, metric::FAILED, &inner.config.consumer);
                 let park =
                     e.class() == ErrorClass::Park || d.delivery >= inner.config.max_deliveries;
                 if !park {
@@ -413,7 +439,11 @@ impl<S: Store> WebhookReceiver<S> {
                 error: &error.replace('\0', "\u{fffd}"),
             })
             .await?;
-        bump(&self.inner.stats.parked);
+        note(
+            &self.inner.stats.parked,
+            metric::PARKED,
+            &self.inner.config.consumer,
+        );
         tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
             "message parked in tidings.inbox_dead_letters");
         Ok(())

@@ -117,6 +117,10 @@ pub struct RelayArgs {
     /// Database connections in the relay's pool (the LISTEN connection is extra).
     #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
     pub pool_size: usize,
+    /// Serve Prometheus metrics at /metrics, liveness at /healthz and readiness at /readyz on
+    /// this address (e.g. 127.0.0.1:9464, or 0.0.0.0:9464 inside a container). Off unless set.
+    #[arg(long, env = "TIDINGS_ADMIN_LISTEN")]
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     pub shutdown_timeout: Duration,

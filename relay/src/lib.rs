@@ -5,6 +5,8 @@ mod admin;
 pub mod cli;
 mod config;
 mod listener;
+pub mod metrics;
+pub mod observe;
 mod relay;
 pub mod sink;
 
@@ -14,7 +16,7 @@ pub use admin::{
 };
 pub use config::{parse_duration, RelayArgs, RelayConfig};
 pub use listener::CHANNEL;
-pub use relay::{Relay, TickReport, STATEMENTS};
+pub use relay::{Readiness, Relay, TickReport, STATEMENTS};
 pub use sink::{Capabilities, Delivery, Envelope, Sink, SinkError};
 
 /// What can stop the relay or an admin command. Per-message failures are not errors: they are

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::{hostname, jitter};
+use crate::metrics as m;
 use crate::sink::{Envelope, Sink, SinkError};
 use crate::{Error, RelayConfig};
 
@@ -50,6 +51,15 @@ const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT tidings_finish";
 
 /// Every statement the relay runs, for a test that prepares them against a migrated database.
 pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER, MAY_VACUUM];
+
+/// Whether a relay can work now ([`Relay::readiness`]), as `/readyz` serves it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Readiness {
+    /// Everything below is fine.
+    pub ready: bool,
+    /// What is not, one line each (names the sink, never a URL or a password).
+    pub reasons: Vec<String>,
+}
 
 /// What one [`Relay::tick`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -395,9 +405,55 @@ impl Relay {
         jitter(self.sink_backoff().unwrap_or(self.config.poll_interval))
     }
 
-    /// While the broker is unavailable, how long the run loop pauses before claiming again
-    /// (before jitter): 500 ms doubling per consecutive unavailable tick, capped by
-    /// `unavailable_backoff_max`. None while the broker is fine.
+    /// The relay's connection pool.
+    pub fn pool(&self) -> &deadpool_postgres::Pool {
+        &self.pool
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &Arc<dyn Sink> {
+        &self.sink
+    }
+
+    /// Whether this relay can do its work now: the database answers (`SELECT 1`), the sink's
+    /// health check passes, and the relay is not backing off from a broker outage; each probe
+    /// bounded by two seconds. What a readiness probe (`/readyz`) serves.
+    pub async fn readiness(&self) -> Readiness {
+        const LIMIT: Duration = Duration::from_secs(2);
+        let mut reasons = Vec::new();
+        let db = async {
+            let c = self.pool.get().await.map_err(Error::from)?;
+            c.simple_query("SELECT 1").await.map_err(Error::from)?;
+            Ok::<_, Error>(())
+        };
+        match tokio::time::timeout(LIMIT, db).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => reasons.push(format!("database: {}", crate::ErrorChain(&e))),
+            Err(_) => reasons.push(format!("database: no answer within {LIMIT:?}")),
+        }
+        match tokio::time::timeout(LIMIT, self.sink.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => reasons.push(format!("sink {}: {e}", self.sink.name())),
+            Err(_) => reasons.push(format!(
+                "sink {}: no answer to its health check within {LIMIT:?}",
+                self.sink.name()
+            )),
+        }
+        if let Some(b) = self.sink_backoff() {
+            reasons.push(format!(
+                "sink {}: backing off {b:?} after finding the broker unavailable",
+                self.sink.name()
+            ));
+        }
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        }
+    }
+
+    /// How long the run loop pauses before the next claim because the broker was unavailable,
+    /// growing with consecutive outages up to `unavailable_backoff_max`. None while the broker
+    /// is fine.
     pub fn sink_backoff(&self) -> Option<Duration> {
         let streak = self.state.lock().map(|s| s.unavailable_streak).unwrap_or(0);
         if streak == 0 {
@@ -429,6 +485,8 @@ impl Relay {
             .instrument(span.clone())
             .await?;
         if report.claimed > 0 {
+            metrics::histogram!(m::BATCH_SECONDS, "sink" => self.sink.name())
+                .record(started.elapsed().as_secs_f64());
             span.record("claimed", report.claimed);
             span.record("delivered", report.delivered);
             span.record("retried", report.retried);
@@ -507,11 +565,31 @@ impl Relay {
             }
             Err(_) => vec![false; batch.len()],
         };
+        let publish_started = Instant::now();
         let mut outcomes = self.publish_all(&batch, &invalid, &hold).await;
+        if !batch.is_empty() {
+            metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.name())
+                .record(publish_started.elapsed().as_secs_f64());
+        }
         let all_postponed = self.check_outage(&mut outcomes, claim_deadline).await;
 
         let mut rec = Outcomes::default();
+        // What happened to each message of `batch`, for the metrics once the batch commits.
+        let mut kinds = Vec::with_capacity(batch.len());
         for (msg, outcome) in batch.iter().zip(outcomes) {
+            kinds.push(match &outcome {
+                Outcome::Delivered { duplicate: true } => Kind::Duplicate,
+                Outcome::Delivered { duplicate: false } => Kind::Delivered,
+                Outcome::Skipped | Outcome::Failed(SinkError::Unavailable(_)) => Kind::Released,
+                Outcome::Failed(SinkError::Postpone(_, _)) => Kind::Postponed,
+                Outcome::Failed(SinkError::Permanent(_)) => Kind::Dead,
+                Outcome::Failed(_)
+                    if msg.attempts.saturating_add(1) >= self.config.max_attempts =>
+                {
+                    Kind::Dead
+                }
+                Outcome::Failed(_) => Kind::Retried,
+            });
             match outcome {
                 Outcome::Delivered { duplicate } => {
                     rec.delivered.push(msg.seq);
@@ -601,10 +679,16 @@ impl Relay {
                 uncount(&mut report, seq);
                 report.dead_lettered += 1;
                 report.isolated += 1;
+                if let Some(i) = batch.iter().position(|m| m.seq == *seq) {
+                    kinds[i] = Kind::Dead;
+                }
             }
             for seq in &recorded.left {
                 uncount(&mut report, seq);
                 report.released += 1;
+                if let Some(i) = batch.iter().position(|m| m.seq == *seq) {
+                    kinds[i] = Kind::Released;
+                }
             }
             if !recorded.left.is_empty() {
                 if let Ok(mut s) = self.state.lock() {
@@ -617,6 +701,7 @@ impl Relay {
         // If this commit is lost (crash, network), the rows stay and are published again later
         // with the same message id, which the broker drops as a duplicate.
         bounded_step(step, tx.commit()).await?;
+        self.record_metrics(&report, &batch, &kinds);
         if report.retried > 0 {
             tracing::warn!(
                 retried = report.retried,
@@ -624,6 +709,33 @@ impl Relay {
             );
         }
         Ok(report)
+    }
+
+    /// Counts a committed batch's outcomes (labels: sink, and topic, bounded).
+    fn record_metrics(&self, report: &TickReport, batch: &[Envelope], kinds: &[Kind]) {
+        let sink = self.sink.name();
+        metrics::counter!(m::CLAIMED, "sink" => sink).increment(report.claimed as u64);
+        for (msg, kind) in batch.iter().zip(kinds) {
+            let name = match kind {
+                Kind::Delivered | Kind::Duplicate => m::DELIVERED,
+                Kind::Retried => m::RETRIED,
+                Kind::Dead => m::DEAD_LETTERED,
+                Kind::Postponed => m::POSTPONED,
+                Kind::Released => m::RELEASED,
+            };
+            let topic = m::topic_label(&msg.topic);
+            if *kind == Kind::Duplicate {
+                metrics::counter!(m::DUPLICATES, "sink" => sink, "topic" => topic.clone())
+                    .increment(1);
+            }
+            metrics::counter!(name, "sink" => sink, "topic" => topic).increment(1);
+        }
+        // Held back or released before publishing (a failed message ahead of them).
+        let unpublished = report.claimed.saturating_sub(batch.len());
+        if unpublished > 0 {
+            metrics::counter!(m::RELEASED, "sink" => sink, "topic" => "_held_back")
+                .increment(unpublished as u64);
+        }
     }
 
     /// Decides whether the batch's failures are the messages' or the broker's. If something got
@@ -1103,6 +1215,17 @@ struct Recorded {
     isolated: Vec<i64>,
     /// Neither recorded nor dead-lettered: left untouched in the outbox.
     left: Vec<i64>,
+}
+
+/// What happened to one message of a batch, for the metrics.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Delivered,
+    Duplicate,
+    Retried,
+    Dead,
+    Postponed,
+    Released,
 }
 
 /// A batch's outcome, as the finish statement binds it.

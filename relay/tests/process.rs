@@ -1288,3 +1288,126 @@ async fn answer_204() -> u16 {
     });
     port
 }
+
+/// `GET path` on 127.0.0.1:port: (status, body); (0, "") when nothing answers.
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of an unlabelled (or exactly labelled) sample in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `--admin-listen`: /metrics counts what the relay delivered (by sink and topic) and reads the
+/// outbox's gauges at scrape time, agreeing with `tidings status --json`; /healthz is 200
+/// throughout; /readyz is 200 while the broker works and 503 with the reason once it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status() {
+    let (db, mut nats) = (TestDb::migrated().await, NatsServer::start().await);
+    enqueue(&db, 5, 4).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tidings(&db)
+        .args(["relay", "--sink", "nats", "--nats-url", &nats.url])
+        .args(["--admin-listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let delivered = r#"tidings_relay_delivered_total{sink="nats",topic="orders.created"}"#;
+    eventually(
+        "5 delivered in /metrics",
+        Duration::from_secs(30),
+        || async { sample(&http_get(port, "/metrics").await.1, delivered) == Some(5.0) },
+    )
+    .await;
+    let (code, text) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    for (series, want) in [
+        ("tidings_outbox_backlog", 0.0),
+        ("tidings_dead_letters", 0.0),
+        ("tidings_relays_alive", 1.0),
+        ("tidings_database_up", 1.0),
+        (r#"tidings_relay_claimed_total{sink="nats"}"#, 5.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series}: {text}");
+    }
+    assert!(
+        text.contains("# HELP tidings_relay_delivered_total"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tidings_relay_publish_duration_seconds"),
+        "{text}"
+    );
+    assert!(!text.contains("o-1"), "no biz-id in any label: {text}");
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    let (code, body) = http_get(port, "/readyz").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"ready":true,"reasons":[]}"#)
+    );
+
+    // The broker goes away: not ready, saying why; still alive.
+    nats.stop();
+    enqueue(&db, 7, 4).await;
+    eventually("/readyz to say 503", Duration::from_secs(30), || async {
+        let (code, body) = http_get(port, "/readyz").await;
+        code == 503 && body.contains(r#""ready":false"#) && body.contains("sink nats")
+    })
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+
+    // The same numbers as `tidings status --json` (nothing moves while the broker is gone).
+    let (code, status) = output(tidings(&db).args(["status", "--json"]));
+    assert_eq!(code, 0, "{status}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let metrics = http_get(port, "/metrics").await.1;
+    for (field, series) in [
+        ("backlog", "tidings_outbox_backlog"),
+        ("ready", "tidings_outbox_due"),
+        ("retrying", "tidings_outbox_retrying"),
+        ("dead_letters", "tidings_dead_letters"),
+    ] {
+        assert_eq!(
+            status[field].as_f64(),
+            sample(&metrics, series),
+            "{field} / {series}: {status} / {metrics}"
+        );
+    }
+    assert_eq!(status["backlog"].as_f64(), Some(7.0));
+    let alive = status["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["alive"].as_bool() == Some(true))
+        .count() as f64;
+    assert_eq!(Some(alive), sample(&metrics, "tidings_relays_alive"));
+    kill(&mut child, "-TERM");
+    assert!(child.wait().unwrap().success());
+}

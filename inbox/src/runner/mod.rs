@@ -385,6 +385,49 @@ pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// What consumers record through the `metrics` facade (nothing happens unless the application
+/// installs a recorder). One label, `consumer` (the inbox consumer name); never a message id or
+/// a biz-id.
+pub mod metric {
+    /// Effects committed.
+    pub const PROCESSED: &str = "tidings_consumer_processed_total";
+    /// Redeliveries the inbox recognised (effect skipped).
+    pub const DUPLICATES: &str = "tidings_consumer_duplicates_absorbed_total";
+    /// Handler runs that failed (counted towards parking).
+    pub const FAILED: &str = "tidings_consumer_failed_total";
+    /// Transient database failures (retried, not counted).
+    pub const TRANSIENT: &str = "tidings_consumer_transient_failures_total";
+    /// Messages parked in `tidings.inbox_dead_letters`.
+    pub const PARKED: &str = "tidings_consumer_parked_total";
+    /// Parked messages replayed.
+    pub const REPLAYED: &str = "tidings_consumer_replayed_total";
+    /// Broker stream failures.
+    pub const RECEIVE_ERRORS: &str = "tidings_consumer_receive_errors_total";
+    /// Seconds of one inbox transaction (record, handler, commit).
+    pub const HANDLER_SECONDS: &str = "tidings_consumer_handler_duration_seconds";
+    /// Seconds from the producer's enqueue (the message's created time) to its receipt by the
+    /// consumer.
+    pub const LAG_SECONDS: &str = "tidings_consumer_lag_seconds";
+}
+
+/// Counts one event in a runner's stats and in the metrics facade.
+pub(crate) fn note(stats: &AtomicU64, name: &'static str, consumer: &str) {
+    bump(stats);
+    metrics::counter!(name, "consumer" => consumer.to_owned()).increment(1);
+}
+
+/// Records the lag of a received message (now minus its created time), when it has one.
+pub(crate) fn record_lag(consumer: &str, d: &Delivered) {
+    if let Some(t) = d.created_at {
+        let lag = (chrono::Utc::now() - t)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0) as f64
+            / 1e6;
+        metrics::histogram!(metric::LAG_SECONDS, "consumer" => consumer.to_owned()).record(lag);
+    }
+}
+
 /// A consumer runner: one broker adapter, one store, one inbox consumer name.
 pub struct Runner<A: Adapter, S: Store> {
     adapter: A,
@@ -392,6 +435,27 @@ pub struct Runner<A: Adapter, S: Store> {
     inbox: Inbox,
     config: RunnerConfig,
     stats: Arc<ConsumerStats>,
+    /// The broker's stream is open.
+    receiving: std::sync::atomic::AtomicBool,
+    /// The last inbox transaction failed on the database (cleared by the next that commits).
+    db_failing: std::sync::atomic::AtomicBool,
+}
+
+/// Whether a consumer can work now ([`Runner::readiness`]), for an application's readiness
+/// probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Everything below is fine.
+    pub ready: bool,
+    /// What is not, one line each.
+    pub reasons: Vec<String>,
+}
+
+impl Readiness {
+    /// As JSON: `{"ready":false,"reasons":["..."]}`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({"ready": self.ready, "reasons": self.reasons}).to_string()
+    }
 }
 
 impl<A: Adapter, S: Store> Runner<A, S> {
@@ -404,7 +468,33 @@ impl<A: Adapter, S: Store> Runner<A, S> {
             store,
             config,
             stats: Arc::new(ConsumerStats::default()),
+            receiving: Default::default(),
+            db_failing: Default::default(),
         })
+    }
+
+    fn note(&self, c: &AtomicU64, name: &'static str) {
+        note(c, name, &self.config.name);
+    }
+
+    /// Whether the runner can work now: its broker stream is open (not reopening after a
+    /// failure) and its last inbox transaction did not fail on the database. No I/O: cheap
+    /// enough for every probe.
+    pub fn readiness(&self) -> Readiness {
+        let mut reasons = Vec::new();
+        if !self.receiving.load(Ordering::Relaxed) {
+            reasons.push(
+                "broker: the stream is not open (connecting, or reopening after a failure)"
+                    .to_owned(),
+            );
+        }
+        if self.db_failing.load(Ordering::Relaxed) {
+            reasons.push("database: the last inbox transaction failed".to_owned());
+        }
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        }
     }
 
     /// The runner's counters.
@@ -493,24 +583,24 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                     match self.transact(&d).await {
                         Ok(Step::NotParked) => Ok(false),
                         Ok(Step::Processed) => {
-                            bump(&self.stats.processed);
+                            self.note(&self.stats.processed, metric::PROCESSED);
                             Ok(true)
                         }
                         Ok(Step::Duplicate) => {
-                            bump(&self.stats.duplicates);
+                            self.note(&self.stats.duplicates, metric::DUPLICATES);
                             Ok(true)
                         }
                         Ok(Step::Failed(e)) if self.store.is_transient(e.cause()) => {
-                            bump(&self.stats.transient);
+                            self.note(&self.stats.transient, metric::TRANSIENT);
                             Ok(false)
                         }
                         Err(e) if self.store.is_transient(&e) => Err(e),
                         Ok(Step::Failed(e)) => {
-                            bump(&self.stats.failed);
+                            self.note(&self.stats.failed, metric::FAILED);
                             self.bounded_park(&d, &e.to_string()).await.map(|()| false)
                         }
                         Err(e) => {
-                            bump(&self.stats.failed);
+                            self.note(&self.stats.failed, metric::FAILED);
                             self.bounded_park(&d, &chain(&e)).await.map(|()| false)
                         }
                     }
@@ -518,7 +608,7 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                 .instrument(span)
                 .await?;
                 if outcome {
-                    bump(&self.stats.replayed);
+                    self.note(&self.stats.replayed, metric::REPLAYED);
                     tracing::info!(message_id = %d.id, consumer = %self.config.name, "parked message replayed");
                     done += 1;
                     progressed = true;
@@ -560,7 +650,7 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                 error: &error.replace('\0', "\u{fffd}"),
             })
             .await?;
-        bump(&self.stats.parked);
+        self.note(&self.stats.parked, metric::PARKED);
         tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
             "message parked in tidings.inbox_dead_letters");
         Ok(())
@@ -573,7 +663,7 @@ impl<A: Adapter, S: Store> Runner<A, S> {
             let stream = match self.adapter.open().await {
                 Ok(s) => s,
                 Err(e) => {
-                    bump(&self.stats.receive_errors);
+                    self.note(&self.stats.receive_errors, metric::RECEIVE_ERRORS);
                     idle_failures += 1;
                     tracing::warn!(error = %chain(&*e), "cannot open the broker's stream; retrying");
                     if !self.pause(idle_failures, shutdown).await {
@@ -582,7 +672,9 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                     continue;
                 }
             };
+            self.receiving.store(true, Ordering::Relaxed);
             let (delivered, failed) = self.dispatch(stream, shutdown).await;
+            self.receiving.store(false, Ordering::Relaxed);
             if shutdown.is_cancelled() {
                 return;
             }
@@ -691,11 +783,15 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                         }
                     }
                     Some(Err(e)) => {
-                        bump(&self.stats.receive_errors);
+                        self.note(&self.stats.receive_errors, metric::RECEIVE_ERRORS);
                         tracing::warn!(error = %chain(&*e), "broker stream failed; reopening");
                         (reading, failed) = (false, true);
+                        self.receiving.store(false, Ordering::Relaxed);
                     }
-                    None => reading = false,
+                    None => {
+                        reading = false;
+                        self.receiving.store(false, Ordering::Relaxed);
+                    }
                 },
                 _ = hold_tick.tick(), if queued_len > 0 => {
                     let holds = queued.values().flatten().map(|(d, _)| self.bounded_hold(d));
@@ -761,14 +857,17 @@ impl<A: Adapter, S: Store> Runner<A, S> {
             }
         };
         let span = consume_span(&self.config.name, &d);
+        if d.delivery <= 1 {
+            record_lag(&self.config.name, &d);
+        }
         let work = async {
             loop {
                 let failure = match self.transact(&d).await {
                     Ok(step @ (Step::Processed | Step::Duplicate)) => {
                         if matches!(step, Step::Processed) {
-                            bump(&self.stats.processed);
+                            self.note(&self.stats.processed, metric::PROCESSED);
                         } else {
-                            bump(&self.stats.duplicates);
+                            self.note(&self.stats.duplicates, metric::DUPLICATES);
                             tracing::debug!("redelivery recognised by the inbox; effect skipped");
                         }
                         // Acked only now, after the commit. A lost ack means a redelivery,
@@ -792,9 +891,9 @@ impl<A: Adapter, S: Store> Runner<A, S> {
                 let transient = failure.class() == ErrorClass::Retry
                     && self.store.is_transient(failure.cause());
                 if transient {
-                    bump(&self.stats.transient);
+                    self.note(&self.stats.transient, metric::TRANSIENT);
                 } else {
-                    bump(&self.stats.failed);
+                    self.note(&self.stats.failed, metric::FAILED);
                     if failure.class() == ErrorClass::Park
                         || d.delivery >= self.config.max_deliveries
                     {
@@ -823,9 +922,18 @@ impl<A: Adapter, S: Store> Runner<A, S> {
     /// One inbox transaction, bounded by `db_timeout` (expiry is a transient failure: the
     /// transaction is dropped and rolls back, or had committed and the retry finds the record).
     async fn transact(&self, d: &Delivered) -> Result<Step, Error> {
-        match tokio::time::timeout(self.config.db_timeout, self.store.transact(&self.inbox, d))
-            .await
-        {
+        let started = std::time::Instant::now();
+        let r =
+            tokio::time::timeout(self.config.db_timeout, self.store.transact(&self.inbox, d)).await;
+        metrics::histogram!(metric::HANDLER_SECONDS, "consumer" => self.config.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let db_failed = match &r {
+            Ok(Ok(Step::Failed(e))) => self.store.is_transient(e.cause()),
+            Ok(Ok(_)) => false,
+            Ok(Err(_)) | Err(_) => true,
+        };
+        self.db_failing.store(db_failed, Ordering::Relaxed);
+        match r {
             Ok(r) => r,
             Err(_) => Ok(Step::Failed(HandlerError::retry(TimedOut(
                 "the inbox transaction",

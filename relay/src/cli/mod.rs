@@ -363,7 +363,31 @@ async fn relay(pg: Db, args: crate::RelayArgs) -> Result<(), Failure> {
         usage(m)
     })?);
 
+    let relay = std::sync::Arc::new(relay);
     let shutdown = CancellationToken::new();
+    if let Some(addr) = args.admin_listen {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| Failure {
+                code: 1,
+                message: format!("cannot install the metrics recorder: {e}"),
+            })?;
+        crate::metrics::describe();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| usage(format!("--admin-listen {addr}: cannot listen: {e}")))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        let app = crate::observe::router(relay.clone(), prometheus);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the admin listener stopped");
+            }
+        });
+    }
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
