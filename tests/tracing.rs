@@ -1,4 +1,5 @@
-//! Tracing across the wire: the consumer's span continues the producer's trace.
+//! Tracing across the wire: one trace from the producer's span, through the relay, to the
+//! consumer.
 //!
 //! Its own test binary (one process, one test): a thread-scoped tracing subscriber races with
 //! other tests' threads over tracing's global callsite-interest cache, which can leave the
@@ -10,9 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use tidings_inbox::nats::{ConsumerConfig, Delivered, Handler, HandlerError, NatsConsumer};
-use tidings_outbox::MessageId;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
-use tidings_relay::{Envelope, Sink};
 use tidings_tests::{eventually, pool, NatsServer, TestDb};
 use tokio_util::sync::CancellationToken;
 
@@ -33,31 +32,18 @@ impl Handler for IssueCard {
     }
 }
 
-fn envelope(biz: &str) -> Envelope {
-    Envelope {
-        seq: 0,
-        message: tidings_outbox::WireMessage {
-            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
-            topic: "payment.succeeded".into(),
-            key: None,
-            biz_id: Some(biz.into()),
-            payload: bytes::Bytes::from_static(b"{}"),
-            headers: [(
-                "traceparent".to_owned(),
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
-            )]
-            .into(),
-            created_at: Some(chrono::Utc::now()),
-            attempts: 0,
-        },
-    }
-}
-
-/// The consumer's span is a child of the producer's span named in `traceparent`, in
-/// OpenTelemetry (feature `opentelemetry`), so one trace runs from producer to consumer.
+/// One trace from the producer's span, through the relay's publish, to the consumer's effect
+/// (feature `opentelemetry` of the outbox, relay and inbox), for every driver's enqueue: the
+/// outbox stores the current span's context as `traceparent` when the message has none; the
+/// relay's `tidings_publish` span and the consumer's `tidings_consume` span are children of the
+/// producer's span. A message that sets its own `traceparent` keeps it.
 #[tokio::test(flavor = "current_thread")]
-async fn consumer_span_continues_the_producers_traceparent() {
-    use opentelemetry::trace::TracerProvider as _;
+async fn one_trace_from_the_producers_span_through_the_relay_to_the_consumer() {
+    use diesel::Connection as _;
+    use diesel_async::AsyncConnection as _;
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use tracing::Instrument as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     use tracing_subscriber::layer::SubscriberExt;
 
     let (db, nats) = (TestDb::migrated().await, NatsServer::start().await);
@@ -72,16 +58,121 @@ async fn consumer_span_continues_the_producers_traceparent() {
         .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    // Scoped to this thread; the current-thread runtime runs the consumer here.
+    // Scoped to this thread; the current-thread runtime runs producer, relay and consumer here.
     let _guard = tracing::subscriber::set_default(subscriber);
 
+    // The producers: one message per driver, each inside a span of its own.
+    let outbox = tidings_outbox::Outbox::default();
+    let msg = |biz: &str| tidings_outbox::Message::new("payment.succeeded", "{}").biz_id(biz);
+    let ids = |span: &tracing::Span| {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        (sc.trace_id().to_string(), sc.span_id().to_string())
+    };
+    let mut producers = Vec::new();
+    {
+        let span = tracing::info_span!("produce", driver = "tokio-postgres");
+        let mut c = db.client().await;
+        async {
+            let tx = c.transaction().await.unwrap();
+            outbox.enqueue_pg(&tx, &msg("pay_pg")).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        .instrument(span.clone())
+        .await;
+        producers.push(("pay_pg", ids(&span)));
+    }
+    {
+        let span = tracing::info_span!("produce", driver = "deadpool-postgres");
+        let pool = pool(&db, 1);
+        async {
+            let mut c = pool.get().await.unwrap();
+            let tx = c.transaction().await.unwrap();
+            outbox
+                .enqueue_deadpool(&tx, &msg("pay_deadpool"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        .instrument(span.clone())
+        .await;
+        producers.push(("pay_deadpool", ids(&span)));
+    }
+    {
+        let span = tracing::info_span!("produce", driver = "diesel");
+        let mut conn = diesel::PgConnection::establish(&db.url).unwrap();
+        span.in_scope(|| {
+            conn.transaction::<_, tidings_outbox::Error, _>(|conn| {
+                outbox.enqueue(conn, &msg("pay_diesel"))?;
+                Ok(())
+            })
+            .unwrap()
+        });
+        producers.push(("pay_diesel", ids(&span)));
+    }
+    {
+        let span = tracing::info_span!("produce", driver = "diesel-async");
+        let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+            .await
+            .unwrap();
+        async {
+            outbox
+                .enqueue_async(&mut conn, &msg("pay_diesel_async"))
+                .await
+                .unwrap();
+        }
+        .instrument(span.clone())
+        .await;
+        producers.push(("pay_diesel_async", ids(&span)));
+    }
+    // A message with its own traceparent keeps it, inside a producer span or not.
+    {
+        let span = tracing::info_span!("produce", driver = "explicit");
+        async {
+            let c = db.client().await;
+            let own = msg("pay_explicit").header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            );
+            outbox.enqueue_pg(&c, &own).await.unwrap();
+        }
+        .instrument(span)
+        .await;
+        producers.push((
+            "pay_explicit",
+            (
+                "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
+                "00f067aa0ba902b7".to_owned(),
+            ),
+        ));
+    }
+    for (biz, (trace, _)) in &producers {
+        assert_ne!(
+            trace, "00000000000000000000000000000000",
+            "{biz}: a producer span"
+        );
+    }
+
+    // The relay.
     let sink = NatsSink::connect(NatsSinkConfig {
         url: nats.url.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
-    sink.publish(&envelope("pay_traced")).await.unwrap();
+    let relay = tidings_relay::Relay::new(
+        pool(&db, 2),
+        Arc::new(sink),
+        tidings_relay::RelayConfig {
+            listen: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let drained = tidings_tests::drain(&relay, &db).await;
+    assert_eq!(drained.delivered, producers.len());
+
+    // The consumer.
     let client = async_nats::connect(&nats.url).await.unwrap();
     let config = ConsumerConfig {
         name: "card-service".into(),
@@ -94,9 +185,9 @@ async fn consumer_span_continues_the_producers_traceparent() {
     let run = consumer.run(stop.clone());
     let watch = async {
         eventually(
-            "the message to be processed",
+            "every message to be processed",
             Duration::from_secs(20),
-            || async { consumer.stats().processed.load(Ordering::SeqCst) == 1 },
+            || async { consumer.stats().processed.load(Ordering::SeqCst) == 5 },
         )
         .await;
         stop.cancel();
@@ -106,13 +197,21 @@ async fn consumer_span_continues_the_producers_traceparent() {
 
     let _ = provider.force_flush();
     let spans = exporter.get_finished_spans().unwrap();
-    let span = spans
-        .iter()
-        .find(|s| s.name == "tidings_consume")
-        .expect("a tidings_consume span");
-    assert_eq!(
-        span.span_context.trace_id().to_string(),
-        "4bf92f3577b34da6a3ce929d0e0e4736"
-    );
-    assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
+    for (biz, (trace, parent)) in &producers {
+        for name in ["tidings_publish", "tidings_consume"] {
+            let found = spans.iter().any(|s| {
+                s.name == name
+                    && s.span_context.trace_id().to_string() == *trace
+                    && s.parent_span_id.to_string() == *parent
+            });
+            assert!(
+                found,
+                "{biz}: a {name} span in trace {trace} with parent {parent}: {:#?}",
+                spans
+                    .iter()
+                    .map(|s| (&s.name, s.span_context.trace_id(), s.parent_span_id))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
 }

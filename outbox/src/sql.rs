@@ -72,6 +72,9 @@ impl Columns {
             delays: Vec::with_capacity(n),
         };
         let mut ids = Vec::with_capacity(n);
+        // The producer's trace context, for messages that do not carry their own.
+        #[cfg(feature = "opentelemetry")]
+        let trace = crate::trace::current();
         for m in msgs {
             let id = MessageId::generate();
             ids.push(id);
@@ -80,12 +83,23 @@ impl Columns {
             c.keys.push(m.key.clone());
             c.biz_ids.push(m.biz_id.clone());
             c.payloads.push(m.payload.clone());
-            c.headers.push(serde_json::Value::Object(
-                m.headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
-            ));
+            #[allow(unused_mut)]
+            let mut headers: serde_json::Map<String, serde_json::Value> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            #[cfg(feature = "opentelemetry")]
+            if let Some((parent, state)) = &trace {
+                let has = |h: &str| m.headers.keys().any(|k| k.eq_ignore_ascii_case(h));
+                if !has("traceparent") {
+                    headers.insert("traceparent".into(), parent.clone().into());
+                    if let (Some(state), false) = (state, has("tracestate")) {
+                        headers.insert("tracestate".into(), state.clone().into());
+                    }
+                }
+            }
+            c.headers.push(serde_json::Value::Object(headers));
             let (at, delay) = match m.schedule {
                 Schedule::Now => (None, 0.0),
                 Schedule::At(t) => (Some(t), 0.0),

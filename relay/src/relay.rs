@@ -566,7 +566,34 @@ impl Relay {
             Err(_) => vec![false; batch.len()],
         };
         let publish_started = Instant::now();
+        // One span per message, a child of the producer's span (its traceparent), open while
+        // the message is published.
+        #[cfg(feature = "opentelemetry")]
+        let spans: Vec<tracing::Span> = batch
+            .iter()
+            .map(|m| {
+                let span = tracing::info_span!("tidings_publish", sink = self.sink.name(),
+                    message_id = %m.id, topic = %m.topic, outcome = tracing::field::Empty);
+                if let Some(tp) = m.headers.get("traceparent") {
+                    tidings_outbox::trace::set_parent(
+                        &span,
+                        tp,
+                        m.headers.get("tracestate").map(String::as_str),
+                    );
+                }
+                span
+            })
+            .collect();
         let mut outcomes = self.publish_all(&batch, &invalid, &hold).await;
+        #[cfg(feature = "opentelemetry")]
+        for (span, o) in spans.iter().zip(&outcomes) {
+            let outcome = match o {
+                Outcome::Delivered { .. } => "delivered",
+                Outcome::Skipped => "held",
+                Outcome::Failed(_) => "failed",
+            };
+            span.record("outcome", outcome);
+        }
         if !batch.is_empty() {
             metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.name())
                 .record(publish_started.elapsed().as_secs_f64());

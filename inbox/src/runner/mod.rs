@@ -1041,40 +1041,19 @@ pub(crate) fn consume_span(consumer: &str, d: &Delivered) -> tracing::Span {
         message_id = %d.id, biz_id = d.biz_id.as_deref().unwrap_or(""),
         delivery = d.delivery, replayed = d.replayed, trace_id, parent_span_id = parent_id);
     #[cfg(feature = "opentelemetry")]
-    set_remote_parent(&span, traceparent);
+    set_remote_parent(
+        &span,
+        traceparent,
+        d.headers.get("tracestate").map(String::as_str),
+    );
     span
 }
 
 /// Makes `span` a child of the remote span named by a W3C `traceparent`
 /// (`00-<trace id>-<parent span id>-<flags>`); ignores a malformed one.
 #[cfg(feature = "opentelemetry")]
-fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
-    use opentelemetry::trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-    };
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let parts: Vec<&str> = traceparent.trim().split('-').collect();
-    let [_, trace, parent, flags, ..] = parts[..] else {
-        return;
-    };
-    let (Ok(trace), Ok(parent), Ok(flags)) = (
-        TraceId::from_hex(trace),
-        SpanId::from_hex(parent),
-        u8::from_str_radix(flags, 16),
-    ) else {
-        return;
-    };
-    if trace == TraceId::INVALID || parent == SpanId::INVALID {
-        return;
-    }
-    let remote = SpanContext::new(
-        trace,
-        parent,
-        TraceFlags::new(flags),
-        true,
-        TraceState::default(),
-    );
-    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+fn set_remote_parent(span: &tracing::Span, traceparent: &str, tracestate: Option<&str>) {
+    tidings_outbox::trace::set_parent(span, traceparent, tracestate);
 }
 
 /// An error with its sources, as stored in `last_error` (driver errors say little on their own).
