@@ -121,6 +121,16 @@ pub struct RelayArgs {
     /// this address (e.g. 127.0.0.1:9464, or 0.0.0.0:9464 inside a container). Off unless set.
     #[arg(long, env = "TIDINGS_ADMIN_LISTEN")]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Token that allows the operator page's actions (replay, purge), sent by the page as a
+    /// bearer token. Without it the page is read-only. Prefer the variable: command lines are
+    /// visible to other users.
+    #[arg(long, env = "TIDINGS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Database URL the operator page reads and acts with (e.g. the operator role of the
+    /// shipped grants, which may replay and purge; the relay's own role may not). Defaults to
+    /// the relay's.
+    #[arg(long, env = "TIDINGS_ADMIN_DATABASE_URL", hide_env_values = true)]
+    pub admin_database_url: Option<String>,
     /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     pub shutdown_timeout: Duration,

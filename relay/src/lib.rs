@@ -4,6 +4,7 @@
 mod admin;
 pub mod cli;
 mod config;
+pub mod console;
 mod listener;
 pub mod metrics;
 pub mod observe;

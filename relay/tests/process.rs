@@ -1322,7 +1322,8 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 /// `--admin-listen`: /metrics counts what the relay delivered (by sink and topic) and reads the
-/// outbox's gauges at scrape time, agreeing with `tidings status --json`; /healthz is 200
+/// outbox's gauges at scrape time, agreeing with `tidings status --json` and the operator
+/// page's overview; /healthz is 200
 /// throughout; /readyz is 200 while the broker works and 503 with the reason once it is gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status() {
@@ -1401,6 +1402,23 @@ async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status
         );
     }
     assert_eq!(status["backlog"].as_f64(), Some(7.0));
+    // And the operator page's overview says the same.
+    let (code, page) = http_get(port, "/api/overview").await;
+    assert_eq!(code, 200, "{page}");
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    for (field, series) in [
+        ("backlog", "tidings_outbox_backlog"),
+        ("due", "tidings_outbox_due"),
+        ("retrying", "tidings_outbox_retrying"),
+        ("dead_letters", "tidings_dead_letters"),
+        ("parked", "tidings_inbox_parked"),
+    ] {
+        assert_eq!(
+            page[field].as_f64(),
+            sample(&metrics, series),
+            "page {field} / {series}: {page} / {metrics}"
+        );
+    }
     let alive = status["relays"]
         .as_array()
         .unwrap()

@@ -333,12 +333,17 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Migrate { action } => pg?.admin(async |c| admin::migrate(c, action).await).await,
         Command::Status { json } => pg?.admin(async |c| admin::status(c, json).await).await,
         Command::Dlq { action } => pg?.admin(async |c| admin::dlq(c, action).await).await,
-        Command::Relay(args) => relay(pg?, *args).await,
+        Command::Relay(args) => relay(pg?, *args, cli.pg_ca_file.as_deref(), cli.db_timeout).await,
         Command::Inbox { action } => admin::inbox(pg, action).await,
     }
 }
 
-async fn relay(pg: Db, args: crate::RelayArgs) -> Result<(), Failure> {
+async fn relay(
+    pg: Db,
+    args: crate::RelayArgs,
+    ca_file: Option<&std::path::Path>,
+    db_timeout: std::time::Duration,
+) -> Result<(), Failure> {
     let config = args.config();
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
@@ -373,16 +378,37 @@ async fn relay(pg: Db, args: crate::RelayArgs) -> Result<(), Failure> {
                 message: format!("cannot install the metrics recorder: {e}"),
             })?;
         crate::metrics::describe();
+        // The operator page's pool: its own URL (another role) or the relay's database.
+        let console_pool = match &args.admin_database_url {
+            Some(url) => {
+                let rename = |mut f: Failure| {
+                    f.message = f.message.replace(
+                        "--database-url / DATABASE_URL",
+                        "--admin-database-url / TIDINGS_ADMIN_DATABASE_URL",
+                    );
+                    f
+                };
+                let db = Db::new(Some(url), ca_file, db_timeout).map_err(rename)?;
+                db.pool(2).map_err(rename)?
+            }
+            None => relay.pool().clone(),
+        };
+        let console = crate::console::Console::new(console_pool, args.admin_token.clone());
+        tokio::spawn(console.clone().sample(shutdown.clone()));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| usage(format!("--admin-listen {addr}: cannot listen: {e}")))?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        let app = crate::observe::router(relay.clone(), prometheus);
+        tracing::info!(%addr, actions = args.admin_token.is_some(),
+            "serving the operator page at /, /metrics, /healthz and /readyz");
+        let app = crate::observe::router(relay.clone(), prometheus).merge(console.router());
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "the admin listener stopped");
             }
