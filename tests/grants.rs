@@ -343,6 +343,16 @@ async fn relay_delivers_retries_dead_letters_and_heartbeats_but_cannot_rewrite_m
     };
     let relay = Relay::new(r.pool(&r.relay), sink.clone(), config).unwrap();
     relay.check_schema().await.unwrap();
+    // What /metrics and /readyz read works under the relay's role.
+    assert!(
+        tidings_relay::observe::refresh_gauges(&relay).await,
+        "the scrape's database gauges"
+    );
+    assert!(
+        relay.readiness().await.ready,
+        "{:?}",
+        relay.readiness().await
+    );
 
     let first = relay.tick().await.unwrap();
     assert_eq!(

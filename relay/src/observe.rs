@@ -45,10 +45,13 @@ pub async fn refresh_gauges(relay: &Relay) -> bool {
     let read = async {
         let client = relay.pool().get().await.map_err(crate::Error::from)?;
         let status = crate::admin::status(&**client).await?;
-        let parked: i64 = client
+        // The relay's own role may not read parked messages (least-privilege grants): then
+        // the gauge is left out, not the scrape failed.
+        let parked: Option<i64> = client
             .query_one("SELECT count(*) FROM tidings.inbox_dead_letters", &[])
-            .await?
-            .get(0);
+            .await
+            .ok()
+            .map(|r| r.get(0));
         Ok::<_, crate::Error>((status, parked))
     };
     match tokio::time::timeout(PROBE_TIMEOUT, read).await {
@@ -60,7 +63,9 @@ pub async fn refresh_gauges(relay: &Relay) -> bool {
             metrics::gauge!(m::DEAD_LETTERS).set(s.dead_letters as f64);
             metrics::gauge!(m::RELAYS_ALIVE)
                 .set(s.relays.iter().filter(|r| r.alive).count() as f64);
-            metrics::gauge!(m::INBOX_PARKED).set(parked as f64);
+            if let Some(parked) = parked {
+                metrics::gauge!(m::INBOX_PARKED).set(parked as f64);
+            }
             metrics::gauge!(m::DATABASE_UP).set(1.0);
             true
         }
