@@ -1039,3 +1039,55 @@ async fn hostile_messages_are_parked_at_once() {
         ]
     );
 }
+
+/// The same over the synchronous `postgres` crate (on a thread of its own: it runs its own
+/// runtime), and an unmigrated database names the migrate command.
+#[tokio::test]
+async fn sync_postgres_redelivery_is_recognised_and_failed_effects_leave_nothing() {
+    let (db, c) = setup().await;
+    let url = db.url.clone();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let inbox = Inbox::new("card-service").unwrap();
+        let mut issue = |fail: bool| -> Result<Outcome<()>, BoxError> {
+            let mut tx = client.transaction()?;
+            let out = inbox.process_sync(&mut tx, &DedupKey::biz_id("pay_1"), |tx| {
+                tx.execute("INSERT INTO cards (payment_id) VALUES ('pay_1')", &[])?;
+                if fail {
+                    return Err::<(), BoxError>("card printer jammed".into());
+                }
+                Ok(())
+            })?;
+            tx.commit()?;
+            Ok(out)
+        };
+        let failed = issue(true).unwrap_err().to_string();
+        (failed, issue(false).unwrap(), issue(false).unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        (
+            "card printer jammed".to_owned(),
+            Outcome::Processed(()),
+            Outcome::Duplicate
+        )
+    );
+    assert_eq!(cards(&c, "pay_1").await, 1);
+
+    let empty = TestDb::empty().await;
+    let url = empty.url.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = client.transaction().unwrap();
+        Inbox::new("card-service")
+            .unwrap()
+            .record_sync(&mut tx, &DedupKey::biz_id("pay_1"))
+            .unwrap_err()
+            .to_string()
+    })
+    .await
+    .unwrap();
+    assert!(err.contains("tidings migrate up"), "{err}");
+}

@@ -135,6 +135,28 @@ async fn diesel_sync_api_migrates_up_down_up() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sync_postgres_api_migrates_up_down_up_and_names_pending_ones() {
+    let db = TestDb::empty().await;
+    let url = db.url.clone();
+    let n = tidings_migrations::migrations().len();
+    tokio::task::spawn_blocking(move || {
+        use tidings_migrations::sync_postgres as m;
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let err = m::ensure_current(&mut c).unwrap_err().to_string();
+        assert!(err.contains("tidings migrate up"), "{err}");
+        assert_eq!(m::up(&mut c).unwrap().len(), n);
+        m::ensure_current(&mut c).unwrap();
+        assert_eq!(m::up(&mut c).unwrap().len(), 0, "nothing left to apply");
+        assert_eq!(m::down(&mut c, n).unwrap().len(), n);
+        assert_eq!(m::status(&mut c).unwrap().pending().len(), n);
+        assert_eq!(m::up(&mut c).unwrap().len(), n);
+    })
+    .await
+    .unwrap();
+    assert!(tables_present(&db.client().await).await.iter().all(|p| *p));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_migrators_neither_fail_nor_double_apply() {
     let db = TestDb::empty().await;
     let mut tasks = Vec::new();

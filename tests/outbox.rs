@@ -571,3 +571,91 @@ async fn every_driver_refuses_bad_input_and_writes_nothing() {
     assert!(err.to_string().starts_with(want), "{err}");
     assert!(rows(&c).await.is_empty());
 }
+
+// ---------------------------------------------------------------- sync postgres
+
+/// Runs `f` with a sync `postgres` client on a thread of its own (the sync client runs its own
+/// runtime and must not be called on the test's).
+async fn with_sync<T: Send + 'static>(
+    url: &str,
+    f: impl FnOnce(&mut postgres::Client) -> T + Send + 'static,
+) -> T {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        f(&mut c)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sync_postgres_committed_message_is_visible_with_every_field() {
+    let db = TestDb::migrated().await;
+    let id = with_sync(&db.url, |c| {
+        let mut tx = c.transaction().unwrap();
+        let id = Outbox::default().enqueue_sync(&mut tx, &sample()).unwrap();
+        tx.commit().unwrap();
+        id
+    })
+    .await;
+    assert_sample(&rows(&db.client().await).await, id);
+}
+
+#[tokio::test]
+async fn sync_postgres_rolled_back_message_leaves_no_row() {
+    let db = TestDb::migrated().await;
+    with_sync(&db.url, |c| {
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("CREATE TABLE payments (id text)").unwrap();
+        Outbox::default().enqueue_sync(&mut tx, &sample()).unwrap();
+        tx.rollback().unwrap();
+    })
+    .await;
+    assert!(rows(&db.client().await).await.is_empty());
+}
+
+#[tokio::test]
+async fn sync_postgres_batch_of_1000_is_one_statement_and_bad_input_writes_nothing() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    count_statements(&c).await;
+    let ids = with_sync(&db.url, |c| {
+        let mut tx = c.transaction().unwrap();
+        let ids = Outbox::default()
+            .enqueue_batch_sync(&mut tx, &batch(1000))
+            .unwrap();
+        tx.commit().unwrap();
+        ids
+    })
+    .await;
+    assert_batch(&c, &ids).await;
+    let err = with_sync(&db.url, |c| {
+        let mut msgs = batch(3);
+        msgs.push(Message::new("bad topic", "x"));
+        Outbox::default()
+            .enqueue_batch_sync(c, &msgs)
+            .unwrap_err()
+            .to_string()
+    })
+    .await;
+    assert!(
+        err.starts_with("message 3 of the batch: invalid topic"),
+        "{err}"
+    );
+    assert_eq!(rows(&c).await.len(), 1000, "nothing more was written");
+}
+
+#[tokio::test]
+async fn sync_postgres_unmigrated_database_names_the_migrate_command() {
+    let db = TestDb::empty().await;
+    let err = with_sync(&db.url, |c| {
+        Outbox::default().enqueue_sync(c, &sample()).unwrap_err()
+    })
+    .await;
+    assert!(
+        matches!(err, Error::NotMigrated(_))
+            && err.to_string().contains("run `tidings migrate up`"),
+        "{err}"
+    );
+}

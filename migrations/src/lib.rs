@@ -8,6 +8,8 @@ mod plan;
 pub mod diesel;
 #[cfg(feature = "tokio-postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod sync_postgres;
 
 pub use grants::{check_role, ConsumerGrant, Grants};
 pub use plan::{Applied, Migration, MigrationState, Status};
