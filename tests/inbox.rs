@@ -1091,3 +1091,150 @@ async fn sync_postgres_redelivery_is_recognised_and_failed_effects_leave_nothing
     .unwrap();
     assert!(err.contains("tidings migrate up"), "{err}");
 }
+
+/// The handler written against sqlx: the same runner, effect and inbox record in one sqlx
+/// transaction, a redelivery skipped, a failure parked.
+struct IssueCardSqlx;
+
+impl tidings_inbox::runner::sqlx::SqlxHandler for IssueCardSqlx {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        msg: &'a Delivered,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let payment = msg.biz_id.as_deref().ok_or("no biz-id")?;
+            if payment.starts_with("poison") {
+                return Err(HandlerError::park("cannot issue a card for this payment"));
+            }
+            sqlx::query("INSERT INTO cards (payment_id) VALUES ($1)")
+                .bind(payment)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlx_handler_runs_on_the_runner() {
+    let ((db, c), nats) = (setup().await, NatsServer::start().await);
+    let sink = tidings_tests::nats_sink(&nats).await;
+    for i in 0..10 {
+        let e = envelope(&format!("pay_{i}"));
+        sink.publish(&e).await.unwrap();
+        sink.publish(&Envelope {
+            message: tidings_outbox::WireMessage {
+                id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+                ..e.message.clone()
+            },
+            ..e
+        })
+        .await
+        .unwrap();
+    }
+    sink.publish(&envelope("poison_1")).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let consumer = Arc::new(
+        NatsConsumer::with_store(
+            tidings_inbox::runner::sqlx::SqlxStore::new(pool, Arc::new(IssueCardSqlx)),
+            async_nats::connect(&nats.url).await.unwrap(),
+            ConsumerConfig {
+                name: "card-service".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run(stop).await }
+    });
+    eventually("all handled", Duration::from_secs(30), || async {
+        let s = consumer.stats();
+        s.processed.load(Ordering::SeqCst) == 10
+            && s.duplicates.load(Ordering::SeqCst) == 10
+            && s.parked.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let total: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT payment_id) + count(*) FROM cards",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 20, "ten payments, one card each");
+    let parked: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tidings.inbox_dead_letters WHERE biz_id = 'poison_1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(parked, 1);
+}
+
+/// `process_sqlx` in the caller's sqlx transaction: a failed effect leaves neither the effect
+/// nor the record, a redelivery is skipped; an unmigrated database names the migrate command.
+#[tokio::test]
+async fn sqlx_redelivery_is_recognised_and_failed_effects_leave_nothing() {
+    use sqlx::Connection as _;
+    let (db, c) = setup().await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let inbox = Inbox::new("card-service").unwrap();
+    async fn issue(
+        inbox: &Inbox,
+        conn: &mut sqlx::PgConnection,
+        fail: bool,
+    ) -> Result<Outcome<()>, BoxError> {
+        let mut tx = conn.begin().await?;
+        let out = inbox
+            .process_sqlx(&mut tx, &DedupKey::biz_id("pay_1"), async |conn| {
+                sqlx::query("INSERT INTO cards (payment_id) VALUES ('pay_1')")
+                    .execute(&mut *conn)
+                    .await?;
+                if fail {
+                    return Err::<(), BoxError>("card printer jammed".into());
+                }
+                Ok(())
+            })
+            .await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+    let err = issue(&inbox, &mut conn, true).await.unwrap_err();
+    assert_eq!(err.to_string(), "card printer jammed");
+    assert_eq!(cards(&c, "pay_1").await, 0);
+    assert_eq!(
+        issue(&inbox, &mut conn, false).await.unwrap(),
+        Outcome::Processed(())
+    );
+    assert_eq!(
+        issue(&inbox, &mut conn, false).await.unwrap(),
+        Outcome::Duplicate
+    );
+    assert_eq!(cards(&c, "pay_1").await, 1);
+
+    let empty = TestDb::empty().await;
+    let mut conn = sqlx::PgConnection::connect(&empty.url).await.unwrap();
+    let err = inbox
+        .record_sqlx(&mut conn, &DedupKey::biz_id("pay_1"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tidings migrate up"), "{err}");
+}

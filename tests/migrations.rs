@@ -156,6 +156,28 @@ async fn sync_postgres_api_migrates_up_down_up_and_names_pending_ones() {
     assert!(tables_present(&db.client().await).await.iter().all(|p| *p));
 }
 
+#[tokio::test]
+async fn sqlx_api_migrates_up_down_up_and_names_pending_ones() {
+    use sqlx::Connection as _;
+    use tidings_migrations::sqlx as m;
+    let db = TestDb::empty().await;
+    let n = tidings_migrations::migrations().len();
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let err = m::ensure_current(&mut c).await.unwrap_err().to_string();
+    assert!(err.contains("tidings migrate up"), "{err}");
+    assert_eq!(m::up(&mut c).await.unwrap().len(), n);
+    m::ensure_current(&mut c).await.unwrap();
+    assert_eq!(
+        m::up(&mut c).await.unwrap().len(),
+        0,
+        "nothing left to apply"
+    );
+    assert_eq!(m::down(&mut c, n).await.unwrap().len(), n);
+    assert_eq!(m::status(&mut c).await.unwrap().pending().len(), n);
+    assert_eq!(m::up(&mut c).await.unwrap().len(), n);
+    assert!(tables_present(&db.client().await).await.iter().all(|p| *p));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_migrators_neither_fail_nor_double_apply() {
     let db = TestDb::empty().await;

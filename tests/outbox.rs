@@ -659,3 +659,96 @@ async fn sync_postgres_unmigrated_database_names_the_migrate_command() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------- sqlx
+
+async fn sqlx_conn(db: &TestDb) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    sqlx::PgConnection::connect(&db.url).await.unwrap()
+}
+
+#[tokio::test]
+async fn sqlx_committed_message_is_visible_with_every_field() {
+    use sqlx::Connection as _;
+    let db = TestDb::migrated().await;
+    let mut conn = sqlx_conn(&db).await;
+    let mut tx = conn.begin().await.unwrap();
+    let id = Outbox::default()
+        .enqueue_sqlx(&mut tx, &sample())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_sample(&rows(&db.client().await).await, id);
+}
+
+#[tokio::test]
+async fn sqlx_rolled_back_message_leaves_no_row() {
+    use sqlx::Connection as _;
+    let db = TestDb::migrated().await;
+    let mut conn = sqlx_conn(&db).await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("CREATE TABLE payments (id text)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    Outbox::default()
+        .enqueue_sqlx(&mut tx, &sample())
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(rows(&db.client().await).await.is_empty());
+}
+
+#[tokio::test]
+async fn sqlx_batch_of_1000_is_one_statement_and_bad_input_writes_nothing() {
+    use sqlx::Connection as _;
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    count_statements(&c).await;
+    let mut conn = sqlx_conn(&db).await;
+    let mut tx = conn.begin().await.unwrap();
+    let ids = Outbox::default()
+        .enqueue_batch_sqlx(&mut tx, &batch(1000))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_batch(&c, &ids).await;
+    let mut msgs = batch(3);
+    msgs.push(Message::new("bad topic", "x"));
+    let err = Outbox::default()
+        .enqueue_batch_sqlx(&mut conn, &msgs)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("message 3 of the batch: invalid topic"),
+        "{err}"
+    );
+    // Through PgBouncer in transaction mode: no statement kept prepared on the connection.
+    let unprepared = Outbox::new(OutboxConfig {
+        statement_cache: false,
+        ..Default::default()
+    })
+    .unwrap();
+    unprepared.enqueue_sqlx(&mut conn, &sample()).await.unwrap();
+    assert_eq!(
+        rows(&c).await.len(),
+        1001,
+        "nothing of the bad batch was written"
+    );
+}
+
+#[tokio::test]
+async fn sqlx_unmigrated_database_names_the_migrate_command() {
+    let db = TestDb::empty().await;
+    let mut conn = sqlx_conn(&db).await;
+    let err = Outbox::default()
+        .enqueue_sqlx(&mut conn, &sample())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotMigrated(_))
+            && err.to_string().contains("run `tidings migrate up`"),
+        "{err}"
+    );
+}

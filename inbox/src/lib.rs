@@ -27,6 +27,8 @@ pub mod rabbitmq;
 pub mod redis;
 #[cfg(feature = "runner")]
 pub mod runner;
+#[cfg(feature = "sqlx")]
+mod sqlx;
 #[cfg(feature = "postgres")]
 mod sync_postgres;
 #[cfg(feature = "webhook")]

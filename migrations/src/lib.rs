@@ -8,6 +8,8 @@ mod plan;
 pub mod diesel;
 #[cfg(feature = "tokio-postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlx")]
+pub mod sqlx;
 #[cfg(feature = "postgres")]
 pub mod sync_postgres;
 

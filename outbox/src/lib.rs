@@ -18,6 +18,8 @@ mod message;
 #[cfg(feature = "redis-url")]
 pub mod redis_url;
 mod sql;
+#[cfg(feature = "sqlx")]
+mod sqlx;
 #[cfg(feature = "postgres")]
 mod sync_postgres;
 #[cfg(feature = "opentelemetry")]

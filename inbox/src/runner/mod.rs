@@ -43,6 +43,8 @@ use crate::{Error, Inbox};
 pub mod diesel;
 #[cfg(feature = "tokio-postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlx")]
+pub mod sqlx;
 
 /// A message as a handler sees it: the message decoded from the wire format every sink writes
 /// ([`WireMessage`]), plus what the broker says about this delivery. Derefs to the message
