@@ -345,7 +345,7 @@ async fn relay_delivers_retries_dead_letters_and_heartbeats_but_cannot_rewrite_m
     relay.check_schema().await.unwrap();
     // What /metrics and /readyz read works under the relay's role.
     assert!(
-        tidings_relay::observe::refresh_gauges(&relay).await,
+        tidings_relay::observe::refresh_gauges(relay.pool()).await,
         "the scrape's database gauges"
     );
     assert!(

@@ -146,6 +146,44 @@ async fn one_trace_from_the_producers_span_through_the_relay_to_the_consumer() {
             ),
         ));
     }
+    // A caller's tracestate too long for a header (20 entries, about 4 KB): the message keeps
+    // the traceparent and goes without the tracestate; the enqueue does not fail.
+    {
+        let span = tracing::info_span!("produce", driver = "long-tracestate");
+        let long: String = (0..20)
+            .map(|i| format!("k{i}={}", "a".repeat(200)))
+            .collect::<Vec<_>>()
+            .join(",");
+        tidings_outbox::trace::set_parent(
+            &span,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some(&long),
+        );
+        let c = db.client().await;
+        async {
+            let (_, state) = tidings_outbox::trace::current().expect("a trace context");
+            assert!(
+                state.is_some_and(|s| s.len() > 4000),
+                "the long tracestate is current"
+            );
+            outbox.enqueue_pg(&c, &msg("pay_long_state")).await.unwrap();
+        }
+        .instrument(span.clone())
+        .await;
+        let headers: serde_json::Value = c
+            .query_one(
+                "SELECT headers FROM tidings.outbox WHERE biz_id = 'pay_long_state'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(headers["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.contains("0af7651916cd43dd8448eb211c80319c")));
+        assert!(headers.get("tracestate").is_none(), "{headers}");
+        producers.push(("pay_long_state", ids(&span)));
+    }
     for (biz, (trace, _)) in &producers {
         assert_ne!(
             trace, "00000000000000000000000000000000",
@@ -187,7 +225,7 @@ async fn one_trace_from_the_producers_span_through_the_relay_to_the_consumer() {
         eventually(
             "every message to be processed",
             Duration::from_secs(20),
-            || async { consumer.stats().processed.load(Ordering::SeqCst) == 5 },
+            || async { consumer.stats().processed.load(Ordering::SeqCst) == 6 },
         )
         .await;
         stop.cancel();

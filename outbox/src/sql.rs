@@ -89,13 +89,22 @@ impl Columns {
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                 .collect();
+            // Added only when they pass the same header rules as the producer's own (a
+            // tracestate from an outside caller can be long or odd): an added header must never
+            // fail an enqueue.
             #[cfg(feature = "opentelemetry")]
             if let Some((parent, state)) = &trace {
                 let has = |h: &str| m.headers.keys().any(|k| k.eq_ignore_ascii_case(h));
-                if !has("traceparent") {
+                if !has("traceparent")
+                    && crate::message::validate_header_pair("traceparent", parent).is_ok()
+                {
                     headers.insert("traceparent".into(), parent.clone().into());
                     if let (Some(state), false) = (state, has("tracestate")) {
-                        headers.insert("tracestate".into(), state.clone().into());
+                        if state.len() <= 512
+                            && crate::message::validate_header_pair("tracestate", state).is_ok()
+                        {
+                            headers.insert("tracestate".into(), state.clone().into());
+                        }
                     }
                 }
             }

@@ -131,6 +131,14 @@ pub struct RelayArgs {
     /// the relay's.
     #[arg(long, env = "TIDINGS_ADMIN_DATABASE_URL", hide_env_values = true)]
     pub admin_database_url: Option<String>,
+    /// Host names the operator page answers to besides localhost and IP addresses (requests
+    /// naming another host are refused: DNS rebinding). Comma-separated or repeated.
+    #[arg(
+        long = "admin-hosts",
+        env = "TIDINGS_ADMIN_HOSTS",
+        value_delimiter = ','
+    )]
+    pub admin_hosts: Vec<String>,
     /// Longest wait for in-flight work on SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     pub shutdown_timeout: Duration,

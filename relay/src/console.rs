@@ -57,7 +57,9 @@ const PARKED_WHERE: &str = "($1::text IS NULL OR consumer = $1) \
      AND ($4::timestamptz IS NULL OR dead_at >= $4) \
      AND ($5::timestamptz IS NULL OR dead_at < $5)";
 
-/// Delivered counts sampled every 10 s: (time, sum of every relay's delivered counter).
+/// Messages delivered between two samples (every 10 s): (time, delivered since the previous
+/// sample, summed over each relay's own counter, so a relay that stops or restarts does not
+/// show as a spike).
 pub(crate) type Samples = Arc<Mutex<VecDeque<(DateTime<Utc>, i64)>>>;
 
 /// What the console needs.
@@ -66,45 +68,103 @@ pub struct Console {
     pool: deadpool_postgres::Pool,
     token: Option<Arc<str>>,
     samples: Samples,
+    hosts: Arc<Vec<String>>,
+}
+
+/// Answers only requests addressed to `localhost`, an IP address or one of the allowed host
+/// names (a page reached through another name is a DNS-rebinding attempt), and marks every
+/// answer as not to be cached.
+async fn guard(
+    State(hosts): State<Arc<Vec<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let allowed = name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok()
+        || hosts.iter().any(|h| h.eq_ignore_ascii_case(name));
+    if !allowed {
+        return fail(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this host name is not allowed for the operator page (--admin-hosts)",
+        );
+    }
+    let mut r = next.run(req).await;
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 impl Console {
-    /// A console on `pool` (the role's privileges decide what the actions may do); actions
-    /// only with `token`.
-    pub fn new(pool: deadpool_postgres::Pool, token: Option<String>) -> Console {
+    /// A console on `pool` (the role's privileges decide what the actions may do); actions,
+    /// and payloads and headers, only with `token` when one is set.
+    /// `hosts`: host names (besides `localhost` and IP addresses) the page answers to.
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        token: Option<String>,
+        hosts: Vec<String>,
+    ) -> Console {
         Console {
             pool,
             token: token.filter(|t| !t.is_empty()).map(Arc::from),
             samples: Arc::default(),
+            hosts: Arc::new(hosts),
         }
+    }
+
+    /// The pool the page (and the scrape's gauges) use.
+    pub fn pool(&self) -> &deadpool_postgres::Pool {
+        &self.pool
     }
 
     /// Samples the relays' delivered counters every 10 s for the per-minute chart, until
     /// `stop`.
     pub async fn sample(self, stop: tokio_util::sync::CancellationToken) {
         let mut every = tokio::time::interval(Duration::from_secs(10));
+        let mut last: Option<std::collections::HashMap<Uuid, i64>> = None;
         loop {
             tokio::select! {
                 _ = every.tick() => {}
                 _ = stop.cancelled() => return,
             }
             let read = async {
-                let c = self.pool.get().await.ok()?;
-                c.query_one(
-                    "SELECT coalesce(sum(delivered), 0)::int8 FROM tidings.relays",
-                    &[],
+                let c = checkout(&self.pool).await.ok()?;
+                let rows = c
+                    .query("SELECT id, delivered FROM tidings.relays", &[])
+                    .await
+                    .ok()?;
+                Some(
+                    rows.iter()
+                        .map(|r| (r.get::<_, Uuid>(0), r.get::<_, i64>(1)))
+                        .collect::<std::collections::HashMap<_, _>>(),
                 )
-                .await
-                .ok()
-                .map(|r| r.get::<_, i64>(0))
             };
-            if let Ok(Some(n)) = tokio::time::timeout(DB_LIMIT, read).await {
+            let Ok(Some(now)) = tokio::time::timeout(DB_LIMIT, read).await else {
+                continue;
+            };
+            if let Some(prev) = &last {
+                // Each relay's own increase; a relay new since the last sample counts from 0.
+                let delta: i64 = now
+                    .iter()
+                    .map(|(id, n)| (n - prev.get(id).copied().unwrap_or(0)).max(0))
+                    .sum();
                 let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-                s.push_back((Utc::now(), n));
+                s.push_back((Utc::now(), delta));
                 while s.len() > 6 * 61 {
                     s.pop_front();
                 }
             }
+            last = Some(now);
         }
     }
 
@@ -125,6 +185,10 @@ impl Console {
             )
             .route("/api/parked/{action}", axum::routing::post(parked_action))
             .route("/api/inbox", axum::routing::get(inbox))
+            .layer(axum::middleware::from_fn_with_state(
+                self.hosts.clone(),
+                guard,
+            ))
             .with_state(self)
     }
 }
@@ -168,18 +232,27 @@ fn fail(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A connection of the admin pool, with every statement bounded on the server too (a slow
+/// filter over a large table must not run on after the page gave up).
+pub(crate) async fn checkout(
+    pool: &deadpool_postgres::Pool,
+) -> Result<deadpool_postgres::Object, crate::Error> {
+    let o = tokio::time::timeout(DB_LIMIT, pool.get())
+        .await
+        .map_err(|_| crate::Error::DatabaseTimeout(DB_LIMIT))??;
+    tokio::time::timeout(DB_LIMIT, o.batch_execute("SET statement_timeout = 5000"))
+        .await
+        .map_err(|_| crate::Error::DatabaseTimeout(DB_LIMIT))??;
+    Ok(o)
+}
+
 async fn client(c: &Console) -> Result<deadpool_postgres::Object, Response> {
-    match tokio::time::timeout(DB_LIMIT, c.pool.get()).await {
-        Ok(Ok(o)) => Ok(o),
-        Ok(Err(e)) => Err(fail(
+    checkout(&c.pool).await.map_err(|e| {
+        fail(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("database: {}", crate::ErrorChain(&e)),
-        )),
-        Err(_) => Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database: no connection within 5 s",
-        )),
-    }
+        )
+    })
 }
 
 fn db_fail(e: tokio_postgres::Error) -> Response {
@@ -236,18 +309,11 @@ async fn overview(State(c): State<Console>) -> Response {
 fn per_minute(samples: &Samples) -> Vec<serde_json::Value> {
     let s = samples.lock().unwrap_or_else(|p| p.into_inner());
     let mut out: Vec<(i64, i64)> = Vec::new();
-    let mut prev: Option<i64> = None;
-    for (t, n) in s.iter() {
+    for (t, delta) in s.iter() {
         let minute = t.timestamp() / 60 * 60;
-        let delta = match prev {
-            Some(p) if *n >= p => n - p,
-            Some(_) => *n,
-            None => 0,
-        };
-        prev = Some(*n);
         match out.last_mut() {
             Some((m, d)) if *m == minute => *d += delta,
-            _ => out.push((minute, delta)),
+            _ => out.push((minute, *delta)),
         }
     }
     let keep = out.len().saturating_sub(60);
@@ -348,7 +414,14 @@ fn payload_json(p: &[u8]) -> serde_json::Value {
     })
 }
 
-async fn dead_letter(State(c): State<Console>, Path(id): Path<Uuid>) -> Response {
+async fn dead_letter(
+    State(c): State<Console>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = may_read_content(&c, &headers) {
+        return r;
+    }
     let o = match client(&c).await {
         Ok(o) => o,
         Err(r) => return r,
@@ -417,7 +490,11 @@ async fn parked(State(c): State<Console>, Query(f): Query<Filter>) -> Response {
 async fn parked_one(
     State(c): State<Console>,
     Path((consumer, id)): Path<(String, Uuid)>,
+    headers: HeaderMap,
 ) -> Response {
+    if let Err(r) = may_read_content(&c, &headers) {
+        return r;
+    }
     let o = match client(&c).await {
         Ok(o) => o,
         Err(r) => return r,
@@ -458,6 +535,24 @@ async fn inbox(State(c): State<Console>, Query(q): Query<InboxQuery>) -> Respons
         Ok(o) => o,
         Err(r) => return r,
     };
+    // Row-level security may hide other consumers' records from this role: then "not
+    // processed" would be a guess, so say that it cannot tell.
+    match o
+        .query_one(
+            "SELECT row_security_active('tidings.inbox'::regclass)",
+            &[],
+        )
+        .await
+    {
+        Ok(r) if r.get::<_, bool>(0) => {
+            return fail(
+                StatusCode::FORBIDDEN,
+                "unknown: row-level security hides other consumers' inbox records from this role (use the owner or a consumer's role)",
+            )
+        }
+        Ok(_) => {}
+        Err(e) => return db_fail(e),
+    }
     match o
         .query_opt(
             "SELECT message_id, processed_at FROM tidings.inbox WHERE consumer = $1 AND biz_id = $2",
@@ -485,6 +580,30 @@ struct Action {
     consumer: Option<String>,
 }
 
+/// Whether the request carries the admin token as a bearer token (compared in constant time).
+fn has_token(token: &str, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A message's payload and headers (personal or business data) need the token when one is
+/// configured; without one the page is read-only and shows them on the port the operator chose.
+#[allow(clippy::result_large_err)]
+fn may_read_content(c: &Console, headers: &HeaderMap) -> Result<(), Response> {
+    match &c.token {
+        Some(t) if !has_token(t, headers) => Err(fail(
+            StatusCode::UNAUTHORIZED,
+            "payloads and headers need the admin token",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the request may act: a token is configured, the request carries it as a bearer
 /// token (compared in constant time), and its body is JSON.
 #[allow(clippy::result_large_err)]
@@ -505,14 +624,7 @@ fn authorize(c: &Console, headers: &HeaderMap) -> Result<(), Response> {
             "actions take a JSON body",
         ));
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let (a, b) = (given.as_bytes(), token.as_bytes());
-    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-    if !same {
+    if !has_token(token, headers) {
         return Err(fail(
             StatusCode::UNAUTHORIZED,
             "the admin token is missing or wrong",
@@ -540,7 +652,13 @@ async fn dead_letter_action(
         Ok(o) => o,
         Err(r) => return r,
     };
-    let filter = a.filter.clone().map(Filter::clean);
+    // Only what was dead when the request came: a replayed message that dies again at once is
+    // not picked up again by the same request.
+    let started = Utc::now();
+    let filter = a.filter.clone().map(Filter::clean).map(|mut f| {
+        f.until = Some(f.until.map_or(started, |u| u.min(started)));
+        f
+    });
     let mut done = 0u64;
     let run = |ids: Vec<Uuid>| {
         let o = &o;
@@ -571,9 +689,11 @@ async fn dead_letter_action(
                     if ids.is_empty() {
                         break;
                     }
-                    let n = run(ids).await?;
-                    done += n;
-                    if n == 0 {
+                    // Every selected row leaves the dead letters (a replay moves it, or finds
+                    // it already in the outbox), so the selection shrinks each time.
+                    let selected = ids.len() as u64;
+                    done += run(ids).await?.min(selected);
+                    if selected < BATCH as u64 {
                         break;
                     }
                 }
@@ -639,17 +759,17 @@ async fn parked_action(
                 // A replay only asks (the row stays until the runner runs it): walk by key.
                 let sql = format!(
                     "SELECT consumer, message_id FROM tidings.inbox_dead_letters WHERE {PARKED_WHERE} \
-                     AND ($6::text IS NULL OR (consumer, message_id::text) > ($6, $7)) \
+                     AND ($6::text IS NULL OR (consumer, message_id) > ($6, $7::uuid)) \
                      ORDER BY consumer, message_id LIMIT $8"
                 );
-                let (mut after_c, mut after_id): (Option<String>, Option<String>) = (None, None);
+                let (mut after_c, mut after_id): (Option<String>, Option<Uuid>) = (None, None);
                 while done < ACTION_MAX {
                     let p = f.parked_params();
                     let params: Vec<(&(dyn ToSql + Sync), Type)> = p
                         .into_iter()
                         .chain([
                             (&after_c as &(dyn ToSql + Sync), Type::TEXT),
-                            (&after_id as &(dyn ToSql + Sync), Type::TEXT),
+                            (&after_id as &(dyn ToSql + Sync), Type::UUID),
                             (&BATCH as &(dyn ToSql + Sync), Type::INT8),
                         ])
                         .collect();
@@ -663,7 +783,7 @@ async fn parked_action(
                     }
                     let last = rows.last().expect("not empty");
                     after_c = Some(last.get(0));
-                    after_id = Some(last.get::<_, Uuid>(1).to_string());
+                    after_id = Some(last.get::<_, Uuid>(1));
                     for (consumer, ids) in groups {
                         done += act(consumer, ids).await?;
                     }

@@ -22,11 +22,12 @@ pub const DEAD_LETTERED: &str = "tidings_relay_dead_lettered_total";
 pub const POSTPONED: &str = "tidings_relay_postponed_total";
 /// Messages released untouched (broker unavailable, or behind a failed message of their key).
 pub const RELEASED: &str = "tidings_relay_released_total";
-/// Seconds from sending a publish round to the broker's last answer.
+/// Seconds from sending a batch's first publish to the broker's last answer (all its rounds:
+/// a keyed chain goes one message after the other).
 pub const PUBLISH_SECONDS: &str = "tidings_relay_publish_duration_seconds";
 /// Seconds of a whole batch: claim, publish, record, commit.
 pub const BATCH_SECONDS: &str = "tidings_relay_batch_duration_seconds";
-/// 1 while the relay backs off because the broker is unavailable, else 0.
+/// 1 while the relay backs off because the broker is unavailable, else 0 (label: sink).
 pub const SINK_UNAVAILABLE: &str = "tidings_relay_sink_unavailable";
 /// Ticks that failed on the database.
 pub const DB_ERRORS: &str = "tidings_relay_database_errors_total";
@@ -48,6 +49,12 @@ pub const RELAYS_ALIVE: &str = "tidings_relays_alive";
 pub const INBOX_PARKED: &str = "tidings_inbox_parked";
 /// 1 when the last scrape could read the database, else 0.
 pub const DATABASE_UP: &str = "tidings_database_up";
+
+/// Histogram buckets in seconds (publish, batch, handler and lag durations).
+pub const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
 
 /// At most this many distinct topic label values.
 pub const MAX_TOPIC_LABELS: usize = 200;
@@ -78,7 +85,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     (DEAD_LETTERED, "Messages moved to the dead-letter store."),
     (POSTPONED, "Messages whose destination was down: waiting, no attempt counted."),
     (RELEASED, "Messages released untouched (broker unavailable, or behind a failed message of their key)."),
-    (PUBLISH_SECONDS, "Seconds from sending a publish round to the broker's last answer."),
+    (PUBLISH_SECONDS, "Seconds from sending a batch's first publish to the broker's last answer."),
     (BATCH_SECONDS, "Seconds of a whole batch: claim, publish, record, commit."),
     (SINK_UNAVAILABLE, "1 while the relay backs off because the broker is unavailable."),
     (DB_ERRORS, "Relay ticks that failed on the database."),

@@ -29,21 +29,35 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 struct State {
     relay: Arc<Relay>,
     prometheus: PrometheusHandle,
+    /// The admin pool (the gauges' queries never take the relay's connections).
+    pool: deadpool_postgres::Pool,
+    /// One gauge refresh at a time; scrapes that waited for one share it.
+    refreshed: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
-/// The admin routes.
-pub fn router(relay: Arc<Relay>, prometheus: PrometheusHandle) -> axum::Router {
+/// The admin routes; `pool` is the admin pool the gauges are read with.
+pub fn router(
+    relay: Arc<Relay>,
+    prometheus: PrometheusHandle,
+    pool: deadpool_postgres::Pool,
+) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", axum::routing::get(readyz))
-        .with_state(State { relay, prometheus })
+        .with_state(State {
+            relay,
+            prometheus,
+            pool,
+            refreshed: Arc::default(),
+        })
 }
 
-/// Reads the database's gauges into the recorder; false when the database did not answer.
-pub async fn refresh_gauges(relay: &Relay) -> bool {
+/// Reads the database's gauges into the recorder, on `pool` (the admin pool, never the relay's
+/// own); false when the database did not answer.
+pub async fn refresh_gauges(pool: &deadpool_postgres::Pool) -> bool {
     let read = async {
-        let client = relay.pool().get().await.map_err(crate::Error::from)?;
+        let client = crate::console::checkout(pool).await?;
         let status = crate::admin::status(&**client).await?;
         // The relay's own role may not read parked messages (least-privilege grants): then
         // the gauge is left out, not the scrape failed.
@@ -83,7 +97,16 @@ pub async fn refresh_gauges(relay: &Relay) -> bool {
 }
 
 async fn metrics(axum::extract::State(s): axum::extract::State<State>) -> Response {
-    refresh_gauges(&s.relay).await;
+    {
+        // One refresh at a time: a scrape that waited for another's refresh, which finished
+        // after this scrape arrived, takes its reading instead of reading again.
+        let arrived = std::time::Instant::now();
+        let mut last = s.refreshed.lock().await;
+        if last.is_none_or(|t| t < arrived) {
+            refresh_gauges(&s.pool).await;
+            *last = Some(std::time::Instant::now());
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

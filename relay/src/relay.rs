@@ -343,6 +343,7 @@ impl Relay {
                 }
                 Err(e) => {
                     db_errors += 1;
+                    metrics::counter!(m::DB_ERRORS).increment(1);
                     let pause = jitter(
                         (Duration::from_millis(250) * 2u32.pow(db_errors.min(7)))
                             .min(Duration::from_secs(30)),
@@ -431,15 +432,23 @@ impl Relay {
             Ok(Err(e)) => reasons.push(format!("database: {}", crate::ErrorChain(&e))),
             Err(_) => reasons.push(format!("database: no answer within {LIMIT:?}")),
         }
-        match tokio::time::timeout(LIMIT, self.sink.check()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => reasons.push(format!("sink {}: {e}", self.sink.name())),
-            Err(_) => reasons.push(format!(
-                "sink {}: no answer to its health check within {LIMIT:?}",
-                self.sink.name()
-            )),
-        }
-        if let Some(b) = self.sink_backoff() {
+        let sink_ok = match tokio::time::timeout(LIMIT, self.sink.check()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                reasons.push(format!("sink {}: {e}", self.sink.name()));
+                false
+            }
+            Err(_) => {
+                reasons.push(format!(
+                    "sink {}: no answer to its health check within {LIMIT:?}",
+                    self.sink.name()
+                ));
+                false
+            }
+        };
+        // A backoff left from an outage the check no longer sees does not hold readiness
+        // (another relay may have drained the backlog, so this one claims nothing to reset it).
+        if let (Some(b), false) = (self.sink_backoff(), sink_ok) {
             reasons.push(format!(
                 "sink {}: backing off {b:?} after finding the broker unavailable",
                 self.sink.name()
@@ -574,12 +583,14 @@ impl Relay {
             .map(|m| {
                 let span = tracing::info_span!("tidings_publish", sink = self.sink.name(),
                     message_id = %m.id, topic = %m.topic, outcome = tracing::field::Empty);
-                if let Some(tp) = m.headers.get("traceparent") {
-                    tidings_outbox::trace::set_parent(
-                        &span,
-                        tp,
-                        m.headers.get("tracestate").map(String::as_str),
-                    );
+                let header = |name: &str| {
+                    m.headers
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| v.as_str())
+                };
+                if let Some(tp) = header("traceparent") {
+                    tidings_outbox::trace::set_parent(&span, tp, header("tracestate"));
                 }
                 span
             })
@@ -1077,6 +1088,8 @@ impl Relay {
                 s.unavailable_streak = 0;
                 s.unavailable_since_log = None;
             }
+            metrics::gauge!(m::SINK_UNAVAILABLE, "sink" => self.sink.name())
+                .set(if s.unavailable_streak > 0 { 1.0 } else { 0.0 });
             s.removed_since_vacuum += (r.delivered + r.dead_lettered) as u64;
             s.counters.delivered += r.delivered as i64;
             s.counters.failed += r.retried as i64;

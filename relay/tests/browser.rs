@@ -44,11 +44,19 @@ async fn http(
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    // Host as given (to test the page's host check), else this address.
+    let host = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map_or(format!("127.0.0.1:{port}"), |(_, v)| v.to_string());
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
-    for (k, v) in headers {
+    for (k, v) in headers
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+    {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
@@ -339,6 +347,18 @@ async fn the_operator_page_shows_the_backlog_and_replays_a_dead_letter_only_with
     )
     .await;
     assert_eq!(code, 415, "a form post (no JSON) is refused");
+    // A page reached through another host name (DNS rebinding) answers nothing.
+    let (code, _) = http(
+        port,
+        "GET",
+        "/api/dead-letters",
+        &[("host", "evil.example")],
+        "",
+    )
+    .await;
+    assert_eq!(code, 421, "a foreign host name is refused");
+    let (code, _) = http(port, "GET", &format!("/api/dead-letters/{dead}"), &[], "").await;
+    assert_eq!(code, 401, "payloads need the token when one is set");
 
     let b = Browser::start().await;
     b.go(&format!("http://127.0.0.1:{port}/")).await;
@@ -361,13 +381,38 @@ async fn the_operator_page_shows_the_backlog_and_replays_a_dead_letter_only_with
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/operator-overview.png");
     b.screenshot(&screenshot).await;
 
-    // The dead letter, inspected: hostile fields shown as text.
+    // The dead letter: listed; its payload and headers need the token; replay without it is
+    // refused and leaves it dead.
     b.click("nav button[data-tab=dead]").await;
     b.until(
         "the dead letter listed",
         "return document.querySelectorAll('#dead-list tbody tr').length === 1",
     )
     .await;
+    b.click("#dead-list .inspect").await;
+    b.until(
+        "the content refused",
+        "return document.querySelector('#msg').textContent.includes('need the admin token')",
+    )
+    .await;
+    b.click("#dead-list input[type=checkbox]").await;
+    b.click("#dead-replay").await;
+    b.until(
+        "the refusal",
+        "return document.querySelector('#msg').textContent.includes('replay refused')",
+    )
+    .await;
+    let still: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM tidings.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "not replayed without the token");
+
+    // With the token: inspected, hostile fields shown as text; then replayed.
+    b.type_into("#token", TOKEN).await;
     b.click("#dead-list .inspect").await;
     b.until(
         "its payload shown",
@@ -393,26 +438,6 @@ async fn the_operator_page_shows_the_backlog_and_replays_a_dead_letter_only_with
         json!([0, 0, 0, "Tidings"]),
         "nothing from the message became HTML"
     );
-
-    // Replay without the token: refused, the dead letter stays.
-    b.click("#dead-list input[type=checkbox]").await;
-    b.click("#dead-replay").await;
-    b.until(
-        "the refusal",
-        "return document.querySelector('#msg').textContent.includes('refused')",
-    )
-    .await;
-    let still: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM tidings.dead_letters", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(still, 1, "not replayed without the token");
-
-    // With the token: replayed, and the relay delivers it.
-    b.type_into("#token", TOKEN).await;
     b.click("#dead-list input[type=checkbox]").await;
     b.click("#dead-replay").await;
     b.until(

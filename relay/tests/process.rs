@@ -1342,9 +1342,13 @@ async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status
         .unwrap();
     let delivered = r#"tidings_relay_delivered_total{sink="nats",topic="orders.created"}"#;
     eventually(
-        "5 delivered in /metrics",
+        "5 delivered and an empty backlog in /metrics",
         Duration::from_secs(30),
-        || async { sample(&http_get(port, "/metrics").await.1, delivered) == Some(5.0) },
+        || async {
+            let text = http_get(port, "/metrics").await.1;
+            sample(&text, delivered) == Some(5.0)
+                && sample(&text, "tidings_outbox_backlog") == Some(0.0)
+        },
     )
     .await;
     let (code, text) = http_get(port, "/metrics").await;

@@ -929,10 +929,13 @@ impl<A: Adapter, S: Store> Runner<A, S> {
             tokio::time::timeout(self.config.db_timeout, self.store.transact(&self.inbox, d)).await;
         metrics::histogram!(metric::HANDLER_SECONDS, "consumer" => self.config.name.clone())
             .record(started.elapsed().as_secs_f64());
+        // Only what says the database cannot work now: a transient condition or no answer (an
+        // error about one message, which gets parked, says nothing about readiness).
         let db_failed = match &r {
             Ok(Ok(Step::Failed(e))) => self.store.is_transient(e.cause()),
             Ok(Ok(_)) => false,
-            Ok(Err(_)) | Err(_) => true,
+            Ok(Err(e)) => self.store.is_transient(e),
+            Err(_) => true,
         };
         self.db_failing.store(db_failed, Ordering::Relaxed);
         match r {

@@ -372,12 +372,25 @@ async fn relay(
     let shutdown = CancellationToken::new();
     if let Some(addr) = args.admin_listen {
         let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
+            .set_buckets(crate::metrics::BUCKETS)
+            .and_then(|b| b.install_recorder())
             .map_err(|e| Failure {
                 code: 1,
                 message: format!("cannot install the metrics recorder: {e}"),
             })?;
         crate::metrics::describe();
+        // The recorder's housekeeping (histogram windows), whether or not anyone scrapes.
+        let upkeep = prometheus.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => upkeep.run_upkeep(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
         // The operator page's pool: its own URL (another role) or the relay's database.
         let console_pool = match &args.admin_database_url {
             Some(url) => {
@@ -391,16 +404,23 @@ async fn relay(
                 let db = Db::new(Some(url), ca_file, db_timeout).map_err(rename)?;
                 db.pool(2).map_err(rename)?
             }
-            None => relay.pool().clone(),
+            // A pool of its own on the same database: a slow page or scrape never takes the
+            // relay's connections.
+            None => pg.pool(2)?,
         };
-        let console = crate::console::Console::new(console_pool, args.admin_token.clone());
+        let console = crate::console::Console::new(
+            console_pool,
+            args.admin_token.clone(),
+            args.admin_hosts.clone(),
+        );
         tokio::spawn(console.clone().sample(shutdown.clone()));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| usage(format!("--admin-listen {addr}: cannot listen: {e}")))?;
         tracing::info!(%addr, actions = args.admin_token.is_some(),
             "serving the operator page at /, /metrics, /healthz and /readyz");
-        let app = crate::observe::router(relay.clone(), prometheus).merge(console.router());
+        let app = crate::observe::router(relay.clone(), prometheus, console.pool().clone())
+            .merge(console.router());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let served = axum::serve(
