@@ -2,7 +2,7 @@
 //! installs a recorder (the `tidings relay` binary installs a Prometheus one with
 //! `--admin-listen`). Names follow Prometheus conventions (`_total` counters, `_seconds`
 //! histograms); labels are bounded: the sink's name, and the topic, of which at most
-//! [`MAX_TOPIC_LABELS`] distinct values are used (later topics are counted under `_other`).
+//! [`MAX_TOPIC_LABELS`] distinct values are used (later topics are counted under `(other)`, which no topic can be: topics are A-Z a-z 0-9 _ - and dots).
 //! Never a message id or a biz-id.
 
 use std::collections::HashSet;
@@ -60,7 +60,7 @@ pub const BUCKETS: &[f64] = &[
 pub const MAX_TOPIC_LABELS: usize = 200;
 
 /// The label value for `topic`: itself while fewer than [`MAX_TOPIC_LABELS`] topics were seen,
-/// else `_other`.
+/// else `(other)` (parentheses are not allowed in topics, so it cannot be mistaken for one).
 pub fn topic_label(topic: &str) -> String {
     static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Default::default);
@@ -72,7 +72,7 @@ pub fn topic_label(topic: &str) -> String {
         seen.insert(topic.to_owned());
         return topic.to_owned();
     }
-    "_other".to_owned()
+    "(other)".to_owned()
 }
 
 /// Every metric name the relay and `/metrics` use, with its help text (for the README's list

@@ -771,7 +771,7 @@ impl Relay {
         // Held back or released before publishing (a failed message ahead of them).
         let unpublished = report.claimed.saturating_sub(batch.len());
         if unpublished > 0 {
-            metrics::counter!(m::RELEASED, "sink" => sink, "topic" => "_held_back")
+            metrics::counter!(m::RELEASED, "sink" => sink, "topic" => "(held back)")
                 .increment(unpublished as u64);
         }
     }
