@@ -806,8 +806,14 @@ impl tidings_inbox::runner::diesel::DieselHandler for IssueCardDiesel {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn diesel_async_handler_runs_on_the_runner() {
+/// Ten payments, each published twice, and a poison one, through a NATS runner on the store
+/// `make` builds for the test's database: one card per payment, ten duplicates recognised, the
+/// poison message parked at once.
+async fn handler_runs_on_the_runner<S, F>(make: F)
+where
+    S: tidings_inbox::runner::Store,
+    F: AsyncFnOnce(&TestDb) -> S,
+{
     let ((db, c), nats) = (setup().await, NatsServer::start().await);
     let sink = tidings_tests::nats_sink(&nats).await;
     for i in 0..10 {
@@ -824,16 +830,9 @@ async fn diesel_async_handler_runs_on_the_runner() {
         .unwrap();
     }
     sink.publish(&envelope("poison_1")).await.unwrap();
-    let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
-        diesel_async::AsyncPgConnection,
-    >::new(&db.url);
-    let pool = diesel_async::pooled_connection::deadpool::Pool::builder(manager)
-        .max_size(4)
-        .build()
-        .unwrap();
     let consumer = Arc::new(
         NatsConsumer::with_store(
-            tidings_inbox::runner::diesel::DieselStore::new(pool, Arc::new(IssueCardDiesel)),
+            make(&db).await,
             async_nats::connect(&nats.url).await.unwrap(),
             ConsumerConfig {
                 name: "card-service".into(),
@@ -879,6 +878,21 @@ async fn diesel_async_handler_runs_on_the_runner() {
         .unwrap()
         .get(0);
     assert_eq!(parked, 1, "parked at once: the handler said so");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diesel_async_handler_runs_on_the_runner() {
+    handler_runs_on_the_runner(async |db: &TestDb| {
+        let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
+            diesel_async::AsyncPgConnection,
+        >::new(&db.url);
+        let pool = diesel_async::pooled_connection::deadpool::Pool::builder(manager)
+            .max_size(4)
+            .build()
+            .unwrap();
+        tidings_inbox::runner::diesel::DieselStore::new(pool, Arc::new(IssueCardDiesel))
+    })
+    .await;
 }
 
 /// A replay whose parked row was purged (or replayed by another runner) after it was read does
@@ -1118,75 +1132,15 @@ impl tidings_inbox::runner::sqlx::SqlxHandler for IssueCardSqlx {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlx_handler_runs_on_the_runner() {
-    let ((db, c), nats) = (setup().await, NatsServer::start().await);
-    let sink = tidings_tests::nats_sink(&nats).await;
-    for i in 0..10 {
-        let e = envelope(&format!("pay_{i}"));
-        sink.publish(&e).await.unwrap();
-        sink.publish(&Envelope {
-            message: tidings_outbox::WireMessage {
-                id: MessageId::from_uuid(uuid::Uuid::now_v7()),
-                ..e.message.clone()
-            },
-            ..e
-        })
-        .await
-        .unwrap();
-    }
-    sink.publish(&envelope("poison_1")).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url)
-        .await
-        .unwrap();
-    let consumer = Arc::new(
-        NatsConsumer::with_store(
-            tidings_inbox::runner::sqlx::SqlxStore::new(pool, Arc::new(IssueCardSqlx)),
-            async_nats::connect(&nats.url).await.unwrap(),
-            ConsumerConfig {
-                name: "card-service".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run(stop).await }
-    });
-    eventually("all handled", Duration::from_secs(30), || async {
-        let s = consumer.stats();
-        s.processed.load(Ordering::SeqCst) == 10
-            && s.duplicates.load(Ordering::SeqCst) == 10
-            && s.parked.load(Ordering::SeqCst) == 1
+    handler_runs_on_the_runner(async |db: &TestDb| {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db.url)
+            .await
+            .unwrap();
+        tidings_inbox::runner::sqlx::SqlxStore::new(pool, Arc::new(IssueCardSqlx))
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let total: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT payment_id) + count(*) FROM cards",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(total, 20, "ten payments, one card each");
-    let parked: i64 = c
-        .query_one(
-            "SELECT count(*) FROM tidings.inbox_dead_letters WHERE biz_id = 'poison_1'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(parked, 1);
 }
 
 /// `process_sqlx` in the caller's sqlx transaction: a failed effect leaves neither the effect

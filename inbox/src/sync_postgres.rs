@@ -3,17 +3,8 @@
 
 use postgres::{GenericClient, Transaction};
 
+use crate::postgres::map_err;
 use crate::{DedupKey, Error, Inbox, Outcome, Recorded, RECORD_KEY};
-
-fn map_err(e: postgres::Error) -> Error {
-    use postgres::error::SqlState;
-    match e.code() {
-        Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
-            Error::NotMigrated(Box::new(e))
-        }
-        _ => Error::Database(Box::new(e)),
-    }
-}
 
 impl Inbox {
     /// Records `key` inside the caller's open transaction; run the effect only on

@@ -37,8 +37,8 @@ use tidings_outbox::{MessageId, WireMessage};
 use tracing::Instrument;
 
 use crate::runner::{
-    chain, consume_span, has_nul, metric, note, record_lag, without_nul, ConsumerStats, Delivered,
-    ErrorClass, Parked, Step, Store, TimedOut,
+    chain, consume_span, metric, note, park, record_lag, ConsumerStats, Delivered, ErrorClass,
+    Step, Store, TimedOut,
 };
 use crate::{Error, Inbox};
 
@@ -423,30 +423,8 @@ impl<S: Store> WebhookReceiver<S> {
     }
 
     async fn park(&self, d: &Delivered, error: &str) -> Result<(), Error> {
-        let clean;
-        let d = if has_nul(d) {
-            clean = without_nul(d);
-            &clean
-        } else {
-            d
-        };
-        self.inner
-            .store
-            .park(Parked {
-                consumer: &self.inner.config.consumer,
-                message: d,
-                deliveries: d.delivery.clamp(0, i32::MAX as i64) as i32,
-                error: &error.replace('\0', "\u{fffd}"),
-            })
-            .await?;
-        note(
-            &self.inner.stats.parked,
-            metric::PARKED,
-            &self.inner.config.consumer,
-        );
-        tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
-            "message parked in tidings.inbox_dead_letters");
-        Ok(())
+        let inner = &*self.inner;
+        park(&inner.store, &inner.config.consumer, &inner.stats, d, error).await
     }
 }
 

@@ -7,7 +7,7 @@ use tokio_postgres::GenericClient;
 use crate::sql::{Columns, INSERT_MESSAGE, INSERT_MESSAGES};
 use crate::{Error, Message, MessageId, Outbox};
 
-fn map_err(e: tokio_postgres::Error) -> Error {
+pub(crate) fn map_err(e: tokio_postgres::Error) -> Error {
     match e.code() {
         Some(c)
             if *c == SqlState::UNDEFINED_TABLE
@@ -18,6 +18,35 @@ fn map_err(e: tokio_postgres::Error) -> Error {
         }
         _ => Error::Database(Box::new(e)),
     }
+}
+
+/// The typed parameters of `INSERT_MESSAGE` for the one message of `c` (shared with the sync
+/// `postgres` driver, whose types are tokio-postgres').
+pub(crate) fn one_params(c: &Columns) -> [(&(dyn ToSql + Sync), Type); 8] {
+    [
+        (&c.ids[0], Type::UUID),
+        (&c.topics[0], Type::TEXT),
+        (&c.keys[0], Type::TEXT),
+        (&c.biz_ids[0], Type::TEXT),
+        (&c.payloads[0], Type::BYTEA),
+        (&c.headers[0], Type::JSONB),
+        (&c.deliver_at[0], Type::TIMESTAMPTZ),
+        (&c.delays[0], Type::FLOAT8),
+    ]
+}
+
+/// The typed parameters of `INSERT_MESSAGES` for the batch `c`.
+pub(crate) fn batch_params(c: &Columns) -> [(&(dyn ToSql + Sync), Type); 8] {
+    [
+        (&c.ids, Type::UUID_ARRAY),
+        (&c.topics, Type::TEXT_ARRAY),
+        (&c.keys, Type::TEXT_ARRAY),
+        (&c.biz_ids, Type::TEXT_ARRAY),
+        (&c.payloads, Type::BYTEA_ARRAY),
+        (&c.headers, Type::JSONB_ARRAY),
+        (&c.deliver_at, Type::TIMESTAMPTZ_ARRAY),
+        (&c.delays, Type::FLOAT8_ARRAY),
+    ]
 }
 
 impl From<tokio_postgres::Error> for Error {
@@ -54,34 +83,14 @@ impl Outbox {
             return Ok(ids);
         }
         if ids.len() == 1 {
-            let params: [(&(dyn ToSql + Sync), Type); 8] = [
-                (&c.ids[0], Type::UUID),
-                (&c.topics[0], Type::TEXT),
-                (&c.keys[0], Type::TEXT),
-                (&c.biz_ids[0], Type::TEXT),
-                (&c.payloads[0], Type::BYTEA),
-                (&c.headers[0], Type::JSONB),
-                (&c.deliver_at[0], Type::TIMESTAMPTZ),
-                (&c.delays[0], Type::FLOAT8),
-            ];
             client
-                .query_typed(INSERT_MESSAGE, &params)
+                .query_typed(INSERT_MESSAGE, &one_params(&c))
                 .await
                 .map_err(map_err)?;
             return Ok(ids);
         }
-        let params: [(&(dyn ToSql + Sync), Type); 8] = [
-            (&c.ids, Type::UUID_ARRAY),
-            (&c.topics, Type::TEXT_ARRAY),
-            (&c.keys, Type::TEXT_ARRAY),
-            (&c.biz_ids, Type::TEXT_ARRAY),
-            (&c.payloads, Type::BYTEA_ARRAY),
-            (&c.headers, Type::JSONB_ARRAY),
-            (&c.deliver_at, Type::TIMESTAMPTZ_ARRAY),
-            (&c.delays, Type::FLOAT8_ARRAY),
-        ];
         client
-            .query_typed(INSERT_MESSAGES, &params)
+            .query_typed(INSERT_MESSAGES, &batch_params(&c))
             .await
             .map_err(map_err)?;
         Ok(ids)

@@ -2,25 +2,11 @@
 //! `postgres::Transaction` or `postgres::Client`, the same statements, checks and errors as the
 //! other drivers. Its calls block the thread: never call them on an async runtime's thread.
 
-use postgres::types::{ToSql, Type};
 use postgres::GenericClient;
 
+use crate::postgres::{batch_params, map_err, one_params};
 use crate::sql::{Columns, INSERT_MESSAGE, INSERT_MESSAGES};
 use crate::{Error, Message, MessageId, Outbox};
-
-fn map_err(e: postgres::Error) -> Error {
-    use postgres::error::SqlState;
-    match e.code() {
-        Some(c)
-            if *c == SqlState::UNDEFINED_TABLE
-                || *c == SqlState::INVALID_SCHEMA_NAME
-                || *c == SqlState::UNDEFINED_FUNCTION =>
-        {
-            Error::NotMigrated(Box::new(e))
-        }
-        _ => Error::Database(Box::new(e)),
-    }
-}
 
 impl Outbox {
     /// Writes one message through a sync `postgres` transaction (or client, which then commits
@@ -48,34 +34,14 @@ impl Outbox {
             return Ok(ids);
         }
         if ids.len() == 1 {
-            let params: [(&(dyn ToSql + Sync), Type); 8] = [
-                (&c.ids[0], Type::UUID),
-                (&c.topics[0], Type::TEXT),
-                (&c.keys[0], Type::TEXT),
-                (&c.biz_ids[0], Type::TEXT),
-                (&c.payloads[0], Type::BYTEA),
-                (&c.headers[0], Type::JSONB),
-                (&c.deliver_at[0], Type::TIMESTAMPTZ),
-                (&c.delays[0], Type::FLOAT8),
-            ];
             client
-                .query_typed(INSERT_MESSAGE, &params)
+                .query_typed(INSERT_MESSAGE, &one_params(&c))
                 .map_err(map_err)?;
-            return Ok(ids);
+        } else {
+            client
+                .query_typed(INSERT_MESSAGES, &batch_params(&c))
+                .map_err(map_err)?;
         }
-        let params: [(&(dyn ToSql + Sync), Type); 8] = [
-            (&c.ids, Type::UUID_ARRAY),
-            (&c.topics, Type::TEXT_ARRAY),
-            (&c.keys, Type::TEXT_ARRAY),
-            (&c.biz_ids, Type::TEXT_ARRAY),
-            (&c.payloads, Type::BYTEA_ARRAY),
-            (&c.headers, Type::JSONB_ARRAY),
-            (&c.deliver_at, Type::TIMESTAMPTZ_ARRAY),
-            (&c.delays, Type::FLOAT8_ARRAY),
-        ];
-        client
-            .query_typed(INSERT_MESSAGES, &params)
-            .map_err(map_err)?;
         Ok(ids)
     }
 }

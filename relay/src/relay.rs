@@ -753,6 +753,9 @@ impl Relay {
     fn record_metrics(&self, report: &TickReport, batch: &[Envelope], kinds: &[Kind]) {
         let sink = self.sink.name();
         metrics::counter!(m::CLAIMED, "sink" => sink).increment(report.claimed as u64);
+        // Counted per (topic, outcome) first: one label lookup and one counter update for each
+        // distinct pair of the batch, not for each message.
+        let mut counts: BTreeMap<(&str, &'static str), u64> = BTreeMap::new();
         for (msg, kind) in batch.iter().zip(kinds) {
             let name = match kind {
                 Kind::Delivered | Kind::Duplicate => m::DELIVERED,
@@ -761,12 +764,15 @@ impl Relay {
                 Kind::Postponed => m::POSTPONED,
                 Kind::Released => m::RELEASED,
             };
-            let topic = m::topic_label(&msg.topic);
+            *counts.entry((msg.topic.as_str(), name)).or_default() += 1;
             if *kind == Kind::Duplicate {
-                metrics::counter!(m::DUPLICATES, "sink" => sink, "topic" => topic.clone())
-                    .increment(1);
+                *counts
+                    .entry((msg.topic.as_str(), m::DUPLICATES))
+                    .or_default() += 1;
             }
-            metrics::counter!(name, "sink" => sink, "topic" => topic).increment(1);
+        }
+        for ((topic, name), n) in counts {
+            metrics::counter!(name, "sink" => sink, "topic" => m::topic_label(topic)).increment(n);
         }
         // Held back or released before publishing (a failed message ahead of them).
         let unpublished = report.claimed.saturating_sub(batch.len());

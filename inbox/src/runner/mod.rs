@@ -418,6 +418,45 @@ pub(crate) fn note(stats: &AtomicU64, name: &'static str, consumer: &str) {
     metrics::counter!(name, "consumer" => consumer.to_owned()).increment(1);
 }
 
+/// Whether a SQLSTATE is a transient database condition: serialization failure (40001),
+/// deadlock (40P01), lock not available (55P03), an administrator's or crash shutdown
+/// (57P01-57P03), or a connection failure (class 08). Shared by the stores' `is_transient`.
+#[cfg(any(feature = "tokio-postgres", feature = "sqlx"))]
+pub(crate) fn transient_sqlstate(code: &str) -> bool {
+    ["40001", "40P01", "55P03", "57P01", "57P02", "57P03"].contains(&code) || code.starts_with("08")
+}
+
+/// Parks `d` for `consumer` through `store` and counts it (the runner and the webhook receiver).
+/// PostgreSQL text and jsonb cannot hold NUL: a message carrying one is parked with it replaced
+/// (U+FFFD), never refused (the payload, bytea, is kept as it came).
+pub(crate) async fn park<S: Store>(
+    store: &S,
+    consumer: &str,
+    stats: &ConsumerStats,
+    d: &Delivered,
+    error: &str,
+) -> Result<(), Error> {
+    let clean;
+    let d = if has_nul(d) {
+        clean = without_nul(d);
+        &clean
+    } else {
+        d
+    };
+    store
+        .park(Parked {
+            consumer,
+            message: d,
+            deliveries: d.delivery.clamp(0, i32::MAX as i64) as i32,
+            error: &error.replace('\0', "\u{fffd}"),
+        })
+        .await?;
+    note(&stats.parked, metric::PARKED, consumer);
+    tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
+        "message parked in tidings.inbox_dead_letters");
+    Ok(())
+}
+
 /// Records the lag of a received message (now minus its created time), when it has one.
 pub(crate) fn record_lag(consumer: &str, d: &Delivered) {
     if let Some(t) = d.created_at {
@@ -635,27 +674,7 @@ impl<A: Adapter, S: Store> Runner<A, S> {
     }
 
     async fn park(&self, d: &Delivered, error: &str) -> Result<(), Error> {
-        // PostgreSQL text and jsonb cannot hold NUL: a message carrying one is parked with it
-        // replaced (U+FFFD), never refused (the payload, bytea, is kept as it came).
-        let clean;
-        let d = if has_nul(d) {
-            clean = without_nul(d);
-            &clean
-        } else {
-            d
-        };
-        self.store
-            .park(Parked {
-                consumer: &self.config.name,
-                message: d,
-                deliveries: d.delivery.clamp(0, i32::MAX as i64) as i32,
-                error: &error.replace('\0', "\u{fffd}"),
-            })
-            .await?;
-        self.note(&self.stats.parked, metric::PARKED);
-        tracing::error!(%error, deliveries = d.delivery, message_id = %d.id,
-            "message parked in tidings.inbox_dead_letters");
-        Ok(())
+        park(&self.store, &self.config.name, &self.stats, d, error).await
     }
 
     async fn consume(&self, shutdown: &CancellationToken) {

@@ -189,13 +189,11 @@ pub fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
             if pg.is_closed() {
                 return true;
             }
-            if let Some(code) = pg.code() {
-                let c = code.code();
-                if ["40001", "40P01", "55P03", "57P01", "57P02", "57P03"].contains(&c)
-                    || c.starts_with("08")
-                {
-                    return true;
-                }
+            if pg
+                .code()
+                .is_some_and(|c| super::transient_sqlstate(c.code()))
+            {
+                return true;
             }
         }
         if err.downcast_ref::<deadpool_postgres::PoolError>().is_some() {

@@ -172,15 +172,10 @@ pub fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                     return true
                 }
-                sqlx::Error::Database(d) => {
-                    if let Some(c) = d.code() {
-                        if ["40001", "40P01", "55P03", "57P01", "57P02", "57P03"]
-                            .contains(&c.as_ref())
-                            || c.starts_with("08")
-                        {
-                            return true;
-                        }
-                    }
+                sqlx::Error::Database(d)
+                    if d.code().is_some_and(|c| super::transient_sqlstate(&c)) =>
+                {
+                    return true
                 }
                 _ => {}
             }
