@@ -421,6 +421,17 @@ async fn headers_http_cannot_carry_fail_that_message_permanently() {
         .await
         .expect("UTF-8 values travel as bytes");
     assert_eq!(recorder.requests()[0].header("x-unicode"), Some("café ☕"));
+    // A biz-id (or any header value) with a leading or trailing space or tab, which the schema
+    // allows but HTTP strips on the way: permanent, never a changed biz-id at the receiver.
+    for biz in [" pay-1", "pay-1\t"] {
+        let mut env = envelope("t", "{}");
+        env.message.biz_id = Some(biz.into());
+        match sink.publish(&env).await {
+            Err(SinkError::Permanent(e)) => assert!(e.to_string().contains("HTTP strips"), "{e}"),
+            other => panic!("{biz:?}: {other:?}"),
+        }
+    }
+    assert_eq!(recorder.seen().len(), 1, "nothing else was sent");
 }
 
 // ---------------------------------------------------------------------------------------------
