@@ -63,6 +63,10 @@ pub struct RelayConfig {
     /// finish before abandoning it (its rows are released and delivered again later).
     /// Defaults to 20 seconds.
     pub shutdown_timeout: Duration,
+    /// The database's name when one process serves several (`tidings relay --database
+    /// NAME=URL`): a `db` label on every metric the relay records. None (the default) for a
+    /// relay of one database: no `db` label. Never a URL.
+    pub database: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +121,9 @@ pub struct RelayArgs {
     /// Database connections in the relay's pool (the LISTEN connection is extra).
     #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
     pub pool_size: usize,
+    /// With --databases-file: how often the file is re-read (SIGHUP re-reads it at once).
+    #[arg(long, env = "TIDINGS_DATABASES_RELOAD", value_parser = crate::parse_duration, default_value = "10s")]
+    pub databases_reload: Duration,
     /// Serve Prometheus metrics at /metrics, liveness at /healthz and readiness at /readyz on
     /// this address (e.g. 127.0.0.1:9464, or 0.0.0.0:9464 inside a container). Off unless set.
     #[arg(long, env = "TIDINGS_ADMIN_LISTEN")]
@@ -191,6 +198,7 @@ impl Default for RelayConfig {
             vacuum_every: 20_000,
             statement_cache: true,
             shutdown_timeout: Duration::from_secs(20),
+            database: None,
         }
     }
 }

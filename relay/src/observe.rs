@@ -11,6 +11,10 @@
 //!   database outage does not turn into a restart loop.
 //! - `/readyz`: 200 `{"ready":true}` when the database answers, the sink's health check passes
 //!   and the relay is not backing off from a broker outage; else 503 with the reasons as JSON.
+//!
+//! A process serving several databases reports on each: its gauges carry a `db` label (the
+//! database's name, never its URL), and it is ready when every database is, each reason
+//! prefixed with the database's name.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,37 +29,59 @@ use crate::Relay;
 /// How long a scrape or a readiness probe waits for the database (and the sink).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// One database the admin listener reports on.
+#[derive(Clone)]
+pub struct Target {
+    /// Its name when the process serves several (`tidings relay --database NAME=URL`): the
+    /// `db` label of its gauges and the prefix of its readiness reasons. None for a relay of
+    /// one database.
+    pub db: Option<String>,
+    /// The relay serving it.
+    pub relay: Arc<Relay>,
+    /// The admin pool its gauges are read with (never the relay's own connections).
+    pub pool: deadpool_postgres::Pool,
+    /// Why its relay is not running now (the database is down or not migrated): it is not
+    /// ready. None while it runs.
+    pub problem: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// The databases served, shared with whoever adds and removes them (the fleet supervisor
+/// when `--databases-file` changes).
+pub type Targets = Arc<std::sync::RwLock<Vec<Target>>>;
+
 #[derive(Clone)]
 struct State {
-    relay: Arc<Relay>,
+    targets: Targets,
     prometheus: PrometheusHandle,
-    /// The admin pool (the gauges' queries never take the relay's connections).
-    pool: deadpool_postgres::Pool,
     /// One gauge refresh at a time; scrapes that waited for one share it.
     refreshed: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
-/// The admin routes; `pool` is the admin pool the gauges are read with.
-pub fn router(
-    relay: Arc<Relay>,
-    prometheus: PrometheusHandle,
-    pool: deadpool_postgres::Pool,
-) -> axum::Router {
+/// The admin routes over the databases in `targets`.
+pub fn router(targets: Targets, prometheus: PrometheusHandle) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", axum::routing::get(readyz))
         .with_state(State {
-            relay,
+            targets,
             prometheus,
-            pool,
             refreshed: Arc::default(),
         })
+}
+
+fn snapshot(targets: &Targets) -> Vec<Target> {
+    targets.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Reads the database's gauges into the recorder, on `pool` (the admin pool, never the relay's
 /// own); false when the database did not answer.
 pub async fn refresh_gauges(pool: &deadpool_postgres::Pool) -> bool {
+    refresh_gauges_of(pool, None).await
+}
+
+/// [`refresh_gauges`] with a `db` label on every gauge when `db` is given.
+pub async fn refresh_gauges_of(pool: &deadpool_postgres::Pool, db: Option<&str>) -> bool {
     let read = async {
         let client = crate::console::checkout(pool).await?;
         let status = crate::admin::status(&**client).await?;
@@ -68,29 +94,36 @@ pub async fn refresh_gauges(pool: &deadpool_postgres::Pool) -> bool {
             .map(|r| r.get(0));
         Ok::<_, crate::Error>((status, parked))
     };
+    let labels: Vec<metrics::Label> = db
+        .map(|d| metrics::Label::new("db", d.to_owned()))
+        .into_iter()
+        .collect();
+    let gauge = |name: &'static str| metrics::gauge!(name, labels.clone());
     match tokio::time::timeout(PROBE_TIMEOUT, read).await {
         Ok(Ok((s, parked))) => {
-            metrics::gauge!(m::BACKLOG).set(s.backlog as f64);
-            metrics::gauge!(m::DUE).set(s.ready as f64);
-            metrics::gauge!(m::RETRYING).set(s.retrying as f64);
-            metrics::gauge!(m::OLDEST_DUE_AGE).set(s.oldest_ready_age_secs.unwrap_or(0.0));
-            metrics::gauge!(m::DEAD_LETTERS).set(s.dead_letters as f64);
-            metrics::gauge!(m::RELAYS_ALIVE)
-                .set(s.relays.iter().filter(|r| r.alive).count() as f64);
+            gauge(m::BACKLOG).set(s.backlog as f64);
+            gauge(m::DUE).set(s.ready as f64);
+            gauge(m::RETRYING).set(s.retrying as f64);
+            gauge(m::OLDEST_DUE_AGE).set(s.oldest_ready_age_secs.unwrap_or(0.0));
+            gauge(m::DEAD_LETTERS).set(s.dead_letters as f64);
+            gauge(m::RELAYS_ALIVE).set(s.relays.iter().filter(|r| r.alive).count() as f64);
             if let Some(parked) = parked {
-                metrics::gauge!(m::INBOX_PARKED).set(parked as f64);
+                gauge(m::INBOX_PARKED).set(parked as f64);
             }
-            metrics::gauge!(m::DATABASE_UP).set(1.0);
+            gauge(m::DATABASE_UP).set(1.0);
             true
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %crate::ErrorChain(&e), "metrics: cannot read the database");
-            metrics::gauge!(m::DATABASE_UP).set(0.0);
+            tracing::warn!(db, error = %crate::ErrorChain(&e), "metrics: cannot read the database");
+            gauge(m::DATABASE_UP).set(0.0);
             false
         }
         Err(_) => {
-            tracing::warn!("metrics: the database did not answer within {PROBE_TIMEOUT:?}");
-            metrics::gauge!(m::DATABASE_UP).set(0.0);
+            tracing::warn!(
+                db,
+                "metrics: the database did not answer within {PROBE_TIMEOUT:?}"
+            );
+            gauge(m::DATABASE_UP).set(0.0);
             false
         }
     }
@@ -103,7 +136,13 @@ async fn metrics(axum::extract::State(s): axum::extract::State<State>) -> Respon
         let arrived = std::time::Instant::now();
         let mut last = s.refreshed.lock().await;
         if last.is_none_or(|t| t < arrived) {
-            refresh_gauges(&s.pool).await;
+            let targets = snapshot(&s.targets);
+            futures::future::join_all(
+                targets
+                    .iter()
+                    .map(|t| refresh_gauges_of(&t.pool, t.db.as_deref())),
+            )
+            .await;
             *last = Some(std::time::Instant::now());
         }
     }
@@ -118,7 +157,24 @@ async fn metrics(axum::extract::State(s): axum::extract::State<State>) -> Respon
 }
 
 async fn readyz(axum::extract::State(s): axum::extract::State<State>) -> Response {
-    let r = s.relay.readiness().await;
+    let targets = snapshot(&s.targets);
+    let each = futures::future::join_all(targets.iter().map(|t| async move {
+        let problem = t.problem.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let reasons = match problem {
+            Some(p) => vec![format!("database: {p}")],
+            None => t.relay.readiness().await.reasons,
+        };
+        match &t.db {
+            None => reasons,
+            Some(db) => reasons.into_iter().map(|r| format!("{db}: {r}")).collect(),
+        }
+    }))
+    .await;
+    let reasons: Vec<String> = each.into_iter().flatten().collect();
+    let r = crate::Readiness {
+        ready: reasons.is_empty(),
+        reasons,
+    };
     let status = if r.ready {
         StatusCode::OK
     } else {

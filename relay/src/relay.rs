@@ -230,6 +230,18 @@ impl Relay {
         (self.config.claim_timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
     }
 
+    /// Metric labels: `pairs`, then `db` when the relay serves a named database of a fleet.
+    fn labels(&self, pairs: &[(&'static str, &str)]) -> Vec<metrics::Label> {
+        let mut v: Vec<metrics::Label> = pairs
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
+            .collect();
+        if let Some(db) = &self.config.database {
+            v.push(metrics::Label::new("db", db.clone()));
+        }
+        v
+    }
+
     /// How many ticks this relay has run (a test and metrics hook).
     pub fn ticks(&self) -> u64 {
         self.state.lock().map(|s| s.ticks).unwrap_or(0)
@@ -292,7 +304,7 @@ impl Relay {
         let listener = self
             .listener
             .as_ref()
-            .map(|f| tokio::spawn(f(wake.clone(), listener_stop.clone())));
+            .map(|f| tokio::spawn(f(wake.clone(), listener_stop.clone()).in_current_span()));
         tracing::info!(relay = %self.config.name, id = %self.id, sink = self.sink.name(),
             listen = listener.is_some(), "relay started");
         let mut db_errors = 0u32;
@@ -343,7 +355,7 @@ impl Relay {
                 }
                 Err(e) => {
                     db_errors += 1;
-                    metrics::counter!(m::DB_ERRORS).increment(1);
+                    metrics::counter!(m::DB_ERRORS, self.labels(&[])).increment(1);
                     let pause = jitter(
                         (Duration::from_millis(250) * 2u32.pow(db_errors.min(7)))
                             .min(Duration::from_secs(30)),
@@ -494,7 +506,7 @@ impl Relay {
             .instrument(span.clone())
             .await?;
         if report.claimed > 0 {
-            metrics::histogram!(m::BATCH_SECONDS, "sink" => self.sink.name())
+            metrics::histogram!(m::BATCH_SECONDS, self.labels(&[("sink", self.sink.name())]))
                 .record(started.elapsed().as_secs_f64());
             span.record("claimed", report.claimed);
             span.record("delivered", report.delivered);
@@ -606,8 +618,11 @@ impl Relay {
             span.record("outcome", outcome);
         }
         if !batch.is_empty() {
-            metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.name())
-                .record(publish_started.elapsed().as_secs_f64());
+            metrics::histogram!(
+                m::PUBLISH_SECONDS,
+                self.labels(&[("sink", self.sink.name())])
+            )
+            .record(publish_started.elapsed().as_secs_f64());
         }
         let all_postponed = self.check_outage(&mut outcomes, claim_deadline).await;
 
@@ -752,7 +767,8 @@ impl Relay {
     /// Counts a committed batch's outcomes (labels: sink, and topic, bounded).
     fn record_metrics(&self, report: &TickReport, batch: &[Envelope], kinds: &[Kind]) {
         let sink = self.sink.name();
-        metrics::counter!(m::CLAIMED, "sink" => sink).increment(report.claimed as u64);
+        metrics::counter!(m::CLAIMED, self.labels(&[("sink", sink)]))
+            .increment(report.claimed as u64);
         // Counted per (topic, outcome) first: one label lookup and one counter update for each
         // distinct pair of the batch, not for each message.
         let mut counts: BTreeMap<(&str, &'static str), u64> = BTreeMap::new();
@@ -772,13 +788,20 @@ impl Relay {
             }
         }
         for ((topic, name), n) in counts {
-            metrics::counter!(name, "sink" => sink, "topic" => m::topic_label(topic)).increment(n);
+            metrics::counter!(
+                name,
+                self.labels(&[("sink", sink), ("topic", &m::topic_label(topic))])
+            )
+            .increment(n);
         }
         // Held back or released before publishing (a failed message ahead of them).
         let unpublished = report.claimed.saturating_sub(batch.len());
         if unpublished > 0 {
-            metrics::counter!(m::RELEASED, "sink" => sink, "topic" => "(held back)")
-                .increment(unpublished as u64);
+            metrics::counter!(
+                m::RELEASED,
+                self.labels(&[("sink", sink), ("topic", "(held back)")])
+            )
+            .increment(unpublished as u64);
         }
     }
 
@@ -1094,8 +1117,11 @@ impl Relay {
                 s.unavailable_streak = 0;
                 s.unavailable_since_log = None;
             }
-            metrics::gauge!(m::SINK_UNAVAILABLE, "sink" => self.sink.name())
-                .set(if s.unavailable_streak > 0 { 1.0 } else { 0.0 });
+            metrics::gauge!(
+                m::SINK_UNAVAILABLE,
+                self.labels(&[("sink", self.sink.name())])
+            )
+            .set(if s.unavailable_streak > 0 { 1.0 } else { 0.0 });
             s.removed_since_vacuum += (r.delivered + r.dead_lettered) as u64;
             s.counters.delivered += r.delivered as i64;
             s.counters.failed += r.retried as i64;

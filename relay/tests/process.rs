@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use tidings_outbox::Message;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
 use tidings_relay::{Relay, RelayConfig};
-use tidings_tests::{drain, eventually, pool, NatsServer, TestDb};
+use tidings_tests::{drain, eventually, http_get, pool, sample, NatsServer, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
@@ -1287,38 +1287,6 @@ async fn answer_204() -> u16 {
         }
     });
     port
-}
-
-/// `GET path` on 127.0.0.1:port: (status, body); (0, "") when nothing answers.
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, String::new());
-    };
-    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of an unlabelled (or exactly labelled) sample in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `--admin-listen`: /metrics counts what the relay delivered (by sink and topic) and reads the

@@ -37,6 +37,7 @@ macro_rules! out_raw {
 // After the macros: textual scope makes them visible in these modules.
 mod admin;
 mod db;
+mod fleet;
 
 use db::Db;
 
@@ -72,6 +73,19 @@ pub struct Cli {
         verbatim_doc_comment
     )]
     database_url: Option<String>,
+    /// A database to serve, as NAME=URL (repeatable): `tidings relay` runs one relay per
+    /// database in this process (its own pool and LISTEN connection, logs and metrics labelled
+    /// db=NAME, never the URL); `status` and `migrate` go through each in turn. NAME is 1 to 63
+    /// of A-Z a-z 0-9 _ -. Instead of --database-url.
+    #[arg(long = "database", value_name = "NAME=URL", global = true)]
+    databases: Vec<String>,
+    /// A file of databases to serve, one NAME=URL per line (blank lines and # comments
+    /// skipped), like repeated --database. `tidings relay` re-reads it every
+    /// --databases-reload and on SIGHUP: added databases start, removed ones stop gracefully,
+    /// a changed URL restarts that database's relay; a file that does not parse is ignored
+    /// (logged) and the databases served stay as they were.
+    #[arg(long, env = "TIDINGS_DATABASES_FILE", global = true)]
+    databases_file: Option<std::path::PathBuf>,
     /// CA certificate(s) (PEM) that PostgreSQL's certificate must chain to, instead of the system
     /// roots (like libpq's sslrootcert); needs sslmode=require, verify-ca or verify-full.
     #[arg(long, env = "TIDINGS_PG_CA_FILE", global = true)]
@@ -230,7 +244,7 @@ enum InboxDlqAction {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 enum MigrateAction {
     /// Apply every pending migration (safe to run from several processes at once).
     Up,
@@ -317,6 +331,40 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 /// Output goes to stdout and never panics when stdout is closed; log lines go to the tracing
 /// subscriber the caller installed.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let source = match (
+        &cli.database_url,
+        cli.databases.is_empty(),
+        &cli.databases_file,
+    ) {
+        (_, true, None) => None,
+        (Some(_), _, _) => {
+            return Err(usage(
+                "give the database as --database-url / DATABASE_URL, or as --database / --databases-file, not both",
+            ))
+        }
+        (None, false, Some(_)) => {
+            return Err(usage(
+                "give the databases as --database or as --databases-file, not both",
+            ))
+        }
+        (None, false, None) => Some(fleet::Source::Flags(fleet::parse_flags(&cli.databases)?)),
+        (None, true, Some(path)) => Some(fleet::Source::File(path.clone())),
+    };
+    if let Some(source) = source {
+        let ca = cli.pg_ca_file.as_deref();
+        return match cli.command {
+            Command::Relay(args) => relay_fleet(source, *args, ca, cli.db_timeout).await,
+            Command::Status { json } => {
+                fleet::status(source.load().await?, ca, cli.db_timeout, json).await
+            }
+            Command::Migrate {
+                action: action @ (MigrateAction::Up | MigrateAction::Status),
+            } => fleet::migrate(source.load().await?, ca, cli.db_timeout, action).await,
+            _ => Err(usage(
+                "this command works on one database: pass --database-url (--database and --databases-file serve relay, status, migrate up and migrate status)",
+            )),
+        };
+    }
     let pg = Db::new(
         cli.database_url.as_deref(),
         cli.pg_ca_file.as_deref(),
@@ -360,37 +408,19 @@ async fn relay(
             crate::Error::Config(m) => usage(m),
             other => Failure::from(other),
         })?;
-    let relay = pg.with_listener(Relay::new(pool, sink, config).map_err(|e| {
-        let mut m = flagify(&e.to_string());
-        if let Some(hint) = dedup_hint.filter(|_| m.contains("dedup window")) {
-            m.push_str(&format!(" ({hint})"));
+    let relay = Relay::new(pool, sink, config).map_err(|e| {
+        let mut f = config_failure(e);
+        if let Some(hint) = dedup_hint.filter(|_| f.message.contains("dedup window")) {
+            f.message.push_str(&format!(" ({hint})"));
         }
-        usage(m)
-    })?);
+        f
+    })?;
+    let relay = pg.with_listener(relay);
 
     let relay = std::sync::Arc::new(relay);
     let shutdown = CancellationToken::new();
     if let Some(addr) = args.admin_listen {
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .set_buckets(crate::metrics::BUCKETS)
-            .and_then(|b| b.install_recorder())
-            .map_err(|e| Failure {
-                code: 1,
-                message: format!("cannot install the metrics recorder: {e}"),
-            })?;
-        crate::metrics::describe();
-        // The recorder's housekeeping (histogram windows), whether or not anyone scrapes.
-        let upkeep = prometheus.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => upkeep.run_upkeep(),
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
+        let prometheus = install_prometheus(&shutdown)?;
         // The operator page's pool: its own URL (another role) or the relay's database.
         let console_pool = match &args.admin_database_url {
             Some(url) => {
@@ -414,25 +444,14 @@ async fn relay(
             args.admin_hosts.clone(),
         );
         tokio::spawn(console.clone().sample(shutdown.clone()));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| usage(format!("--admin-listen {addr}: cannot listen: {e}")))?;
-        tracing::info!(%addr, actions = args.admin_token.is_some(),
-            "serving the operator page at /, /metrics, /healthz and /readyz");
-        let app = crate::observe::router(relay.clone(), prometheus, console.pool().clone())
-            .merge(console.router());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "the admin listener stopped");
-            }
-        });
+        let targets = std::sync::Arc::new(std::sync::RwLock::new(vec![crate::observe::Target {
+            db: None,
+            relay: relay.clone(),
+            pool: console.pool().clone(),
+            problem: Default::default(),
+        }]));
+        let app = crate::observe::router(targets, prometheus).merge(console.router());
+        serve_admin(addr, app, args.admin_token.is_some(), &shutdown).await?;
     }
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -448,6 +467,160 @@ async fn relay(
         },
         other => Failure::from(other),
     })
+}
+
+/// A relay config error as exit 2, naming flags.
+fn config_failure(e: crate::Error) -> Failure {
+    usage(flagify(&e.to_string()))
+}
+
+/// Installs the Prometheus recorder and its housekeeping task (until `shutdown`).
+fn install_prometheus(
+    shutdown: &CancellationToken,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, Failure> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(crate::metrics::BUCKETS)
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot install the metrics recorder: {e}"),
+        })?;
+    crate::metrics::describe();
+    // The recorder's housekeeping (histogram windows), whether or not anyone scrapes.
+    let upkeep = prometheus.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = every.tick() => upkeep.run_upkeep(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    Ok(prometheus)
+}
+
+/// Binds `--admin-listen` and serves `app` on it until `shutdown`.
+async fn serve_admin(
+    addr: std::net::SocketAddr,
+    app: axum::Router,
+    actions: bool,
+    shutdown: &CancellationToken,
+) -> Result<(), Failure> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| usage(format!("--admin-listen {addr}: cannot listen: {e}")))?;
+    tracing::info!(%addr, actions,
+        "serving the operator page at /, /metrics, /healthz and /readyz");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the admin listener stopped");
+        }
+    });
+    Ok(())
+}
+
+/// `tidings relay` over several databases ([`fleet`]): one relay per database, the sink
+/// shared; with a file, re-read every `--databases-reload` and on SIGHUP.
+async fn relay_fleet(
+    source: fleet::Source,
+    args: crate::RelayArgs,
+    ca_file: Option<&std::path::Path>,
+    db_timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    if args.pool_size == 0 {
+        return Err(usage("--pool-size must be at least 1"));
+    }
+    if args.admin_database_url.is_some() {
+        return Err(usage(
+            "--admin-database-url names one database; with --database / --databases-file each database's page uses that database's URL",
+        ));
+    }
+    if args.databases_reload.is_zero() {
+        return Err(usage("--databases-reload must be greater than 0"));
+    }
+    let entries = source.load().await?;
+    // Every URL parses before anything connects.
+    for e in &entries {
+        fleet::db_of(e, ca_file, db_timeout)?;
+    }
+    let config = args.config();
+    let dedup_hint = args.sink.dedup_window_hint();
+    let sink = args
+        .sink
+        .connect(args.publish_timeout)
+        .await
+        .map_err(|e| match e {
+            crate::Error::Config(m) => usage(m),
+            other => Failure::from(other),
+        })?;
+    let shutdown = CancellationToken::new();
+    let admin = args.admin_listen.map(|_| fleet::AdminOpts {
+        token: args.admin_token.clone(),
+        hosts: args.admin_hosts.clone(),
+    });
+    let mut fleet = fleet::Fleet::new(
+        sink,
+        config,
+        args.pool_size,
+        ca_file.map(|p| p.to_owned()),
+        db_timeout,
+        admin,
+    );
+    fleet.start_all(entries).map_err(|mut f| {
+        if let Some(hint) = dedup_hint.filter(|_| f.message.contains("dedup window")) {
+            f.message.push_str(&format!(" ({hint})"));
+        }
+        f
+    })?;
+    tracing::info!(databases = ?fleet.names(), "serving several databases");
+    if let Some(addr) = args.admin_listen {
+        let prometheus = install_prometheus(&shutdown)?;
+        let app = crate::observe::router(fleet.targets.clone(), prometheus)
+            .merge(fleet::console_router(fleet.consoles.clone()));
+        serve_admin(addr, app, args.admin_token.is_some(), &shutdown).await?;
+    }
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing the batches in flight");
+        signals.cancel();
+    });
+    if let fleet::Source::File(_) = &source {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut every = tokio::time::interval(args.databases_reload);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+                _ = hangup => tracing::info!("SIGHUP: re-reading --databases-file"),
+            }
+            match source.load().await {
+                Ok(entries) => fleet.apply(entries).await,
+                Err(f) => tracing::error!(error = %f.message,
+                    "cannot re-read --databases-file; the databases served stay as they are"),
+            }
+        }
+    } else {
+        shutdown.cancelled().await;
+    }
+    fleet.shutdown().await
 }
 
 /// Names the flags in a library config error: `claim_timeout` becomes `--claim-timeout`.
