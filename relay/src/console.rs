@@ -74,7 +74,7 @@ pub struct Console {
 /// Answers only requests addressed to `localhost`, an IP address or one of the allowed host
 /// names (a page reached through another name is a DNS-rebinding attempt), and marks every
 /// answer as not to be cached.
-async fn guard(
+pub(crate) async fn guard(
     State(hosts): State<Arc<Vec<String>>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,

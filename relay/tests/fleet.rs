@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tidings_outbox::Message;
-use tidings_tests::{eventually, http_get, sample, sum_samples, NatsServer, TestDb};
+use tidings_tests::{eventually, http_get, http_get_as, sample, sum_samples, NatsServer, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
@@ -122,7 +122,8 @@ async fn one_process_serves_several_databases_fairly_and_reports_the_broken_ones
         busy_left > 0,
         "the busy database was still draining when the quiet one's messages went out"
     );
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Starved, it would wait for the whole backlog (about 20 s here, longer on a loaded machine).
+    assert!(took < Duration::from_secs(5), "{took:?}");
 
     // The broken ones are reported, by name.
     let (code, body) = http_get(admin, "/readyz").await;
@@ -130,10 +131,7 @@ async fn one_process_serves_several_databases_fairly_and_reports_the_broken_ones
     assert!(body.contains("down: database:"), "{body}");
     assert!(body.contains("bare: database:"), "{body}");
     assert!(body.contains("tidings migrate up"), "{body}");
-    assert!(
-        !body.contains("busy:") && !body.contains("quiet:"),
-        "{body}"
-    );
+    assert!(!body.contains("quiet:"), "{body}");
     assert!(!body.contains("hunter2"), "{body}");
 
     // Migrating the bare one from the command line (several databases at once) gets it served
@@ -146,8 +144,8 @@ async fn one_process_serves_several_databases_fairly_and_reports_the_broken_ones
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("database bare"));
     bare.enqueue(keyed("bare.orders", 0, 5, 5)).await;
     eventually(
-        "the newly migrated database served (retry backoff: 1 s doubling)",
-        Duration::from_secs(40),
+        "the newly migrated database served (retry backoff: 1 s doubling up to 60 s)",
+        Duration::from_secs(90),
         || async { bare.outbox_count().await == 0 },
     )
     .await;
@@ -201,6 +199,13 @@ async fn one_process_serves_several_databases_fairly_and_reports_the_broken_ones
     assert_eq!(code, 200, "{overview}");
     assert!(overview.contains("\"backlog\":0"), "{overview}");
     assert_eq!(http_get(admin, "/db/nope/").await.0, 404);
+    // The Host guard covers the list of databases and every database's page.
+    assert_eq!(http_get_as(admin, "/", "evil.example").await.0, 421);
+    assert_eq!(
+        http_get_as(admin, "/db/quiet/", "evil.example").await.0,
+        421
+    );
+    assert_eq!(http_get_as(admin, "/db/nope/", "evil.example").await.0, 421);
 
     // `tidings status` over the same databases: each by name, the unreachable one with its
     // error (exit 1 after showing the others), no URL.
@@ -325,6 +330,27 @@ async fn the_databases_file_is_reread_on_sighup_without_a_restart() {
                 .get::<_, i64>(0)
         }
     };
+    // A changed URL (same database, another application_name) restarts that relay.
+    std::fs::write(
+        &file,
+        format!("a={}?application_name=tidings_a\nb={}\n", a.url, b.url),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    eventually(
+        "a's relay restarted",
+        Duration::from_secs(10),
+        logged("database URL changed"),
+    )
+    .await;
+    a.enqueue(keyed("a.orders", 15, 5, 3)).await;
+    eventually(
+        "a served after its restart",
+        Duration::from_secs(20),
+        || async { a.outbox_count().await == 0 },
+    )
+    .await;
+
     std::fs::write(&file, format!("b={}\n", b.url)).unwrap();
     signal(&child, "-HUP");
     eventually(
@@ -386,10 +412,31 @@ async fn the_databases_file_is_reread_on_sighup_without_a_restart() {
         .args(["dlq", "list", "--database", &format!("a={}", a.url)])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("works on one database"), "{err}");
+    assert!(!err.contains(&a.url), "{err}");
+    // A databases file in the environment (for the relay) does not get in the way of a
+    // command on one database.
+    let out = tidings()
+        .env("TIDINGS_DATABASES_FILE", &file)
+        .env("DATABASE_URL", &a.url)
+        .args(["dlq", "list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // A conninfo string without NAME= is refused without being echoed.
+    let out = tidings()
+        .args(["status", "--database", "password=hunter2=x host=127.0.0.1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("connection keyword") && !err.contains("hunter2"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
-    // (No `a` relay row is left behind by the removal above.)
-    assert_eq!(relays(&a).await, 0);
 }
 
 /// Two processes serving the same two databases: every message is published once (JetStream
@@ -456,4 +503,154 @@ async fn two_processes_share_the_same_databases_without_double_publishing() {
             m.subject
         );
     }
+}
+
+/// The databases of a fleet share the sink's broker connection: one leaving (removed from the
+/// file) must not close it under the others. With RabbitMQ a closed connection shows as an
+/// outage ("broker unavailable") and a reconnect; neither may happen, and every message is in
+/// the queue once.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_leaving_the_fleet_does_not_close_the_shared_broker_connection() {
+    use lapin::options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    };
+    const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let (a, b) = (TestDb::migrated().await, TestDb::migrated().await);
+    let name = format!("t-fleet-{}", uuid::Uuid::now_v7().simple());
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        name.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        name.as_str().into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        name.as_str().into(),
+        name.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let dir = std::env::temp_dir().join(format!("fleet-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (file, log) = (dir.join("databases"), dir.join("log"));
+    std::fs::write(&file, format!("a={}\nb={}\n", a.url, b.url)).unwrap();
+    let child = tidings()
+        .args(["relay", "--sink", "rabbitmq", "--amqp-url", AMQP])
+        .args(["--amqp-exchange", &name, "--databases-reload", "1h"])
+        .arg("--databases-file")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    a.enqueue(keyed("a.orders", 0, 10, 3)).await;
+    b.enqueue(keyed("b.orders", 0, 10, 3)).await;
+    eventually("both served", Duration::from_secs(30), || async {
+        a.outbox_count().await == 0 && b.outbox_count().await == 0
+    })
+    .await;
+    let before = amqp_sockets(child.id());
+    assert_eq!(before.len(), 1, "one broker connection for both databases");
+    std::fs::write(&file, format!("b={}\n", b.url)).unwrap();
+    signal(&child, "-HUP");
+    eventually(
+        "a's relay stopped (it deregisters)",
+        Duration::from_secs(20),
+        || async {
+            let c = tidings_tests::connect(&a.url).await;
+            c.query_one("SELECT count(*) FROM tidings.relays", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        },
+    )
+    .await;
+    b.enqueue(keyed("b.orders", 10, 10, 3)).await;
+    eventually("b still served", Duration::from_secs(30), || async {
+        b.outbox_count().await == 0
+    })
+    .await;
+    assert_eq!(
+        amqp_sockets(child.id()),
+        before,
+        "the same connection after a's relay stopped"
+    );
+    assert_eq!(terminate(child).await, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("database removed"), "{text}");
+    assert!(
+        !text.contains("broker unavailable") && !text.contains("reconnected"),
+        "the shared connection stayed up:\n{text}"
+    );
+    let q = ch
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 30);
+    let _ = ch
+        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "OK".into()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The process's TCP connections to port 5672, as their socket inodes (from /proc): the same
+/// set before and after means no connection was closed and opened again.
+#[cfg(feature = "rabbitmq")]
+fn amqp_sockets(pid: u32) -> std::collections::BTreeSet<String> {
+    let mine: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // remote address is field 2 (ADDR:PORT in hex), state field 3 (01 =
+                    // established), inode field 9.
+                    (f.len() > 9 && f[2].ends_with(":1628") && f[3] == "01")
+                        .then(|| f[9].to_owned())
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|inode| mine.contains(inode))
+        .collect()
 }

@@ -261,11 +261,16 @@ async fn wait_for_port(port: u16, what: &str) {
 
 /// `GET path` on 127.0.0.1:port: (status, body); (0, "") when nothing answers.
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_get_as(port, path, "127.0.0.1").await
+}
+
+/// [`http_get`] with another `Host` header.
+pub async fn http_get_as(port: u16, path: &str, host: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return (0, String::new());
     };
-    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
     if s.write_all(req.as_bytes()).await.is_err() {
         return (0, String::new());
     }
@@ -1295,9 +1300,14 @@ impl RedisEntry {
 /// An async connection to the Redis server at `url`.
 #[cfg(feature = "redis")]
 pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    // redis-rs gives up on an answer after 500 ms by default: a test's read of a whole stream
+    // on a loaded CI machine (every test binary's Redis traffic at once) can take longer.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(10)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap_or_else(|e| panic!("Redis at {url} must run: {e}"))
 }

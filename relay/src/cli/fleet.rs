@@ -28,9 +28,11 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use futures::future::BoxFuture;
+
 use super::{usage, Db, Failure};
 use crate::observe::{Target, Targets};
-use crate::{ErrorChain, Relay, RelayConfig, Sink};
+use crate::{Capabilities, Delivery, Envelope, ErrorChain, Relay, RelayConfig, Sink, SinkError};
 
 /// One named database. Its URL is never shown (not in `Debug` either).
 #[derive(Clone, PartialEq, Eq)]
@@ -64,9 +66,55 @@ impl Source {
     }
 }
 
+/// libpq connection keywords: never database names, so that a conninfo string given without
+/// `NAME=` (`password=... host=...`) is refused rather than read as a name and a URL.
+const CONNINFO_KEYWORDS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "connect_timeout",
+    "client_encoding",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "keepalives_retries",
+    "tcp_user_timeout",
+    "sslmode",
+    "sslcert",
+    "sslkey",
+    "sslrootcert",
+    "sslcrl",
+    "sslpassword",
+    "sslnegotiation",
+    "sslcompression",
+    "requiressl",
+    "channel_binding",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "service",
+    "gssencmode",
+    "krbsrvname",
+    "require_auth",
+    "replication",
+];
+
 /// A database name: 1 to 63 of A-Z a-z 0-9 `_` `-` (a label value, a path segment of the
-/// operator page, a word in a log line: nothing to escape anywhere).
+/// operator page, a word in a log line: nothing to escape anywhere), and not a libpq keyword.
 fn check_name(name: &str) -> Result<(), String> {
+    if CONNINFO_KEYWORDS
+        .iter()
+        .any(|k| k.eq_ignore_ascii_case(name))
+    {
+        return Err("a database name (before =) may not be a connection keyword such as host or password: give NAME=URL".into());
+    }
     if name.is_empty()
         || name.len() > 63
         || !name
@@ -153,6 +201,32 @@ pub(super) fn db_of(e: &Entry, ca_file: Option<&Path>, timeout: Duration) -> Res
     })
 }
 
+/// The fleet's sink as each database's relay sees it: shared, so a relay that stops (its
+/// database removed, or at shutdown) does not close it under the others. The fleet closes it
+/// once, after every relay has stopped.
+struct Shared(Arc<dyn Sink>);
+
+impl Sink for Shared {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        self.0.publish(msg)
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        msgs: &'a [&'a Envelope],
+    ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
+        self.0.publish_batch(msgs)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.0.check()
+    }
+}
+
 /// The operator pages, one per database, by name.
 pub(super) type Consoles = Arc<RwLock<BTreeMap<String, axum::Router>>>;
 
@@ -172,6 +246,10 @@ struct Member {
 /// The relays of a set of databases, and what the admin listener sees of them.
 pub(super) struct Fleet {
     sink: Arc<dyn Sink>,
+    /// What each relay publishes through (closing it does nothing).
+    shared: Arc<dyn Sink>,
+    /// Cancelled at shutdown; every member's stop token is a child of it.
+    shutdown: CancellationToken,
     config: RelayConfig,
     pool_size: usize,
     ca_file: Option<PathBuf>,
@@ -196,8 +274,11 @@ impl Fleet {
         ca_file: Option<PathBuf>,
         db_timeout: Duration,
         admin: Option<AdminOpts>,
+        shutdown: CancellationToken,
     ) -> Fleet {
         Fleet {
+            shared: Arc::new(Shared(sink.clone())),
+            shutdown,
             sink,
             config,
             pool_size,
@@ -224,7 +305,7 @@ impl Fleet {
             database: Some(e.name.clone()),
             ..self.config.clone()
         };
-        let relay = Relay::new(pool, self.sink.clone(), config).map_err(super::config_failure)?;
+        let relay = Relay::new(pool, self.shared.clone(), config).map_err(super::config_failure)?;
         Ok(Prepared {
             relay: Arc::new(db.with_listener(relay)),
             admin_pool,
@@ -245,7 +326,7 @@ impl Fleet {
 
     fn start(&mut self, entry: Entry, p: Prepared) {
         let name = entry.name.clone();
-        let stop = CancellationToken::new();
+        let stop = self.shutdown.child_token();
         let problem = Arc::new(Mutex::new(None));
         self.targets
             .write()
@@ -278,11 +359,10 @@ impl Fleet {
         self.members.insert(name, Member { entry, stop, task });
     }
 
-    /// Stops a member gracefully (its batch in flight finishes within `--shutdown-timeout`).
-    async fn remove(&mut self, name: &str) {
-        let Some(m) = self.members.remove(name) else {
-            return;
-        };
+    /// Takes a member out of the admin views and asks its relay to stop (its batch in flight
+    /// finishes within `--shutdown-timeout`); the task to wait for.
+    fn detach(&mut self, name: &str) -> Option<Member> {
+        let m = self.members.remove(name)?;
         self.targets
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -292,21 +372,16 @@ impl Fleet {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
         m.stop.cancel();
-        match m.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(db = name, error = %ErrorChain(&e), "stopping this database's relay")
-            }
-            Err(e) => tracing::error!(db = name, error = %e, "this database's relay task failed"),
-        }
+        Some(m)
     }
 
     /// Serves exactly `entries` from now on: starts the new, stops the removed, restarts the
-    /// changed. An entry whose URL does not parse is logged and left out (or, when it was
-    /// served before, served on with its old URL).
+    /// changed (the stopping ones all at once). An entry whose URL does not parse is logged
+    /// and left out (or, when it was served before, served on with its old URL).
     pub async fn apply(&mut self, entries: Vec<Entry>) {
         let wanted: BTreeMap<String, Entry> =
             entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+        let mut stopping = Vec::new();
         let gone: Vec<String> = self
             .members
             .keys()
@@ -318,8 +393,9 @@ impl Fleet {
                 db = name,
                 "database removed from --databases-file: stopping its relay"
             );
-            self.remove(&name).await;
+            stopping.extend(self.detach(&name));
         }
+        let mut starting = Vec::new();
         for (name, e) in wanted {
             if self.members.get(&name).is_some_and(|m| m.entry == e) {
                 continue;
@@ -337,13 +413,25 @@ impl Fleet {
                     db = name,
                     "database URL changed in --databases-file: restarting its relay"
                 );
-                self.remove(&name).await;
+                stopping.extend(self.detach(&name));
             } else {
                 tracing::info!(
                     db = name,
                     "database added in --databases-file: starting its relay"
                 );
             }
+            starting.push((e, p));
+        }
+        futures::future::join_all(stopping.into_iter().map(|m| async move {
+            let name = m.entry.name;
+            match m.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(db = name, error = %ErrorChain(&e), "stopping this database's relay"),
+                Err(e) => tracing::error!(db = name, error = %e, "this database's relay task failed"),
+            }
+        }))
+        .await;
+        for (e, p) in starting {
             self.start(e, p);
         }
     }
@@ -356,12 +444,16 @@ impl Fleet {
     /// Stops every relay (each finishes its batch in flight within `--shutdown-timeout`, all at
     /// once); fails when one did not.
     pub async fn shutdown(mut self) -> Result<(), Failure> {
-        for m in self.members.values() {
-            m.stop.cancel();
-        }
+        self.shutdown.cancel();
         let mut late = Vec::new();
-        for (name, m) in std::mem::take(&mut self.members) {
-            match m.task.await {
+        let results = futures::future::join_all(
+            std::mem::take(&mut self.members)
+                .into_iter()
+                .map(|(name, m)| async move { (name, m.task.await) }),
+        )
+        .await;
+        for (name, r) in results {
+            match r {
                 Ok(Ok(())) => {}
                 Ok(Err(crate::Error::ShutdownTimeout(d))) => late.push(format!("{name} ({d:?})")),
                 Ok(Err(e)) => {
@@ -371,6 +463,12 @@ impl Fleet {
                     tracing::error!(db = name, error = %e, "this database's relay task failed")
                 }
             }
+        }
+        // Once, after every relay has stopped (each one's close does nothing).
+        match tokio::time::timeout(self.config.publish_timeout, self.sink.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the sink failed"),
+            Err(_) => tracing::warn!("the sink did not close within the publish timeout"),
         }
         if late.is_empty() {
             Ok(())
@@ -396,7 +494,11 @@ async fn serve(
 ) -> Result<(), crate::Error> {
     let mut failures = 0u32;
     loop {
-        let outcome = match relay.check_schema().await {
+        let checked = tokio::select! {
+            r = relay.check_schema() => r,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let why = match checked {
             Ok(()) => {
                 *problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 if failures > 0 {
@@ -406,41 +508,53 @@ async fn serve(
                     );
                 }
                 failures = 0;
-                relay.run(stop.clone()).await
-            }
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(()) => return Ok(()),
-            Err(e @ crate::Error::ShutdownTimeout(_)) => return Err(e),
-            Err(_) if stop.is_cancelled() => return Ok(()),
-            Err(e) => {
-                failures += 1;
-                let pause = crate::config::jitter(
-                    (Duration::from_secs(1) * 2u32.pow((failures - 1).min(6)))
-                        .min(Duration::from_secs(60)),
+                // In a task of its own, so that a panic is this database's failure, reported
+                // and retried like any other, not a silent end of its service.
+                let run = tokio::spawn(
+                    {
+                        let (relay, stop) = (relay.clone(), stop.clone());
+                        async move { relay.run(stop).await }
+                    }
+                    .in_current_span(),
                 );
-                let why = ErrorChain(&e).to_string();
-                if failures == 1 || failures.is_multiple_of(10) {
-                    tracing::warn!(error = %why, failures, retry_in = ?pause,
-                        "cannot serve this database now; the other databases go on; retrying");
-                }
-                *problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.cancelled() => return Ok(()),
+                match run.await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e @ crate::Error::ShutdownTimeout(_))) => return Err(e),
+                    Ok(Err(e)) => ErrorChain(&e).to_string(),
+                    Err(e) => format!("the relay task failed: {e}"),
                 }
             }
+            Err(e) => ErrorChain(&e).to_string(),
+        };
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        failures += 1;
+        let pause = crate::config::jitter(
+            (Duration::from_secs(1) * 2u32.pow((failures - 1).min(6))).min(Duration::from_secs(60)),
+        );
+        if failures == 1 || failures.is_multiple_of(10) {
+            tracing::warn!(error = %why, failures, retry_in = ?pause,
+                "cannot serve this database now; the other databases go on; retrying");
+        }
+        *problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return Ok(()),
         }
     }
 }
 
 /// The operator pages of a fleet: `/` lists the databases, `/db/NAME/` is that database's page
 /// (the same page and API as a relay of one database serves at `/`).
-pub(super) fn console_router(consoles: Consoles) -> axum::Router {
+pub(super) fn console_router(consoles: Consoles, hosts: Vec<String>) -> axum::Router {
     axum::Router::new()
         .route("/", axum::routing::get(index))
         .fallback(dispatch)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(hosts),
+            crate::console::guard,
+        ))
         .with_state(consoles)
 }
 
@@ -492,7 +606,7 @@ async fn dispatch(State(consoles): State<Consoles>, mut req: Request) -> Respons
     };
     if tail.is_empty() {
         // The page's API paths are relative to it.
-        return Redirect::permanent(&format!("/db/{name}/")).into_response();
+        return Redirect::permanent(&format!("{name}/")).into_response();
     }
     let uri = match req.uri().query() {
         Some(q) => format!("{tail}?{q}"),

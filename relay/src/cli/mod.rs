@@ -331,11 +331,24 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 /// Output goes to stdout and never panics when stdout is closed; log lines go to the tracing
 /// subscriber the caller installed.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
-    let source = match (
-        &cli.database_url,
-        cli.databases.is_empty(),
-        &cli.databases_file,
-    ) {
+    // Which commands serve several databases: the rest work on one (--database-url), and
+    // ignore --database / --databases-file (TIDINGS_DATABASES_FILE may be set for the relay).
+    let fleet_command = matches!(
+        cli.command,
+        Command::Relay(_)
+            | Command::Status { .. }
+            | Command::Migrate {
+                action: MigrateAction::Up | MigrateAction::Status
+            }
+    );
+    let named = !cli.databases.is_empty() || cli.databases_file.is_some();
+    if named && !fleet_command && cli.database_url.is_none() {
+        return Err(usage(
+            "this command works on one database: pass --database-url (--database and --databases-file serve relay, status, migrate up and migrate status)",
+        ));
+    }
+    let source = match (&cli.database_url, cli.databases.is_empty(), &cli.databases_file) {
+        _ if !fleet_command => None,
         (_, true, None) => None,
         (Some(_), _, _) => {
             return Err(usage(
@@ -352,17 +365,20 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     };
     if let Some(source) = source {
         let ca = cli.pg_ca_file.as_deref();
+        if let Command::Relay(args) = cli.command {
+            return relay_fleet(source, *args, ca, cli.db_timeout).await;
+        }
+        let entries = source.load().await?;
+        // Every URL parses (a configuration failure, exit 2) before any database is touched.
+        for e in &entries {
+            fleet::db_of(e, ca, cli.db_timeout)?;
+        }
         return match cli.command {
-            Command::Relay(args) => relay_fleet(source, *args, ca, cli.db_timeout).await,
-            Command::Status { json } => {
-                fleet::status(source.load().await?, ca, cli.db_timeout, json).await
+            Command::Status { json } => fleet::status(entries, ca, cli.db_timeout, json).await,
+            Command::Migrate { action } => {
+                fleet::migrate(entries, ca, cli.db_timeout, action).await
             }
-            Command::Migrate {
-                action: action @ (MigrateAction::Up | MigrateAction::Status),
-            } => fleet::migrate(source.load().await?, ca, cli.db_timeout, action).await,
-            _ => Err(usage(
-                "this command works on one database: pass --database-url (--database and --databases-file serve relay, status, migrate up and migrate status)",
-            )),
+            _ => unreachable!("only fleet commands get here"),
         };
     }
     let pg = Db::new(
@@ -480,6 +496,14 @@ fn install_prometheus(
 ) -> Result<metrics_exporter_prometheus::PrometheusHandle, Failure> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(crate::metrics::BUCKETS)
+        // Gauges not set for 10 minutes go: those of a database no longer served. (The
+        // database gauges are read at every scrape, the relay's at every tick.)
+        .map(|b| {
+            b.idle_timeout(
+                metrics_util::MetricKindMask::GAUGE,
+                Some(std::time::Duration::from_secs(600)),
+            )
+        })
         .and_then(|b| b.install_recorder())
         .map_err(|e| Failure {
             code: 1,
@@ -547,6 +571,8 @@ async fn relay_fleet(
     if args.databases_reload.is_zero() {
         return Err(usage("--databases-reload must be greater than 0"));
     }
+    // First, so that a SIGHUP sent early never kills the process (its default action).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let entries = source.load().await?;
     // Every URL parses before anything connects.
     for e in &entries {
@@ -574,7 +600,17 @@ async fn relay_fleet(
         ca_file.map(|p| p.to_owned()),
         db_timeout,
         admin,
+        shutdown.clone(),
     );
+    // The admin listener before any relay starts: a port that cannot be bound (exit 2) leaves
+    // nothing running.
+    if let Some(addr) = args.admin_listen {
+        let prometheus = install_prometheus(&shutdown)?;
+        let app = crate::observe::router(fleet.targets.clone(), prometheus).merge(
+            fleet::console_router(fleet.consoles.clone(), args.admin_hosts.clone()),
+        );
+        serve_admin(addr, app, args.admin_token.is_some(), &shutdown).await?;
+    }
     fleet.start_all(entries).map_err(|mut f| {
         if let Some(hint) = dedup_hint.filter(|_| f.message.contains("dedup window")) {
             f.message.push_str(&format!(" ({hint})"));
@@ -582,12 +618,6 @@ async fn relay_fleet(
         f
     })?;
     tracing::info!(databases = ?fleet.names(), "serving several databases");
-    if let Some(addr) = args.admin_listen {
-        let prometheus = install_prometheus(&shutdown)?;
-        let app = crate::observe::router(fleet.targets.clone(), prometheus)
-            .merge(fleet::console_router(fleet.consoles.clone()));
-        serve_admin(addr, app, args.admin_token.is_some(), &shutdown).await?;
-    }
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -595,7 +625,6 @@ async fn relay_fleet(
         signals.cancel();
     });
     if let fleet::Source::File(_) = &source {
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut every = tokio::time::interval(args.databases_reload);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
