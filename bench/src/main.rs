@@ -10,6 +10,7 @@
 //! Needs the local PostgreSQL and NATS (JetStream). Creates (and drops first) the database
 //! `tidings_bench` and the stream `TIDINGS_BENCH`.
 
+mod anatomy;
 mod drain;
 mod latency;
 mod overhead;
@@ -57,10 +58,10 @@ pub struct Args {
     /// Short run for CI: small sizes, one round, loose regression floors checked.
     #[arg(long)]
     pub quick: bool,
-    /// Which parts to run (comma-separated): overhead, drain, latency, sustained.
+    /// Which parts to run (comma-separated): overhead, anatomy, drain, latency, sustained.
     #[arg(
         long,
-        default_value = "overhead,drain,latency,sustained",
+        default_value = "overhead,anatomy,drain,latency,sustained",
         value_delimiter = ','
     )]
     pub only: Vec<String>,
@@ -152,6 +153,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         let (v, floor_ok) = overhead::run(&args, &url).await?;
         report.insert("overhead".into(), v);
         ok &= floor_ok;
+    }
+    // Where the row's cost goes; not in --quick (CI catches regressions with the floors).
+    if wants("anatomy") && !args.quick {
+        report.insert("anatomy".into(), anatomy::run(&args, &url).await?);
     }
     if wants("drain") {
         let (v, floor_ok) = drain::run(&args, &url).await?;

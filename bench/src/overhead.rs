@@ -16,6 +16,7 @@ CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
 INSERT INTO accounts SELECT g, 0 FROM generate_series(0, 63) g;
 CREATE TABLE ledger (id bigserial PRIMARY KEY, account int NOT NULL, cents bigint NOT NULL, at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE cards (id bigserial PRIMARY KEY, payment_id text NOT NULL);
+CREATE TABLE plain_outbox (id uuid PRIMARY KEY, topic text NOT NULL, payload jsonb NOT NULL);
 ";
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -33,6 +34,14 @@ enum Mode {
     OutboxNotifyOff,
     /// NOTIFY off, through `enqueue_deadpool` (statement cached per pooled connection).
     OutboxCached,
+    /// The floor: a plain outbox-shaped row (uuid primary key, text, jsonb) in a table of the
+    /// bench's own, no Tidings at all.
+    PlainRow,
+    /// Tidings' row by a direct INSERT into `tidings.outbox` (id from Rust, the rest defaults).
+    DirectInsert,
+    /// `SELECT tidings.enqueue(topic, payload, biz_id)`, the SQL function producers in any
+    /// language can call.
+    SqlFunction,
 }
 
 async fn scenario(
@@ -44,7 +53,7 @@ async fn scenario(
 ) -> Result<f64, BoxError> {
     let setup = connect(url).await?;
     setup
-        .batch_execute("TRUNCATE orders, ledger, cards, tidings.outbox, tidings.inbox; CHECKPOINT")
+        .batch_execute("TRUNCATE orders, ledger, cards, plain_outbox, tidings.outbox, tidings.inbox; CHECKPOINT")
         .await?;
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
@@ -67,6 +76,15 @@ async fn scenario(
             let ledger = client
                 .prepare("INSERT INTO ledger (account, cents) VALUES ($1, $2)")
                 .await?;
+            let plain = client
+                .prepare("INSERT INTO plain_outbox (id, topic, payload) VALUES ($1, $2, $3::text::jsonb)")
+                .await?;
+            let direct = client
+                .prepare("INSERT INTO tidings.outbox (id, topic, biz_id, payload) VALUES ($1, $2, $3, $4)")
+                .await?;
+            let function = client
+                .prepare("SELECT tidings.enqueue($1, $2::text::jsonb, $3)")
+                .await?;
             let customer = format!("cust_{c}");
             // Each client its own account: no lock contention between clients.
             let acct = (c % 64) as i32;
@@ -78,12 +96,33 @@ async fn scenario(
                     tx.execute(&account, &[&acct, &4200i64]).await?;
                     tx.execute(&ledger, &[&acct, &4200i64]).await?;
                 }
-                if mode != Mode::Without {
-                    let msg = Message::new("orders.created", format!("{{\"n\":{n}}}"))
-                        .biz_id(format!("{c}-{n}"));
-                    if mode == Mode::OutboxCached {
+                let payload = format!("{{\"n\":{n}}}");
+                let biz = format!("{c}-{n}");
+                match mode {
+                    Mode::Without => {}
+                    Mode::PlainRow => {
+                        let id = uuid::Uuid::now_v7();
+                        tx.execute(&plain, &[&id, &"orders.created", &payload])
+                            .await?;
+                    }
+                    Mode::DirectInsert => {
+                        let id = uuid::Uuid::now_v7();
+                        tx.execute(
+                            &direct,
+                            &[&id, &"orders.created", &biz, &payload.as_bytes()],
+                        )
+                        .await?;
+                    }
+                    Mode::SqlFunction => {
+                        tx.execute(&function, &[&"orders.created", &payload, &biz])
+                            .await?;
+                    }
+                    Mode::OutboxCached => {
+                        let msg = Message::new("orders.created", payload).biz_id(biz);
                         outbox.enqueue_deadpool(&tx, &msg).await?;
-                    } else {
+                    }
+                    Mode::OutboxNotifyOff | Mode::OutboxNotifyOn => {
+                        let msg = Message::new("orders.created", payload).biz_id(biz);
                         outbox.enqueue_pg(&*tx, &msg).await?;
                     }
                 }
@@ -170,6 +209,59 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
                 );
             }
         }
+    }
+
+    // The floors (issue: an outbox row as cheap as a plain row): one-INSERT business
+    // transaction, one message per transaction, NOTIFY off, the same rounds interleaved.
+    println!(
+        "\n== producer floors: 1-INSERT transaction + one message, tx/s (median); % = change vs. the transaction alone"
+    );
+    println!(
+        "{:>8} {:>9} {:>18} {:>18} {:>20} {:>18} {:>18}",
+        "clients",
+        "alone",
+        "plain row",
+        "direct INSERT",
+        "tidings.enqueue()",
+        "enqueue_pg",
+        "enqueue_deadpool"
+    );
+    for clients in [1usize, 8] {
+        let arms = [
+            (Shape::Insert, Mode::Without),
+            (Shape::Insert, Mode::PlainRow),
+            (Shape::Insert, Mode::DirectInsert),
+            (Shape::Insert, Mode::SqlFunction),
+            (Shape::Insert, Mode::OutboxNotifyOff),
+            (Shape::Insert, Mode::OutboxCached),
+        ];
+        let m = compare(url, args, &arms, clients).await?;
+        let pct = |v: f64| (v / m[0] - 1.0) * 100.0;
+        print!("{clients:>8} {:>9.0}", m[0]);
+        for v in &m[1..] {
+            print!(" {v:>9.0} ({:>+5.1}%)", pct(*v));
+        }
+        println!();
+        let cost = |v: f64| 1.0 - v / m[0];
+        out.insert(
+            format!("producer_floors_{clients}"),
+            json!({
+                "alone_tps": m[0],
+                "plain_row_tps": m[1],
+                "direct_insert_tps": m[2],
+                "sql_enqueue_tps": m[3],
+                "enqueue_pg_tps": m[4],
+                "enqueue_deadpool_tps": m[5],
+                "cost_plain_row": cost(m[1]),
+                "cost_direct_insert": cost(m[2]),
+                "cost_sql_enqueue": cost(m[3]),
+                "cost_enqueue_pg": cost(m[4]),
+                "cost_enqueue_deadpool": cost(m[5]),
+                // The issue's targets, in points of the transaction's throughput.
+                "enqueue_deadpool_points_over_plain_row": (cost(m[5]) - cost(m[1])) * 100.0,
+                "sql_enqueue_points_over_direct_insert": (cost(m[3]) - cost(m[2])) * 100.0,
+            }),
+        );
     }
 
     println!("\n== inbox overhead: consumer tx/s (median); effect = one INSERT");
