@@ -51,6 +51,16 @@ async fn terminate(mut child: Child) -> Option<i32> {
     }
 }
 
+/// Relay instances registered in the database (a relay that stopped has deregistered).
+async fn relays(db: &TestDb) -> i64 {
+    tidings_tests::connect(&db.url)
+        .await
+        .query_one("SELECT count(*) FROM tidings.relays", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn keyed(topic: &str, from: usize, n: usize, keys: usize) -> Vec<Message> {
     (from..from + n)
         .map(|i| {
@@ -320,16 +330,6 @@ async fn the_databases_file_is_reread_on_sighup_without_a_restart() {
     })
     .await;
 
-    let relays = |db: &TestDb| {
-        let url = db.url.clone();
-        async move {
-            let c = tidings_tests::connect(&url).await;
-            c.query_one("SELECT count(*) FROM tidings.relays", &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     // A changed URL (same database, another application_name) restarts that relay.
     std::fs::write(
         &file,
@@ -574,14 +574,7 @@ async fn a_database_leaving_the_fleet_does_not_close_the_shared_broker_connectio
     eventually(
         "a's relay stopped (it deregisters)",
         Duration::from_secs(20),
-        || async {
-            let c = tidings_tests::connect(&a.url).await;
-            c.query_one("SELECT count(*) FROM tidings.relays", &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 0
-        },
+        || async { relays(&a).await == 0 },
     )
     .await;
     b.enqueue(keyed("b.orders", 10, 10, 3)).await;

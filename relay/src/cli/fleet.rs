@@ -243,6 +243,26 @@ struct Member {
     task: tokio::task::JoinHandle<Result<(), crate::Error>>,
 }
 
+impl Member {
+    /// Waits for a member asked to stop; logs how it ended. `Some("name (timeout)")` when its
+    /// batch in flight did not finish within `--shutdown-timeout`.
+    async fn stopped(self) -> Option<String> {
+        let name = self.entry.name;
+        match self.task.await {
+            Ok(Ok(())) => None,
+            Ok(Err(crate::Error::ShutdownTimeout(d))) => Some(format!("{name} ({d:?})")),
+            Ok(Err(e)) => {
+                tracing::warn!(db = name, error = %ErrorChain(&e), "relay stopped with an error");
+                None
+            }
+            Err(e) => {
+                tracing::error!(db = name, error = %e, "this database's relay task failed");
+                None
+            }
+        }
+    }
+}
+
 /// The relays of a set of databases, and what the admin listener sees of them.
 pub(super) struct Fleet {
     sink: Arc<dyn Sink>,
@@ -422,15 +442,7 @@ impl Fleet {
             }
             starting.push((e, p));
         }
-        futures::future::join_all(stopping.into_iter().map(|m| async move {
-            let name = m.entry.name;
-            match m.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(db = name, error = %ErrorChain(&e), "stopping this database's relay"),
-                Err(e) => tracing::error!(db = name, error = %e, "this database's relay task failed"),
-            }
-        }))
-        .await;
+        futures::future::join_all(stopping.into_iter().map(Member::stopped)).await;
         for (e, p) in starting {
             self.start(e, p);
         }
@@ -445,25 +457,15 @@ impl Fleet {
     /// once); fails when one did not.
     pub async fn shutdown(mut self) -> Result<(), Failure> {
         self.shutdown.cancel();
-        let mut late = Vec::new();
-        let results = futures::future::join_all(
+        let late: Vec<String> = futures::future::join_all(
             std::mem::take(&mut self.members)
-                .into_iter()
-                .map(|(name, m)| async move { (name, m.task.await) }),
+                .into_values()
+                .map(Member::stopped),
         )
-        .await;
-        for (name, r) in results {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(crate::Error::ShutdownTimeout(d))) => late.push(format!("{name} ({d:?})")),
-                Ok(Err(e)) => {
-                    tracing::warn!(db = name, error = %ErrorChain(&e), "relay stopped with an error")
-                }
-                Err(e) => {
-                    tracing::error!(db = name, error = %e, "this database's relay task failed")
-                }
-            }
-        }
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
         // Once, after every relay has stopped (each one's close does nothing).
         match tokio::time::timeout(self.config.publish_timeout, self.sink.close()).await {
             Ok(Ok(())) => {}
