@@ -752,3 +752,263 @@ async fn sqlx_unmigrated_database_names_the_migrate_command() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------- pipelined commit
+
+/// A TCP stream that counts flights: bursts of writes with no read between them. A request and
+/// its answer is one flight; requests sent together before any answer is read are one flight.
+struct Flights {
+    inner: tokio::net::TcpStream,
+    flights: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    read_since_write: bool,
+}
+
+impl tokio::io::AsyncRead for Flights {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.read_since_write = true;
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Flights {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) && self.read_since_write {
+            self.read_since_write = false;
+            self.flights
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A tokio-postgres client whose round trips are counted.
+async fn counted_client(db: &TestDb) -> (Client, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let config: tokio_postgres::Config = db.url.parse().unwrap();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let flights = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stream = Flights {
+        inner: tcp,
+        flights: flights.clone(),
+        read_since_write: true,
+    };
+    let (client, conn) = config
+        .connect_raw(stream, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (client, flights)
+}
+
+#[tokio::test]
+async fn pipelined_commit_writes_the_messages_in_the_commits_round_trip() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    observer
+        .batch_execute("CREATE TABLE payments (id text PRIMARY KEY)")
+        .await
+        .unwrap();
+    let (mut c, flights) = counted_client(&db).await;
+    let outbox = Outbox::default();
+
+    // The ordinary way, for comparison: the INSERT is a round trip of its own.
+    let tx = c.transaction().await.unwrap();
+    let start = flights.load(SeqCst);
+    outbox
+        .enqueue_pg(&tx, &Message::new("x", "y"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(flights.load(SeqCst) - start, 2, "enqueue_pg, then COMMIT");
+    observer
+        .batch_execute("TRUNCATE tidings.outbox")
+        .await
+        .unwrap();
+
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.execute("INSERT INTO payments VALUES ('pay_1')", &[])
+        .await
+        .unwrap();
+    let id = tx.enqueue(&sample()).unwrap();
+    assert_eq!(tx.pending(), 1);
+    // Nothing is written before the commit, not even inside the transaction.
+    let n: i64 = tx
+        .query_one("SELECT count(*) FROM tidings.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let start = flights.load(SeqCst);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        flights.load(SeqCst) - start,
+        1,
+        "the INSERT and the COMMIT in one round trip"
+    );
+    assert_sample(&rows(&observer).await, id);
+    let paid: i64 = observer
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(paid, 1, "the business row committed with the message");
+
+    // A batch: one statement, in order, with the commit.
+    observer
+        .batch_execute("TRUNCATE tidings.outbox")
+        .await
+        .unwrap();
+    count_statements(&observer).await;
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    let mut ids = tx.enqueue_batch(&batch(400)).unwrap();
+    ids.extend(tx.enqueue_batch(&batch(1000)[400..]).unwrap());
+    let start = flights.load(SeqCst);
+    tx.commit().await.unwrap();
+    assert_eq!(flights.load(SeqCst) - start, 1);
+    assert_batch(&observer, &ids).await;
+
+    // No message: an ordinary commit. The connection is clean afterwards (no transaction left
+    // open, no stray ROLLBACK queued).
+    let tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.commit().await.unwrap();
+    let status: String = c
+        .query_one("SELECT current_setting('transaction_isolation')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "read committed");
+}
+
+#[tokio::test]
+async fn pipelined_commit_that_fails_commits_nothing_and_says_why() {
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    // A rule only the server knows: the message passes the Rust checks, its INSERT fails.
+    observer
+        .batch_execute(
+            "CREATE TABLE payments (id text PRIMARY KEY);
+             ALTER TABLE tidings.outbox ADD CONSTRAINT no_forbidden CHECK (topic <> 'forbidden')",
+        )
+        .await
+        .unwrap();
+    let mut c = db.client().await;
+    let outbox = Outbox::default();
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.execute("INSERT INTO payments VALUES ('pay_1')", &[])
+        .await
+        .unwrap();
+    tx.enqueue(&Message::new("forbidden", "x")).unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Database(_)) && format!("{err:?}").contains("no_forbidden"),
+        "{err:?}"
+    );
+    let paid: i64 = observer
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(paid, 0, "the business row rolled back with the message");
+
+    // An earlier statement failed and its error was ignored: tokio-postgres' own commit would
+    // report success for the server's ROLLBACK; this one reports the abort.
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.execute("INSERT INTO payments VALUES ('pay_2')", &[])
+        .await
+        .unwrap();
+    assert!(tx.execute("SELECT 1 / 0", &[]).await.is_err());
+    tx.enqueue(&Message::new("payments.paid", "x")).unwrap();
+    assert!(tx.commit().await.is_err());
+    assert!(rows(&observer).await.is_empty());
+
+    // Rolled back or dropped: nothing written, the connection usable.
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.enqueue(&Message::new("payments.paid", "x")).unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.enqueue(&Message::new("payments.paid", "x")).unwrap();
+    drop(tx);
+    c.execute("INSERT INTO payments VALUES ('pay_3')", &[])
+        .await
+        .unwrap();
+    assert!(rows(&observer).await.is_empty());
+    // A bad message is refused at enqueue, before anything is sent; the others stay.
+    let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.enqueue(&Message::new("ok", "x")).unwrap();
+    assert!(tx.enqueue(&Message::new("bad topic", "x")).is_err());
+    assert!(tx
+        .enqueue_batch(&[Message::new("ok", "x"), Message::new("bad topic", "x")])
+        .is_err());
+    assert_eq!(tx.pending(), 1);
+    tx.commit().await.unwrap();
+    assert_eq!(rows(&observer).await.len(), 1);
+}
+
+#[tokio::test]
+async fn pipelined_commit_on_deadpool_caches_its_statements() {
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    count_statements(&observer).await;
+    let pool = tidings_tests::pool(&db, 1);
+    let mut obj = pool.get().await.unwrap();
+    let outbox = Outbox::default();
+    for round in 0..2 {
+        let mut tx = outbox.begin_deadpool(&mut obj).await.unwrap();
+        let id = tx.enqueue(&sample()).unwrap();
+        tx.commit().await.unwrap();
+        assert_sample(&rows(&observer).await, id);
+        observer
+            .batch_execute("TRUNCATE tidings.outbox; UPDATE stmt_count SET n = 0")
+            .await
+            .unwrap();
+        assert_eq!(
+            obj.statement_cache.size(),
+            2,
+            "round {round}: the one-message and the batch INSERT, prepared once"
+        );
+    }
+    let mut tx = outbox.begin_deadpool(&mut obj).await.unwrap();
+    let ids = tx.enqueue_batch(&batch(1000)).unwrap();
+    tx.commit().await.unwrap();
+    assert_batch(&observer, &ids).await;
+
+    let uncached = Outbox::new(OutboxConfig {
+        statement_cache: false,
+        ..OutboxConfig::default()
+    })
+    .unwrap();
+    let err = uncached.begin_deadpool(&mut obj).await.err().unwrap();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    // begin_pg works through any pooler (unnamed statements).
+    let mut tx = uncached.begin_pg(&mut obj).await.unwrap();
+    tx.enqueue(&Message::new("x", "y")).unwrap();
+    tx.commit().await.unwrap();
+}

@@ -58,10 +58,11 @@ pub struct Args {
     /// Short run for CI: small sizes, one round, loose regression floors checked.
     #[arg(long)]
     pub quick: bool,
-    /// Which parts to run (comma-separated): overhead, anatomy, drain, latency, sustained.
+    /// Which parts to run (comma-separated): overhead, floors, anatomy, drain, latency,
+    /// sustained.
     #[arg(
         long,
-        default_value = "overhead,anatomy,drain,latency,sustained",
+        default_value = "overhead,floors,anatomy,drain,latency,sustained",
         value_delimiter = ','
     )]
     pub only: Vec<String>,
@@ -149,8 +150,8 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     report.insert("quick".into(), json!(args.quick));
     let mut ok = true;
     let wants = |part: &str| args.only.iter().any(|p| p == part);
-    if wants("overhead") {
-        let (v, floor_ok) = overhead::run(&args, &url).await?;
+    if wants("overhead") || wants("floors") {
+        let (v, floor_ok) = overhead::run(&args, &url, wants("overhead"), wants("floors")).await?;
         report.insert("overhead".into(), v);
         ok &= floor_ok;
     }

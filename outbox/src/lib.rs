@@ -32,6 +32,8 @@ mod diesel_async;
 #[cfg(feature = "diesel")]
 mod diesel_sync;
 #[cfg(feature = "tokio-postgres")]
+mod pipelined;
+#[cfg(feature = "tokio-postgres")]
 mod postgres;
 
 pub use envelope::{WireError, WireMessage};
@@ -40,6 +42,8 @@ pub use message::{
     is_reserved_header, validate_biz_id, validate_header_pair, validate_key, validate_topic,
     Message, MessageId, MAX_TOPIC_LEN,
 };
+#[cfg(feature = "tokio-postgres")]
+pub use pipelined::OutboxTransaction;
 
 /// Outbox settings. Build with struct update syntax over `Default`.
 #[derive(Debug, Clone, PartialEq, Eq)]

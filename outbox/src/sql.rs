@@ -46,8 +46,39 @@ pub(crate) struct Columns {
 }
 
 impl Columns {
+    /// Empty columns with room for `n` messages.
+    pub fn with_capacity(n: usize) -> Self {
+        Columns {
+            ids: Vec::with_capacity(n),
+            topics: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            biz_ids: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+            deliver_at: Vec::with_capacity(n),
+            delays: Vec::with_capacity(n),
+        }
+    }
+
+    /// How many messages the columns hold.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
     /// Checks every message first (nothing is written if one is bad), then assigns ids.
     pub fn build(config: &OutboxConfig, msgs: &[Message]) -> Result<(Self, Vec<MessageId>), Error> {
+        let mut c = Columns::with_capacity(msgs.len());
+        let ids = c.extend(config, msgs)?;
+        Ok((c, ids))
+    }
+
+    /// Checks every message of `msgs` first (nothing is added if one is bad), then adds them
+    /// with fresh ids.
+    pub fn extend(
+        &mut self,
+        config: &OutboxConfig,
+        msgs: &[Message],
+    ) -> Result<Vec<MessageId>, Error> {
         for (index, m) in msgs.iter().enumerate() {
             m.validate(config.max_payload_bytes).map_err(|e| {
                 if msgs.len() == 1 {
@@ -60,29 +91,18 @@ impl Columns {
                 }
             })?;
         }
-        let n = msgs.len();
-        let mut c = Columns {
-            ids: Vec::with_capacity(n),
-            topics: Vec::with_capacity(n),
-            keys: Vec::with_capacity(n),
-            biz_ids: Vec::with_capacity(n),
-            payloads: Vec::with_capacity(n),
-            headers: Vec::with_capacity(n),
-            deliver_at: Vec::with_capacity(n),
-            delays: Vec::with_capacity(n),
-        };
-        let mut ids = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(msgs.len());
         // The producer's trace context, for messages that do not carry their own.
         #[cfg(feature = "opentelemetry")]
         let trace = crate::trace::current();
         for m in msgs {
             let id = MessageId::generate();
             ids.push(id);
-            c.ids.push(id.as_uuid());
-            c.topics.push(m.topic.clone());
-            c.keys.push(m.key.clone());
-            c.biz_ids.push(m.biz_id.clone());
-            c.payloads.push(m.payload.clone());
+            self.ids.push(id.as_uuid());
+            self.topics.push(m.topic.clone());
+            self.keys.push(m.key.clone());
+            self.biz_ids.push(m.biz_id.clone());
+            self.payloads.push(m.payload.clone());
             #[allow(unused_mut)]
             let mut headers: serde_json::Map<String, serde_json::Value> = m
                 .headers
@@ -108,16 +128,16 @@ impl Columns {
                     }
                 }
             }
-            c.headers.push(serde_json::Value::Object(headers));
+            self.headers.push(serde_json::Value::Object(headers));
             let (at, delay) = match m.schedule {
                 Schedule::Now => (None, 0.0),
                 Schedule::At(t) => (Some(t), 0.0),
                 Schedule::After(d) => (None, d.as_secs_f64()),
             };
-            c.deliver_at.push(at);
-            c.delays.push(delay);
+            self.deliver_at.push(at);
+            self.delays.push(delay);
         }
-        Ok((c, ids))
+        Ok(ids)
     }
 }
 
