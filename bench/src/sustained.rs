@@ -124,7 +124,11 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
         .and_then(|r| r["delivered_per_s"].as_f64())
         .unwrap_or(0.0);
     let ratio = last / first;
-    println!("last interval / first interval: {:.1}%", ratio * 100.0);
+    println!(
+        "last interval / first interval: {:.1}% (target: within 5%: {})",
+        ratio * 100.0,
+        if (ratio - 1.0).abs() <= 0.05 { "met" } else { "NOT met" }
+    );
     Ok((json!({"intervals": rows, "last_vs_first": ratio}), true))
 }
 

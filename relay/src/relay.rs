@@ -576,6 +576,13 @@ impl Relay {
             batch.push(env);
             invalid.push(bad);
         }
+        // The claim returns rows in seq order (see claim_batch.sql); a key's messages are
+        // published in batch order, so make sure of it.
+        if !batch.is_sorted_by_key(|m| m.seq) {
+            let mut pairs: Vec<_> = batch.into_iter().zip(invalid).collect();
+            pairs.sort_by_key(|(m, _)| m.seq);
+            (batch, invalid) = pairs.into_iter().unzip();
+        }
         let hold: Vec<bool> = match self.state.lock() {
             Ok(mut s) => {
                 s.quarantine.retain(|_, since| since.elapsed() < QUARANTINE);

@@ -28,6 +28,11 @@
 --   still-open producer transactions are invisible here; they commit later and are delivered
 --   later, so delivery follows commit order. Ineligible rows stay locked, untouched, until this
 --   transaction ends.
+-- Cost: only keyed rows go through the chain (a sort and two window passes over the claimed
+--   keys and seqs, not over payloads); unkeyed rows are eligible at once. The old form ran every
+--   row, payload and all, through both windows and two sorts: 2.7 ms against 1.3 ms for a claim
+--   of 500 unkeyed rows here (EXPLAIN ANALYZE). Rows come out in seq order (the order the claim
+--   was materialised in); the relay checks that and sorts if they ever do not.
 -- Planning: the relay sets jit = off for this transaction; the planner's cost estimate for the
 --   correlated probes is high enough to trigger JIT compilation, which cost ~90 ms per claim.
 WITH claimed AS (
@@ -45,13 +50,14 @@ WITH claimed AS (
        FOR UPDATE OF o SKIP LOCKED
 ),
 chained AS (
-    SELECT c.*, lag(c.seq) OVER (PARTITION BY c.ordering_key ORDER BY c.seq) AS prev_seq
+    SELECT c.seq, c.ordering_key,
+           lag(c.seq) OVER (PARTITION BY c.ordering_key ORDER BY c.seq) AS prev_seq
       FROM claimed c
+     WHERE c.ordering_key IS NOT NULL
 ),
 linked AS (
-    SELECT c.*,
+    SELECT c.seq, c.ordering_key,
            CASE
-             WHEN c.ordering_key IS NULL THEN true
              WHEN c.prev_seq IS NULL THEN NOT EXISTS (
                   SELECT 1 FROM tidings.outbox e
                    WHERE e.ordering_key = c.ordering_key AND e.seq < c.seq)
@@ -61,9 +67,14 @@ linked AS (
                      AND e.seq > c.prev_seq AND e.seq < c.seq)
            END AS link_ok
       FROM chained c
+),
+held AS (
+    SELECT l.seq
+      FROM (SELECT l.seq,
+                   bool_and(l.link_ok) OVER (PARTITION BY l.ordering_key ORDER BY l.seq) AS ok
+              FROM linked l) l
+     WHERE NOT l.ok
 )
-SELECT l.seq, l.id, l.topic, l.ordering_key, l.biz_id, l.payload, l.headers, l.created_at,
-       l.attempts,
-       bool_and(l.link_ok) OVER (PARTITION BY l.ordering_key ORDER BY l.seq) AS eligible
-  FROM linked l
- ORDER BY l.seq
+SELECT c.seq, c.id, c.topic, c.ordering_key, c.biz_id, c.payload, c.headers, c.created_at,
+       c.attempts, c.seq NOT IN (SELECT seq FROM held) AS eligible
+  FROM claimed c
