@@ -127,7 +127,11 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
     println!(
         "last interval / first interval: {:.1}% (target: within 5%: {})",
         ratio * 100.0,
-        if (ratio - 1.0).abs() <= 0.05 { "met" } else { "NOT met" }
+        if (ratio - 1.0).abs() <= 0.05 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     Ok((json!({"intervals": rows, "last_vs_first": ratio}), true))
 }

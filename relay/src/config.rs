@@ -9,6 +9,14 @@ pub struct RelayConfig {
     pub name: String,
     /// Rows claimed and published per batch. Defaults to 500.
     pub batch_size: usize,
+    /// Batches one relay works on at once (1 to 16). With 2, while a batch waits for its
+    /// acknowledgements the next one is claimed and published: each lane has its own claim
+    /// transaction and pooled connection, SKIP LOCKED keeps their rows apart, and per-key order
+    /// holds exactly as between two relays. Extra lanes work only while there is a backlog
+    /// (after a full batch) and sleep otherwise. Needs a pool of at least `lanes` connections
+    /// (one more for heartbeats is best). Keyed traffic gains little: a second lane mostly
+    /// claims rows whose key's head the first lane holds. Defaults to 1.
+    pub lanes: usize,
     /// How often to look for work when no notification arrives (the fallback that keeps the relay
     /// correct when LISTEN/NOTIFY is unavailable, e.g. behind PgBouncer in transaction mode); also
     /// the resolution of delayed messages and retries. Defaults to 100 ms.
@@ -82,6 +90,10 @@ pub struct RelayArgs {
     /// Rows claimed and published per batch.
     #[arg(long, env = "TIDINGS_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
+    /// Batches the relay works on at once (1-16): with 2, the next batch is claimed and
+    /// published while the previous one waits for the broker (needs --pool-size > lanes).
+    #[arg(long, env = "TIDINGS_LANES", default_value_t = 1)]
+    pub lanes: usize,
     /// Polling interval when no notification arrives (e.g. 500ms, 2s).
     #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
     pub poll_interval: Duration,
@@ -156,6 +168,7 @@ impl RelayArgs {
     pub fn config(&self) -> RelayConfig {
         let mut config = RelayConfig {
             batch_size: self.batch_size,
+            lanes: self.lanes,
             poll_interval: self.poll_interval,
             busy_poll_interval: self.busy_poll_interval,
             // LISTEN through a transaction pooler registers on whichever server connection the
@@ -185,6 +198,7 @@ impl Default for RelayConfig {
         RelayConfig {
             name: format!("{host}-{}", std::process::id()),
             batch_size: 500,
+            lanes: 1,
             poll_interval: Duration::from_millis(100),
             busy_poll_interval: Duration::from_millis(2),
             listen: true,
@@ -241,6 +255,9 @@ impl RelayConfig {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
         if !(1..=10_000).contains(&self.batch_size) {
             return bad("batch_size must be between 1 and 10000");
+        }
+        if !(1..=16).contains(&self.lanes) {
+            return bad("lanes must be between 1 and 16");
         }
         if self.poll_interval.is_zero() {
             return bad("poll_interval must be greater than 0");

@@ -168,6 +168,13 @@ impl Relay {
     ) -> Result<Self, Error> {
         config.validate()?;
         check_dedup_window(&config, sink.as_ref())?;
+        let connections = pool.status().max_size;
+        if connections < config.lanes {
+            return Err(Error::Config(format!(
+                "the pool holds {connections} connections, fewer than the relay's {} lanes: each lane holds one while it works on a batch (give the pool lanes + 1)",
+                config.lanes
+            )));
+        }
         // Bound how long a claim transaction may hold its rows if this process hangs:
         // PostgreSQL then ends the session and another relay takes the rows (failover).
         // JIT off: see claim_batch.sql.
@@ -306,86 +313,17 @@ impl Relay {
             .as_ref()
             .map(|f| tokio::spawn(f(wake.clone(), listener_stop.clone()).in_current_span()));
         tracing::info!(relay = %self.config.name, id = %self.id, sink = self.sink.name(),
-            listen = listener.is_some(), "relay started");
-        let mut db_errors = 0u32;
-        let mut last_traffic = Instant::now() - BUSY_LINGER;
-        // After shutdown is requested, the batch in flight gets `shutdown_timeout` to finish;
-        // then it is abandoned: dropping it rolls its claim back, and its rows are released
-        // (delivered again later; the broker drops what it already has).
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(self.config.shutdown_timeout).await;
-        };
-        tokio::pin!(deadline);
-        let mut abandoned = false;
-        while !shutdown.is_cancelled() {
-            let tick = tokio::select! {
-                t = self.tick() => t,
-                _ = &mut deadline => {
-                    abandoned = true;
-                    break;
-                }
-            };
-            if tick.is_ok() {
-                self.maybe_vacuum().await;
-            }
-            let wait = match tick {
-                Ok(r) if r.sink_unavailable => self.unavailable_pause(),
-                Ok(r) => {
-                    db_errors = 0;
-                    // More is waiting, unless the full batch was all held back (another relay is
-                    // still on those keys): re-claiming at once would only spin.
-                    let progressed = r.delivered + r.retried + r.dead_lettered > 0;
-                    if r.claimed >= self.config.batch_size && progressed {
-                        continue;
-                    }
-                    // Only batches that moved something count as traffic: a claim that found only
-                    // held-back rows (another session holds their key's head) waits a full poll
-                    // interval instead of re-claiming every busy-poll tick.
-                    if progressed {
-                        last_traffic = Instant::now();
-                    }
-                    // While traffic flows (and for a second after), poll fast; a single empty
-                    // batch between two commits must not cost a whole poll interval.
-                    if last_traffic.elapsed() < BUSY_LINGER {
-                        self.config.busy_poll_interval
-                    } else {
-                        self.config.poll_interval
-                    }
-                }
-                Err(e) => {
-                    db_errors += 1;
-                    metrics::counter!(m::DB_ERRORS, self.labels(&[])).increment(1);
-                    let pause = jitter(
-                        (Duration::from_millis(250) * 2u32.pow(db_errors.min(7)))
-                            .min(Duration::from_secs(30)),
-                    );
-                    // Every failure while few, then one in 16: a long database outage logs
-                    // about twice a minute, not on every attempt.
-                    if db_errors <= 3 || db_errors.is_multiple_of(16) {
-                        tracing::warn!(error = %crate::ErrorChain(&e), failures = db_errors, retry_in = ?pause, "relay tick failed (database); retrying");
-                    }
-                    pause
-                }
-            };
-            // Long pauses (broker outage, database errors, a long poll interval) are cut into
-            // heartbeat intervals, so that `tidings status` never shows a live relay as dead.
-            let until = tokio::time::Instant::now() + wait;
-            loop {
-                let step = until
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .min(self.config.heartbeat_interval);
-                let woke = tokio::select! {
-                    _ = shutdown.cancelled() => true,
-                    _ = wake.notified() => true,
-                    _ = tokio::time::sleep(step) => false,
-                };
-                if woke || tokio::time::Instant::now() >= until {
-                    break;
-                }
-                self.heartbeat_if_due().await;
-            }
-        }
+            listen = listener.is_some(), lanes = self.config.lanes, "relay started");
+        // Lanes: each claims, publishes and commits its own batches; a lane that finds a full
+        // batch (a backlog) wakes the others, so the next batch is claimed while this one's
+        // acknowledgements are awaited.
+        let more = Notify::new();
+        let abandoned = futures::future::join_all(
+            (0..self.config.lanes.max(1)).map(|lane| self.lane(lane, &shutdown, &wake, &more)),
+        )
+        .await
+        .into_iter()
+        .any(|abandoned| abandoned);
         listener_stop.cancel();
         if let Some(l) = listener {
             let _ = l.await;
@@ -412,6 +350,105 @@ impl Relay {
         }
         tracing::info!(relay = %self.config.name, "relay stopped");
         Ok(())
+    }
+
+    /// One lane of [`Relay::run`]: ticks until `shutdown`; returns whether its batch in flight
+    /// was abandoned at the shutdown deadline. Lane 0 polls, listens (`wake`) and heartbeats
+    /// while idle; the other lanes only help with a backlog: after a batch that was not full
+    /// they sleep until a lane finds a full one (`more`).
+    async fn lane(
+        &self,
+        lane: usize,
+        shutdown: &CancellationToken,
+        wake: &Notify,
+        more: &Notify,
+    ) -> bool {
+        let mut db_errors = 0u32;
+        let mut last_traffic = Instant::now() - BUSY_LINGER;
+        // After shutdown is requested, the batch in flight gets `shutdown_timeout` to finish;
+        // then it is abandoned: dropping it rolls its claim back, and its rows are released
+        // (delivered again later; the broker drops what it already has).
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.config.shutdown_timeout).await;
+        };
+        tokio::pin!(deadline);
+        while !shutdown.is_cancelled() {
+            let tick = tokio::select! {
+                t = self.tick() => t,
+                _ = &mut deadline => return true,
+            };
+            if tick.is_ok() {
+                self.maybe_vacuum().await;
+            }
+            let mut idle = false;
+            let wait = match tick {
+                Ok(r) if r.sink_unavailable => self.unavailable_pause(),
+                Ok(r) => {
+                    db_errors = 0;
+                    // More is waiting, unless the full batch was all held back (another relay is
+                    // still on those keys): re-claiming at once would only spin.
+                    let progressed = r.delivered + r.retried + r.dead_lettered > 0;
+                    if r.claimed >= self.config.batch_size && progressed {
+                        more.notify_waiters();
+                        continue;
+                    }
+                    idle = lane > 0;
+                    // Only batches that moved something count as traffic: a claim that found only
+                    // held-back rows (another session holds their key's head) waits a full poll
+                    // interval instead of re-claiming every busy-poll tick.
+                    if progressed {
+                        last_traffic = Instant::now();
+                    }
+                    // While traffic flows (and for a second after), poll fast; a single empty
+                    // batch between two commits must not cost a whole poll interval.
+                    if last_traffic.elapsed() < BUSY_LINGER {
+                        self.config.busy_poll_interval
+                    } else {
+                        self.config.poll_interval
+                    }
+                }
+                Err(e) => {
+                    db_errors += 1;
+                    metrics::counter!(m::DB_ERRORS, self.labels(&[])).increment(1);
+                    let pause = jitter(
+                        (Duration::from_millis(250) * 2u32.pow(db_errors.min(7)))
+                            .min(Duration::from_secs(30)),
+                    );
+                    // Every failure while few, then one in 16: a long database outage logs
+                    // about twice a minute, not on every attempt.
+                    if db_errors <= 3 || db_errors.is_multiple_of(16) {
+                        tracing::warn!(error = %crate::ErrorChain(&e), failures = db_errors, lane, retry_in = ?pause, "relay tick failed (database); retrying");
+                    }
+                    pause
+                }
+            };
+            if idle {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = more.notified() => {}
+                }
+                continue;
+            }
+            // Long pauses (broker outage, database errors, a long poll interval) are cut into
+            // heartbeat intervals, so that `tidings status` never shows a live relay as dead.
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                let step = until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(self.config.heartbeat_interval);
+                let woke = tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = wake.notified(), if lane == 0 => true,
+                    _ = tokio::time::sleep(step) => false,
+                };
+                if woke || tokio::time::Instant::now() >= until {
+                    break;
+                }
+                self.heartbeat_if_due().await;
+            }
+        }
+        false
     }
 
     fn unavailable_pause(&self) -> Duration {
@@ -1156,11 +1193,16 @@ impl Relay {
     /// Run between batches, on a pooled connection, outside any transaction.
     async fn maybe_vacuum(&self) {
         let due = {
-            let Ok(s) = self.state.lock() else { return };
-            self.config.vacuum_every > 0
+            let Ok(mut s) = self.state.lock() else { return };
+            let due = self.config.vacuum_every > 0
                 && !s.vacuum_refused
                 && s.removed_since_vacuum >= self.config.vacuum_every
-                && s.last_vacuum.is_none_or(|t| t.elapsed() >= VACUUM_MIN_GAP)
+                && s.last_vacuum.is_none_or(|t| t.elapsed() >= VACUUM_MIN_GAP);
+            // Taken now, so that another lane does not start a second VACUUM meanwhile.
+            if due {
+                s.last_vacuum = Some(Instant::now());
+            }
+            due
         };
         if !due {
             return;

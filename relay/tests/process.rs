@@ -224,6 +224,14 @@ async fn bad_configuration_exits_2_naming_the_bad_value() {
             "--batch-size must be between 1 and 10000",
         ),
         (
+            vec!["relay", "--lanes", "0"],
+            "--lanes must be between 1 and 16",
+        ),
+        (
+            vec!["relay", "--lanes", "4", "--pool-size", "4"],
+            "--pool-size 4 is too small for --lanes 4",
+        ),
+        (
             vec!["relay", "--sink", "carrier-pigeon"],
             "invalid value 'carrier-pigeon' for '--sink <SINK>'",
         ),

@@ -28,11 +28,9 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use futures::future::BoxFuture;
-
 use super::{usage, Db, Failure};
 use crate::observe::{Target, Targets};
-use crate::{Capabilities, Delivery, Envelope, ErrorChain, Relay, RelayConfig, Sink, SinkError};
+use crate::{ErrorChain, Relay, RelayConfig, Sink};
 
 /// One named database. Its URL is never shown (not in `Debug` either).
 #[derive(Clone, PartialEq, Eq)]
@@ -201,32 +199,6 @@ pub(super) fn db_of(e: &Entry, ca_file: Option<&Path>, timeout: Duration) -> Res
     })
 }
 
-/// The fleet's sink as each database's relay sees it: shared, so a relay that stops (its
-/// database removed, or at shutdown) does not close it under the others. The fleet closes it
-/// once, after every relay has stopped.
-struct Shared(Arc<dyn Sink>);
-
-impl Sink for Shared {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
-        self.0.publish(msg)
-    }
-    fn publish_batch<'a>(
-        &'a self,
-        msgs: &'a [&'a Envelope],
-    ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
-        self.0.publish_batch(msgs)
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
-        self.0.check()
-    }
-}
-
 /// The operator pages, one per database, by name.
 pub(super) type Consoles = Arc<RwLock<BTreeMap<String, axum::Router>>>;
 
@@ -297,7 +269,7 @@ impl Fleet {
         shutdown: CancellationToken,
     ) -> Fleet {
         Fleet {
-            shared: Arc::new(Shared(sink.clone())),
+            shared: Arc::new(crate::sink::SharedSink(sink.clone())),
             shutdown,
             sink,
             config,

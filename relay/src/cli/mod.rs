@@ -412,6 +412,14 @@ async fn relay(
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
+    if args.pool_size <= args.lanes && (1..=16).contains(&args.lanes) {
+        return Err(usage(format!(
+            "--pool-size {} is too small for --lanes {}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
+            args.pool_size,
+            args.lanes,
+            args.lanes + 1
+        )));
+    }
     let pool = pg.pool(args.pool_size)?;
     pg.first_connection(&pool).await?;
 
@@ -563,6 +571,14 @@ async fn relay_fleet(
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
+    if args.pool_size <= args.lanes && (1..=16).contains(&args.lanes) {
+        return Err(usage(format!(
+            "--pool-size {} is too small for --lanes {}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
+            args.pool_size,
+            args.lanes,
+            args.lanes + 1
+        )));
+    }
     if args.admin_database_url.is_some() {
         return Err(usage(
             "--admin-database-url names one database; with --database / --databases-file each database's page uses that database's URL",
@@ -670,6 +686,7 @@ fn flagify(message: &str) -> String {
         ("shutdown_timeout", "--shutdown-timeout"),
         ("backoff_max", "--backoff-max"),
         ("batch_size", "--batch-size"),
+        ("lanes", "--lanes"),
     ];
     let mut out = String::with_capacity(message.len() + 16);
     let mut rest = message;

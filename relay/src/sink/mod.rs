@@ -301,3 +301,30 @@ pub trait Sink: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// A sink several relays share (one process serving several databases, or several relays on
+/// one broker connection): everything but `close` goes to the inner sink, so a relay that stops
+/// does not close it under the others. Whoever made the inner sink closes it once, after every
+/// relay using it has stopped.
+pub struct SharedSink(pub std::sync::Arc<dyn Sink>);
+
+impl Sink for SharedSink {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn publish<'a>(&'a self, msg: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        self.0.publish(msg)
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        msgs: &'a [&'a Envelope],
+    ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
+        self.0.publish_batch(msgs)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.0.check()
+    }
+}
