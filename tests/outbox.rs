@@ -895,16 +895,36 @@ async fn pipelined_commit_writes_the_messages_in_the_commits_round_trip() {
     assert_eq!(flights.load(SeqCst) - start, 1);
     assert_batch(&observer, &ids).await;
 
-    // No message: an ordinary commit. The connection is clean afterwards (no transaction left
-    // open, no stray ROLLBACK queued).
+    // No message: a commit all the same. The connection is clean afterwards: no transaction
+    // left open (outside one, each statement is its own: its transaction starts with it).
     let tx = outbox.begin_pg(&mut c).await.unwrap();
+    tx.execute("INSERT INTO payments VALUES ('pay_2')", &[])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let status: String = c
-        .query_one("SELECT current_setting('transaction_isolation')", &[])
+    assert_outside_a_transaction(&c).await;
+    let paid: i64 = observer
+        .query_one("SELECT count(*) FROM payments", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(status, "read committed");
+    assert_eq!(paid, 2);
+}
+
+/// Fails if `c` is inside a transaction block: a statement there started after its transaction.
+async fn assert_outside_a_transaction(c: &Client) {
+    // Simple protocol: outside a transaction block the statement's own transaction starts
+    // with it; inside one, the block started before the sleep.
+    c.batch_execute("SELECT pg_sleep(0.01)").await.unwrap();
+    let rows = c
+        .simple_query("SELECT now() = statement_timestamp()")
+        .await
+        .unwrap();
+    let fresh = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v == "t"),
+        _ => None,
+    });
+    assert_eq!(fresh, Some(true), "the connection was left inside a transaction");
 }
 
 #[tokio::test]
@@ -948,6 +968,12 @@ async fn pipelined_commit_that_fails_commits_nothing_and_says_why() {
     tx.enqueue(&Message::new("payments.paid", "x")).unwrap();
     assert!(tx.commit().await.is_err());
     assert!(rows(&observer).await.is_empty());
+    assert_outside_a_transaction(&c).await;
+    // The same without a message: the abort is reported, not committed as a ROLLBACK.
+    let tx = outbox.begin_pg(&mut c).await.unwrap();
+    assert!(tx.execute("SELECT 1 / 0", &[]).await.is_err());
+    assert!(tx.commit().await.is_err());
+    assert_outside_a_transaction(&c).await;
 
     // Rolled back or dropped: nothing written, the connection usable.
     let mut tx = outbox.begin_pg(&mut c).await.unwrap();
@@ -960,6 +986,18 @@ async fn pipelined_commit_that_fails_commits_nothing_and_says_why() {
         .await
         .unwrap();
     assert!(rows(&observer).await.is_empty());
+    let paid: Vec<String> = observer
+        .query("SELECT id FROM payments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        paid,
+        ["pay_3"],
+        "the connection is usable and committing after a drop"
+    );
     // A bad message is refused at enqueue, before anything is sent; the others stay.
     let mut tx = outbox.begin_pg(&mut c).await.unwrap();
     tx.enqueue(&Message::new("ok", "x")).unwrap();

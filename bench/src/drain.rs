@@ -178,9 +178,14 @@ async fn drain_run(
         let (relay, stop) = (relay.clone(), stop.clone());
         async move { relay.run(stop).await }
     });
-    tokio::time::timeout(Duration::from_secs(300), done.1.notified())
-        .await
-        .map_err(|_| "the relay loop did not drain the backlog within 5 minutes")?;
+    let mut run = run;
+    tokio::select! {
+        _ = done.1.notified() => {}
+        r = &mut run => return Err(format!("the relay loop stopped before the backlog was drained: {:?}", r?).into()),
+        _ = tokio::time::sleep(Duration::from_secs(300)) => {
+            return Err("the relay loop did not drain the backlog within 5 minutes".into())
+        }
+    }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     run.await??;

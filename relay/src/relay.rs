@@ -381,7 +381,13 @@ impl Relay {
             if tick.is_ok() {
                 self.maybe_vacuum().await;
             }
-            let mut idle = false;
+            // An extra lane stops at anything but a full batch that moved something (an empty
+            // or partial batch, a broker outage, a database error): lane 0 alone polls, backs
+            // off and logs, and wakes the others when a backlog shows up again.
+            let idle = lane > 0
+                && !matches!(&tick, Ok(r) if !r.sink_unavailable
+                    && r.claimed >= self.config.batch_size
+                    && r.delivered + r.retried + r.dead_lettered > 0);
             let wait = match tick {
                 Ok(r) if r.sink_unavailable => self.unavailable_pause(),
                 Ok(r) => {
@@ -393,7 +399,6 @@ impl Relay {
                         more.notify_waiters();
                         continue;
                     }
-                    idle = lane > 0;
                     // Only batches that moved something count as traffic: a claim that found only
                     // held-back rows (another session holds their key's head) waits a full poll
                     // interval instead of re-claiming every busy-poll tick.
@@ -604,12 +609,15 @@ impl Relay {
         // (yet) refuse (written before the hardening migration, or by a table owner who
         // dropped a constraint). Such a row is dead-lettered, never handed to the sink.
         let mut invalid = Vec::with_capacity(rows.len());
+        // Where each published row is, for the finish to delete it by TID.
+        let mut ctids = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
             if !row.try_get::<_, bool>("eligible").unwrap_or(false) {
                 report.held_back += 1;
                 continue;
             }
             let (env, bad) = envelope_from_row(row)?;
+            ctids.insert(env.seq, row.try_get::<_, String>("ctid")?);
             batch.push(env);
             invalid.push(bad);
         }
@@ -690,6 +698,8 @@ impl Relay {
             match outcome {
                 Outcome::Delivered { duplicate } => {
                     rec.delivered.push(msg.seq);
+                    rec.delivered_tids
+                        .push(ctids.get(&msg.seq).cloned().unwrap_or_default());
                     report.duplicates += usize::from(duplicate);
                 }
                 Outcome::Skipped => report.released += 1,
@@ -1353,6 +1363,8 @@ enum Kind {
 #[derive(Default)]
 struct Outcomes {
     delivered: Vec<i64>,
+    /// The delivered rows' ctids (as claim_batch returned them), in the order of `delivered`.
+    delivered_tids: Vec<String>,
     failed: Vec<i64>,
     errors: Vec<String>,
     backoffs: Vec<f64>,
@@ -1366,6 +1378,7 @@ impl Outcomes {
     fn one_delivered(&self, i: usize) -> Outcomes {
         Outcomes {
             delivered: vec![self.delivered[i]],
+            delivered_tids: vec![self.delivered_tids[i].clone()],
             ..Default::default()
         }
     }
@@ -1392,7 +1405,7 @@ async fn finish_step(
     release: bool,
 ) -> Result<Result<(), tokio_postgres::Error>, Error> {
     let params: [(&(dyn ToSql + Sync), Type); 6] = [
-        (&rec.delivered, Type::INT8_ARRAY),
+        (&rec.delivered_tids, Type::TEXT_ARRAY),
         (&rec.failed, Type::INT8_ARRAY),
         (&rec.errors, Type::TEXT_ARRAY),
         (&rec.backoffs, Type::FLOAT8_ARRAY),

@@ -412,7 +412,7 @@ async fn relay(
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
-    if args.pool_size <= args.lanes && (1..=16).contains(&args.lanes) {
+    if args.lanes > 1 && args.lanes <= 16 && args.pool_size <= args.lanes {
         return Err(usage(format!(
             "--pool-size {} is too small for --lanes {}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
             args.pool_size,
@@ -571,7 +571,7 @@ async fn relay_fleet(
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
-    if args.pool_size <= args.lanes && (1..=16).contains(&args.lanes) {
+    if args.lanes > 1 && args.lanes <= 16 && args.pool_size <= args.lanes {
         return Err(usage(format!(
             "--pool-size {} is too small for --lanes {}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
             args.pool_size,

@@ -33,11 +33,12 @@
 --   row, payload and all, through both windows and two sorts: 2.7 ms against 1.3 ms for a claim
 --   of 500 unkeyed rows here (EXPLAIN ANALYZE). Rows come out in seq order (the order the claim
 --   was materialised in); the relay checks that and sorts if they ever do not.
+-- ctid: where the locked row is; finish_batch deletes delivered rows by it.
 -- Planning: the relay sets jit = off for this transaction; the planner's cost estimate for the
 --   correlated probes is high enough to trigger JIT compilation, which cost ~90 ms per claim.
 WITH claimed AS (
-    SELECT o.seq, o.id, o.topic, o.ordering_key, o.biz_id, o.payload, o.headers, o.created_at,
-           o.attempts
+    SELECT o.seq, o.ctid, o.id, o.topic, o.ordering_key, o.biz_id, o.payload, o.headers,
+           o.created_at, o.attempts
       FROM tidings.outbox o
      WHERE o.deliver_at <= now()
        AND (o.ordering_key IS NULL OR (
@@ -75,6 +76,6 @@ held AS (
               FROM linked l) l
      WHERE NOT l.ok
 )
-SELECT c.seq, c.id, c.topic, c.ordering_key, c.biz_id, c.payload, c.headers, c.created_at,
-       c.attempts, c.seq NOT IN (SELECT seq FROM held) AS eligible
+SELECT c.seq, c.ctid::text AS ctid, c.id, c.topic, c.ordering_key, c.biz_id, c.payload,
+       c.headers, c.created_at, c.attempts, c.seq NOT IN (SELECT seq FROM held) AS eligible
   FROM claimed c
