@@ -924,7 +924,11 @@ async fn assert_outside_a_transaction(c: &Client) {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v == "t"),
         _ => None,
     });
-    assert_eq!(fresh, Some(true), "the connection was left inside a transaction");
+    assert_eq!(
+        fresh,
+        Some(true),
+        "the connection was left inside a transaction"
+    );
 }
 
 #[tokio::test]
