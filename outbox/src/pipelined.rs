@@ -15,6 +15,7 @@ use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::task::Poll;
 
+#[cfg(feature = "deadpool-postgres")]
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
@@ -22,6 +23,7 @@ use crate::postgres::{batch_params, map_err, one_params};
 use crate::sql::{Columns, INSERT_MESSAGE, INSERT_MESSAGES};
 use crate::{Error, Message, MessageId, Outbox, OutboxConfig};
 
+#[cfg(feature = "deadpool-postgres")]
 const ONE_TYPES: [Type; 8] = [
     Type::UUID,
     Type::TEXT,
@@ -33,6 +35,7 @@ const ONE_TYPES: [Type; 8] = [
     Type::FLOAT8,
 ];
 
+#[cfg(feature = "deadpool-postgres")]
 const BATCH_TYPES: [Type; 8] = [
     Type::UUID_ARRAY,
     Type::TEXT_ARRAY,
