@@ -15,37 +15,13 @@ use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::task::Poll;
 
-#[cfg(feature = "deadpool-postgres")]
-use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
 use crate::postgres::{batch_params, map_err, one_params};
+#[cfg(feature = "deadpool-postgres")]
+use crate::postgres::{BATCH_TYPES, ONE_TYPES};
 use crate::sql::{Columns, INSERT_MESSAGE, INSERT_MESSAGES};
 use crate::{Error, Message, MessageId, Outbox, OutboxConfig};
-
-#[cfg(feature = "deadpool-postgres")]
-const ONE_TYPES: [Type; 8] = [
-    Type::UUID,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::BYTEA,
-    Type::JSONB,
-    Type::TIMESTAMPTZ,
-    Type::FLOAT8,
-];
-
-#[cfg(feature = "deadpool-postgres")]
-const BATCH_TYPES: [Type; 8] = [
-    Type::UUID_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::BYTEA_ARRAY,
-    Type::JSONB_ARRAY,
-    Type::TIMESTAMPTZ_ARRAY,
-    Type::FLOAT8_ARRAY,
-];
 
 /// A top-level database transaction (a tokio-postgres [`tokio_postgres::Transaction`], reached
 /// through `Deref`) whose messages are written by its COMMIT's round trip. Made by

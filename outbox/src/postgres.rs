@@ -49,6 +49,32 @@ pub(crate) fn batch_params(c: &Columns) -> [(&(dyn ToSql + Sync), Type); 8] {
     ]
 }
 
+#[cfg(feature = "deadpool-postgres")]
+/// The parameter types of `INSERT_MESSAGE`, for statements prepared once and cached.
+pub(crate) const ONE_TYPES: [Type; 8] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::BYTEA,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+    Type::FLOAT8,
+];
+
+#[cfg(feature = "deadpool-postgres")]
+/// The parameter types of `INSERT_MESSAGES`, for statements prepared once and cached.
+pub(crate) const BATCH_TYPES: [Type; 8] = [
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+    Type::FLOAT8_ARRAY,
+];
+
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         map_err(e)
@@ -136,18 +162,8 @@ impl Outbox {
             return Ok(ids);
         }
         if ids.len() == 1 {
-            let types = [
-                Type::UUID,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::BYTEA,
-                Type::JSONB,
-                Type::TIMESTAMPTZ,
-                Type::FLOAT8,
-            ];
             let stmt = client
-                .prepare_typed_cached(INSERT_MESSAGE, &types)
+                .prepare_typed_cached(INSERT_MESSAGE, &ONE_TYPES)
                 .await
                 .map_err(map_err)?;
             client
@@ -167,18 +183,8 @@ impl Outbox {
                 .await
                 .map_err(map_err)?;
         } else {
-            let types = [
-                Type::UUID_ARRAY,
-                Type::TEXT_ARRAY,
-                Type::TEXT_ARRAY,
-                Type::TEXT_ARRAY,
-                Type::BYTEA_ARRAY,
-                Type::JSONB_ARRAY,
-                Type::TIMESTAMPTZ_ARRAY,
-                Type::FLOAT8_ARRAY,
-            ];
             let stmt = client
-                .prepare_typed_cached(INSERT_MESSAGES, &types)
+                .prepare_typed_cached(INSERT_MESSAGES, &BATCH_TYPES)
                 .await
                 .map_err(map_err)?;
             client

@@ -402,13 +402,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn relay(
-    pg: Db,
-    args: crate::RelayArgs,
-    ca_file: Option<&std::path::Path>,
-    db_timeout: std::time::Duration,
-) -> Result<(), Failure> {
-    let config = args.config();
+/// `--pool-size` against `--lanes`: each lane holds a connection while it works on a batch,
+/// and heartbeats need one more (checked from 2 lanes; one lane works with one connection).
+fn check_pool_size(args: &crate::RelayArgs) -> Result<(), Failure> {
     if args.pool_size == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
@@ -420,6 +416,17 @@ async fn relay(
             args.lanes + 1
         )));
     }
+    Ok(())
+}
+
+async fn relay(
+    pg: Db,
+    args: crate::RelayArgs,
+    ca_file: Option<&std::path::Path>,
+    db_timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    let config = args.config();
+    check_pool_size(&args)?;
     let pool = pg.pool(args.pool_size)?;
     pg.first_connection(&pool).await?;
 
@@ -568,17 +575,7 @@ async fn relay_fleet(
     ca_file: Option<&std::path::Path>,
     db_timeout: std::time::Duration,
 ) -> Result<(), Failure> {
-    if args.pool_size == 0 {
-        return Err(usage("--pool-size must be at least 1"));
-    }
-    if args.lanes > 1 && args.lanes <= 16 && args.pool_size <= args.lanes {
-        return Err(usage(format!(
-            "--pool-size {} is too small for --lanes {}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
-            args.pool_size,
-            args.lanes,
-            args.lanes + 1
-        )));
-    }
+    check_pool_size(&args)?;
     if args.admin_database_url.is_some() {
         return Err(usage(
             "--admin-database-url names one database; with --database / --databases-file each database's page uses that database's URL",
