@@ -299,6 +299,32 @@ async fn answers_decide_retry_time_or_dead_letter() {
         "{dead:?}"
     );
     assert!(!dead[1].1.contains("/hooks/"), "{dead:?}");
+
+    // A retried message is the same webhook: the same webhook-id (the message id) and
+    // Idempotency-Key on every attempt, so the receiver can drop a repeat.
+    recorder.answer(|_| (StatusCode::NO_CONTENT, vec![]));
+    db.client()
+        .await
+        .execute(
+            "UPDATE tidings.outbox SET deliver_at = now() WHERE topic = 'busy'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let r = relay.tick().await.unwrap();
+    assert!(r.delivered >= 1, "{r:?}");
+    let busy: Vec<_> = recorder
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/hooks/busy")
+        .collect();
+    assert_eq!(busy.len(), 2, "a 500, then a 204");
+    let id = busy[0].header("webhook-id").expect("webhook-id").to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    for attempt in &busy {
+        assert_eq!(attempt.header("webhook-id"), Some(id.as_str()));
+        assert_eq!(attempt.header("idempotency-key"), Some(id.as_str()));
+    }
 }
 
 /// One endpoint down among several: its messages wait without counting attempts while the

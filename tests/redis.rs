@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use tidings_inbox::redis::{RedisAdapter, RedisConsumerConfig};
 use tidings_outbox::{Message, MessageId, WireMessage};
 use tidings_relay::sink::{
-    RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
+    Idmp, RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
 };
 use tidings_relay::{Envelope, Relay, RelayConfig, Sink, SinkError};
 use tidings_tests::conformance::{sink_conformance, BrokerUnderTest, Received, SinkFeatures};
@@ -272,6 +272,53 @@ async fn configuration_errors_name_the_flag() {
         let e = RedisSink::connect(config).await.err().unwrap().to_string();
         assert!(e.contains(want) && !e.contains("hunter2"), "{e}");
     }
+}
+
+/// Server-side dedup (`XADD ... IDMP`, Redis 8.6+) is read from the server at start-up: the
+/// local 7.0 has none, so `auto` leaves it out (a re-send is a second entry: consumers dedup),
+/// `on` refuses to start naming the flag and the server's version, and `off` never sends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn idmp_is_used_only_when_the_server_has_it() {
+    let keys = RedisKeys::new();
+    let config = |idmp| RedisSinkConfig {
+        url: keys.url.clone(),
+        stream_template: format!("{}:{{topic}}", keys.prefix),
+        idmp,
+        ..Default::default()
+    };
+    let auto = RedisSink::connect(config(Idmp::Auto)).await.unwrap();
+    let version = auto.server_version().to_owned();
+    let major: u32 = version.split('.').next().unwrap().parse().unwrap();
+    let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+    let has_idmp = (major, minor) >= (8, 6);
+    assert_eq!(auto.uses_idmp(), has_idmp, "{version}");
+    assert!(!RedisSink::connect(config(Idmp::Off))
+        .await
+        .unwrap()
+        .uses_idmp());
+    match RedisSink::connect(config(Idmp::On)).await {
+        Ok(s) => assert!(has_idmp && s.uses_idmp(), "{version}"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(!has_idmp, "{version}: {e}");
+            assert!(
+                e.contains("--redis-idmp on needs Redis 8.6") && e.contains(&version),
+                "{e}"
+            );
+        }
+    }
+    // The same message twice: one entry with IDMP, two without (the inbox absorbs those).
+    let msg = envelope("idmp", "x");
+    for _ in 0..2 {
+        auto.publish(&msg).await.unwrap();
+    }
+    let mut c = redis_conn(&keys.url).await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg(format!("{}:idmp", keys.prefix))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(len, if has_idmp { 1 } else { 2 });
 }
 
 /// The consumer side on the shared server: streams and groups under the test's prefix.

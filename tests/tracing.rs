@@ -33,7 +33,9 @@ impl Handler for IssueCard {
 }
 
 /// One trace from the producer's span, through the relay's publish, to the consumer's effect
-/// (feature `opentelemetry` of the outbox, relay and inbox), for every driver's enqueue: the
+/// (feature `opentelemetry` of the outbox, relay and inbox), for every driver's enqueue
+/// (tokio-postgres, deadpool, diesel, diesel-async, sync postgres, sqlx, and the pipelined
+/// `begin_pg`/`begin_deadpool` transaction): the
 /// outbox stores the current span's context as `traceparent` when the message has none; the
 /// relay's `tidings_publish` span and the consumer's `tidings_consume` span are children of the
 /// producer's span. A message that sets its own `traceparent` keeps it.
@@ -58,8 +60,10 @@ async fn one_trace_from_the_producers_span_through_the_relay_to_the_consumer() {
         .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    // Scoped to this thread; the current-thread runtime runs producer, relay and consumer here.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // Scoped to this thread; the current-thread runtime runs producer, relay and consumer here
+    // (the sync driver's thread sets the same dispatch for itself).
+    let dispatch = tracing::Dispatch::new(subscriber);
+    let _guard = tracing::dispatcher::set_default(&dispatch);
 
     // The producers: one message per driver, each inside a span of its own.
     let outbox = tidings_outbox::Outbox::default();
@@ -124,6 +128,65 @@ async fn one_trace_from_the_producers_span_through_the_relay_to_the_consumer() {
         .instrument(span.clone())
         .await;
         producers.push(("pay_diesel_async", ids(&span)));
+    }
+    {
+        // The sync client blocks: on a blocking thread, under this test's dispatch, in the span.
+        let span = tracing::info_span!("produce", driver = "postgres (sync)");
+        let (url, dispatch, inner) = (db.url.clone(), dispatch.clone(), span.clone());
+        tokio::task::spawn_blocking(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                inner.in_scope(|| {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    let mut tx = c.transaction().unwrap();
+                    tidings_outbox::Outbox::default()
+                        .enqueue_sync(&mut tx, &msg("pay_sync"))
+                        .unwrap();
+                    tx.commit().unwrap();
+                })
+            })
+        })
+        .await
+        .unwrap();
+        producers.push(("pay_sync", ids(&span)));
+    }
+    {
+        use sqlx::Connection as _;
+        let span = tracing::info_span!("produce", driver = "sqlx");
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        async {
+            let mut tx = conn.begin().await.unwrap();
+            outbox
+                .enqueue_sqlx(&mut tx, &msg("pay_sqlx"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        .instrument(span.clone())
+        .await;
+        producers.push(("pay_sqlx", ids(&span)));
+    }
+    {
+        // The pipelined transaction keeps the message until its commit: the span current at
+        // enqueue is the one recorded.
+        let span = tracing::info_span!("produce", driver = "begin_pg");
+        let mut c = db.client().await;
+        let mut tx = outbox.begin_pg(&mut c).await.unwrap();
+        span.in_scope(|| tx.enqueue(&msg("pay_begin_pg")).unwrap());
+        tx.commit().await.unwrap();
+        producers.push(("pay_begin_pg", ids(&span)));
+    }
+    {
+        let span = tracing::info_span!("produce", driver = "begin_deadpool");
+        let pool = pool(&db, 1);
+        let mut obj = pool.get().await.unwrap();
+        async {
+            let mut tx = outbox.begin_deadpool(&mut obj).await.unwrap();
+            tx.enqueue(&msg("pay_begin_deadpool")).unwrap();
+            tx.commit().await.unwrap();
+        }
+        .instrument(span.clone())
+        .await;
+        producers.push(("pay_begin_deadpool", ids(&span)));
     }
     // A message with its own traceparent keeps it, inside a producer span or not.
     {
@@ -225,7 +288,9 @@ async fn one_trace_from_the_producers_span_through_the_relay_to_the_consumer() {
         eventually(
             "every message to be processed",
             Duration::from_secs(20),
-            || async { consumer.stats().processed.load(Ordering::SeqCst) == 6 },
+            || async {
+                consumer.stats().processed.load(Ordering::SeqCst) == producers.len() as u64
+            },
         )
         .await;
         stop.cancel();

@@ -38,7 +38,7 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 const PAGE: &str = include_str!("console.html");
-/// Rows a list returns at most.
+/// Rows a list returns at most, and ids an action names at most.
 const LIST_MAX: i64 = 500;
 /// Rows one statement of a filtered replay or purge touches.
 const BATCH: i64 = 500;
@@ -648,6 +648,13 @@ async fn dead_letter_action(
         Ok(a) => a,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("not an action: {e}")),
     };
+    if a.ids.len() > LIST_MAX as usize {
+        tracing::warn!(%from, action, ids = a.ids.len(), "console action refused: too many ids");
+        return fail(
+            StatusCode::BAD_REQUEST,
+            format!("at most {LIST_MAX} ids per request; act on a filter for more"),
+        );
+    }
     let o = match client(&c).await {
         Ok(o) => o,
         Err(r) => return r,
@@ -732,6 +739,13 @@ async fn parked_action(
         Ok(a) => a,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("not an action: {e}")),
     };
+    if a.ids.len() > LIST_MAX as usize {
+        tracing::warn!(%from, action, ids = a.ids.len(), "console action refused: too many ids");
+        return fail(
+            StatusCode::BAD_REQUEST,
+            format!("at most {LIST_MAX} ids per request; act on a filter for more"),
+        );
+    }
     let o = match client(&c).await {
         Ok(o) => o,
         Err(r) => return r,

@@ -583,3 +583,284 @@ async fn inbox_dlq_on_an_unmigrated_database_says_to_migrate() {
         assert!(err.contains("run `tidings migrate up`"), "{args:?}: {err}");
     }
 }
+
+/// Starts `tidings relay --sink stdout --admin-listen` on `db` (with `token` as the admin token
+/// if any), its log (warn) going to `log`; returns the process and the admin port.
+async fn admin_relay(db: &TestDb, token: Option<&str>, log: &std::path::Path) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(BIN);
+    cmd.env("DATABASE_URL", &db.url)
+        .env("TIDINGS_LOG", "warn")
+        .env_remove("TIDINGS_ADMIN_TOKEN")
+        .args(["relay", "--sink", "stdout"])
+        .args(["--admin-listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(t) = token {
+        cmd.env("TIDINGS_ADMIN_TOKEN", t);
+    }
+    let child = cmd.spawn().unwrap();
+    tidings_tests::wait_for_port(port, "the relay's admin listener").await;
+    (child, port)
+}
+
+/// The operator page's API beyond what the browser test clicks: dead-letter filters (topic,
+/// error text in any case, time range, the list bound), purge and replay of everything matching
+/// a filter in bounded batches (at most 100,000 rows a request), the id-list bound, the parked
+/// messages' list, filters, content (token only) and actions, an inbox lookup that finds a
+/// record and its time, read-only mode without a token (403), and every action in the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_api_filters_and_acts_on_dead_letters_and_parked_messages_in_bounds() {
+    use serde_json::{json, Value};
+    use tidings_tests::http;
+    const TOKEN: &str = "console-test-token";
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    // Dead letters: 'a' 1,100 ("boom A", an hour ago), 'b' 103 ("Timeout B", now), and 100,250
+    // 'bulk' ones for the per-request bound.
+    c.batch_execute(
+        "INSERT INTO tidings.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, reason, dead_at)
+         SELECT gen_random_uuid(), 'a', 'p', '{}', now(), 3, 'boom A', 'max_attempts', now() - interval '1 hour'
+           FROM generate_series(1, 1100);
+         INSERT INTO tidings.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, reason)
+         SELECT gen_random_uuid(), 'b', 'p', '{}', now(), 1, 'Timeout B', 'permanent'
+           FROM generate_series(1, 103);
+         INSERT INTO tidings.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, reason)
+         SELECT gen_random_uuid(), 'bulk', 'p', '{}', now(), 1, 'x', 'permanent'
+           FROM generate_series(1, 100250);",
+    )
+    .await
+    .unwrap();
+    let parked_ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::now_v7()).collect();
+    park(&db, "c1", &parked_ids[..3]).await;
+    park(&db, "c2", &parked_ids[3..]).await;
+    c.execute(
+        "INSERT INTO tidings.inbox (consumer, biz_id, message_id, processed_at)
+         VALUES ('card-service', 'pay-7', $1, '2026-01-02T03:04:05Z')",
+        &[&parked_ids[0]],
+    )
+    .await
+    .unwrap();
+    let dir = tempfile_dir();
+    let (relay, port) = admin_relay(&db, Some(TOKEN), &dir.join("relay.log")).await;
+    let _relay = KillOnDrop(relay);
+    let auth = format!("Bearer {TOKEN}");
+    let get = |path: String| async move {
+        let (code, body) = http(port, "GET", &path, &[], "").await;
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let act = |path: &'static str, body: Value, token: bool| {
+        let auth = auth.clone();
+        async move {
+            let mut headers = vec![("content-type", "application/json")];
+            if token {
+                headers.push(("authorization", auth.as_str()));
+            }
+            let (code, text) = http(port, "POST", path, &headers, &body.to_string()).await;
+            (
+                code,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+
+    // Filters and the list bound.
+    let n = |v: Value| v.as_array().unwrap().len();
+    assert_eq!(
+        n(get("/api/dead-letters?topic=b".into()).await),
+        100,
+        "default limit"
+    );
+    assert_eq!(
+        n(get("/api/dead-letters?topic=b&limit=500".into()).await),
+        103
+    );
+    assert_eq!(
+        n(get("/api/dead-letters?error=tIMEOUT&limit=500".into()).await),
+        103
+    );
+    assert_eq!(
+        n(get("/api/dead-letters?limit=100000".into()).await),
+        500,
+        "clamped"
+    );
+    let hour_ago = (chrono::Utc::now() - chrono::Duration::minutes(30)).to_rfc3339();
+    let q = format!(
+        "/api/dead-letters?until={}&limit=500",
+        hour_ago.replace('+', "%2B")
+    );
+    let old = get(q).await;
+    assert_eq!(n(old.clone()), 500);
+    assert!(old.as_array().unwrap().iter().all(|r| r["topic"] == "a"));
+    let q = format!(
+        "/api/dead-letters?since={}&topic=a",
+        hour_ago.replace('+', "%2B")
+    );
+    assert_eq!(n(get(q).await), 0);
+
+    // Actions: refused without the token; an id list over the bound is refused.
+    let (code, _) = act(
+        "/api/dead-letters/purge",
+        json!({"filter": {"topic": "b"}}),
+        false,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let many: Vec<uuid::Uuid> = (0..501).map(|_| uuid::Uuid::now_v7()).collect();
+    let (code, body) = act("/api/dead-letters/purge", json!({"ids": many}), true).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("at most 500 ids"), "{body}");
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.dead_letters WHERE topic = 'b'").await,
+        103
+    );
+
+    // Everything matching a filter: purge 'b' (error text), replay 'a' (1,100 rows, three
+    // batches of at most 500), purge 'bulk' (stops at 100,000 a request).
+    let (code, body) = act(
+        "/api/dead-letters/purge",
+        json!({"filter": {"error": "timeout b"}}),
+        true,
+    )
+    .await;
+    assert_eq!((code, body["rows"].as_u64()), (200, Some(103)), "{body}");
+    let (code, body) = act(
+        "/api/dead-letters/replay",
+        json!({"filter": {"topic": "a"}}),
+        true,
+    )
+    .await;
+    assert_eq!((code, body["rows"].as_u64()), (200, Some(1100)), "{body}");
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.dead_letters WHERE topic IN ('a', 'b')").await,
+        0
+    );
+    let (code, body) = act(
+        "/api/dead-letters/purge",
+        json!({"filter": {"topic": "bulk"}}),
+        true,
+    )
+    .await;
+    assert_eq!(
+        (code, body["rows"].as_u64()),
+        (200, Some(100_000)),
+        "{body}"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.dead_letters WHERE topic = 'bulk'").await,
+        250
+    );
+
+    // Parked messages: list and filter, content only with the token, replay by id, purge by
+    // filter.
+    assert_eq!(n(get("/api/parked".into()).await), 5);
+    let c1 = get("/api/parked?consumer=c1".into()).await;
+    assert_eq!(n(c1.clone()), 3);
+    assert!(c1
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["consumer"] == "c1" && r["deliveries"] == 5));
+    assert_eq!(
+        n(get("/api/parked?error=DECLINED&topic=payment.succeeded".into()).await),
+        5
+    );
+    assert_eq!(n(get("/api/parked?consumer=nobody".into()).await), 0);
+    let one = format!("/api/parked/c1/{}", parked_ids[0]);
+    assert_eq!(http(port, "GET", &one, &[], "").await.0, 401);
+    let (code, body) = http(port, "GET", &one, &[("authorization", &auth)], "").await;
+    assert_eq!(code, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["payload"]["text"], "p");
+    assert_eq!(body["biz_id"], format!("pay-{}", parked_ids[0]));
+    let (code, body) = act(
+        "/api/parked/replay",
+        json!({"consumer": "c1", "ids": [parked_ids[1]]}),
+        true,
+    )
+    .await;
+    assert_eq!((code, body["rows"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(requested(&db).await, vec![("c1".to_owned(), parked_ids[1])]);
+    let (code, body) = act(
+        "/api/parked/purge",
+        json!({"filter": {"consumer": "c2"}}),
+        true,
+    )
+    .await;
+    assert_eq!((code, body["rows"].as_u64()), (200, Some(2)), "{body}");
+    assert_eq!(parked(&db).await.len(), 3);
+    assert!(parked(&db).await.iter().all(|(c, _)| c == "c1"));
+
+    // The inbox lookup finds a record and says when.
+    let found = get("/api/inbox?consumer=card-service&biz_id=pay-7".into()).await;
+    assert_eq!(found["processed"], true, "{found}");
+    assert_eq!(found["message_id"], parked_ids[0].to_string());
+    assert!(
+        found["processed_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-01-02T03:04:05"),
+        "{found}"
+    );
+    let missing = get("/api/inbox?consumer=card-service&biz_id=pay-8".into()).await;
+    assert_eq!(missing["processed"], false);
+
+    // Every action and every refusal is in the log.
+    drop(_relay);
+    let log = std::fs::read_to_string(dir.join("relay.log")).unwrap();
+    assert_eq!(log.matches("console action refused").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("console action on dead letters").count(),
+        3,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("console action on parked messages").count(),
+        2,
+        "{log}"
+    );
+
+    // Without a token the page is read-only: actions are refused with 403, content is shown.
+    let (relay, port) = admin_relay(&db, None, &dir.join("readonly.log")).await;
+    let _relay = KillOnDrop(relay);
+    let (code, body) = http(
+        port,
+        "POST",
+        "/api/dead-letters/purge",
+        &[("content-type", "application/json")],
+        &json!({"filter": {"topic": "bulk"}}).to_string(),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("read-only"), "{body}");
+    assert_eq!(http(port, "GET", &one, &[], "").await.0, 200);
+    assert_eq!(
+        count("SELECT count(*) FROM tidings.dead_letters WHERE topic = 'bulk'").await,
+        250
+    );
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh directory under the target directory for one test's files.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("operator-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -652,6 +652,12 @@ async fn redis_configuration_errors_exit_2_naming_the_flag() {
             vec!["--redis-max-message-size", "0"],
             "--redis-max-message-size",
         ),
+        (vec!["--redis-idmp", "maybe"], "--redis-idmp"),
+        // The local server is 7.0: no XADD IDMP.
+        (
+            vec!["--redis-idmp", "on"],
+            "--redis-idmp on needs Redis 8.6",
+        ),
     ] {
         let (code, text) = output(tidings(&db).args(["relay", "--sink", "redis"]).args(&flags));
         assert_eq!(code, 2, "{flags:?}: {text}");
@@ -1305,6 +1311,13 @@ async fn answer_204() -> u16 {
 async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status() {
     let (db, mut nats) = (TestDb::migrated().await, NatsServer::start().await);
     enqueue(&db, 5, 4).await;
+    let first: uuid::Uuid = db
+        .client()
+        .await
+        .query_one("SELECT id FROM tidings.outbox WHERE biz_id = 'o-0'", &[])
+        .await
+        .unwrap()
+        .get(0);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1347,6 +1360,51 @@ async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status
         "{text}"
     );
     assert!(!text.contains("o-1"), "no biz-id in any label: {text}");
+
+    // A re-send JetStream drops (the first message's id again: counted as delivered and as a
+    // broker duplicate) and a message larger than the server's max_payload (dead-lettered at
+    // once): each counted under its own topic, with the batch histogram and the gauges.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO tidings.outbox (id, topic, biz_id, payload) VALUES ($1, 'orders.created', 'o-0', '0')",
+            &[&first],
+        )
+        .await
+        .unwrap();
+    // Through SQL (the Rust enqueue's own limit is 1 MiB by default; the schema allows more).
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO tidings.outbox (id, topic, payload) \
+             VALUES (gen_random_uuid(), 'orders.big', convert_to(repeat('x', 2097152), 'UTF8'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let duplicates = r#"tidings_relay_broker_duplicates_total{sink="nats",topic="orders.created"}"#;
+    let dead = r#"tidings_relay_dead_lettered_total{sink="nats",topic="orders.big"}"#;
+    eventually(
+        "a duplicate and a dead letter in /metrics",
+        Duration::from_secs(30),
+        || async {
+            let text = http_get(port, "/metrics").await.1;
+            sample(&text, duplicates) == Some(1.0)
+                && sample(&text, dead) == Some(1.0)
+                && sample(&text, "tidings_dead_letters") == Some(1.0)
+        },
+    )
+    .await;
+    let text = http_get(port, "/metrics").await.1;
+    assert_eq!(sample(&text, delivered), Some(6.0), "{text}");
+    assert!(
+        sample(
+            &text,
+            r#"tidings_relay_batch_duration_seconds_count{sink="nats"}"#
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
     assert_eq!(http_get(port, "/healthz").await.0, 200);
     let (code, body) = http_get(port, "/readyz").await;
     assert_eq!(
@@ -1382,6 +1440,18 @@ async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status
         );
     }
     assert_eq!(status["backlog"].as_f64(), Some(7.0));
+    assert_eq!(status["dead_letters"].as_f64(), Some(1.0));
+    // The oldest due message's age: the same measure in both (read a moment apart).
+    let (age, gauge) = (
+        status["oldest_ready_age_secs"]
+            .as_f64()
+            .expect("an age: 7 are due"),
+        sample(&metrics, "tidings_outbox_oldest_due_age_seconds").expect("the age gauge"),
+    );
+    assert!(
+        age > 0.0 && (age - gauge).abs() < 5.0,
+        "status {age} / metrics {gauge}"
+    );
     // And the operator page's overview says the same.
     let (code, page) = http_get(port, "/api/overview").await;
     assert_eq!(code, 200, "{page}");

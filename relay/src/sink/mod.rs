@@ -20,8 +20,8 @@ mod stdout;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    RedisArgs, RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
-    REDIS_MAX_MESSAGE_SIZE,
+    Idmp, RedisArgs, RedisSink, RedisSinkConfig, FIELD_HEADER_PREFIX, FIELD_ID, FIELD_PAYLOAD,
+    IDMP_PRODUCER, REDIS_MAX_MESSAGE_SIZE,
 };
 #[cfg(feature = "http")]
 pub use http::{HttpArgs, HttpSink, HttpSinkConfig, HTTP_MAX_MESSAGE_SIZE};

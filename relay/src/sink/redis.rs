@@ -19,12 +19,17 @@
 //! Trimming does not look at consumer groups: an entry nobody has read yet is dropped all the
 //! same, so set it well above any backlog consumers may build (or trim elsewhere, by `MINID`).
 //!
-//! No dedup: Redis before 8.6 has no idempotent XADD, so a re-send (a lost reply, a relay crash
-//! between publish and commit) is a second entry; the sink declares no dedup window and
-//! consumers dedup in the inbox. Redis 8.6 added `XADD ... IDMP`; the sink reads the server's
-//! version at start-up and logs it, but does not use IDMP: nothing here runs 8.6 to test it, and
-//! IDMP keeps at most `IDMP-MAXSIZE` (<= 10,000) recent ids per producer, so its window is
-//! bounded by a count too, which a time-based `dedup_window` cannot promise.
+//! Dedup: Redis before 8.6 has no idempotent XADD, so a re-send (a lost reply, a relay crash
+//! between publish and commit) is a second entry, and consumers dedup in the inbox. On Redis
+//! 8.6+ (read from `INFO server` at start-up) the sink adds `IDMP tidings <message id>` to every
+//! XADD (`--redis-idmp auto`, the default; `on` refuses to start without it, `off` never sends
+//! it): every relay uses the one producer id `tidings`, so a re-send by any relay of a message
+//! id the stream still remembers is dropped by Redis, which answers with the first entry's id.
+//! The sink still declares no dedup window: IDMP keeps per producer at most `IDMP-MAXSIZE`
+//! (default 100, at most 10,000) recent ids for `IDMP-DURATION` (default 100 s, at most a day),
+//! set per stream with `XCFGSET`, so its window is bounded by a count as well as a time, which
+//! a time-based `dedup_window` cannot promise. IDMP makes duplicates rarer; the inbox makes
+//! them harmless.
 //!
 //! Failure classes: no connection (refused, reset, closed) is `Unavailable` (released, no
 //! attempt counted; the connection manager reconnects with backoff). A reply that times out is
@@ -60,6 +65,21 @@ pub const FIELD_ID: &str = "id";
 pub const FIELD_PAYLOAD: &str = "payload";
 /// Prefix of the entry fields holding the headers (`h:traceparent`, `h:Tidings-Topic`, ...).
 pub const FIELD_HEADER_PREFIX: &str = "h:";
+/// The IDMP producer id every relay sends (Redis 8.6+): one for all, so that a message re-sent
+/// by another relay is recognised too.
+pub const IDMP_PRODUCER: &str = "tidings";
+
+/// Whether XADD carries `IDMP tidings <message id>` (Redis 8.6+ server-side dedup).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Idmp {
+    /// Used when the server has it (8.6+), left out otherwise.
+    #[default]
+    Auto,
+    /// Required: the sink refuses to start on a server without it.
+    On,
+    /// Never sent.
+    Off,
+}
 
 /// Redis Streams sink settings.
 #[derive(Clone)]
@@ -80,6 +100,9 @@ pub struct RedisSinkConfig {
     /// Largest payload sent; a larger one is a permanent failure. Defaults to 512 MiB (Redis's
     /// default `proto-max-bulk-len`).
     pub max_message_bytes: usize,
+    /// Server-side dedup by message id (`XADD ... IDMP`, Redis 8.6+). Defaults to
+    /// [`Idmp::Auto`].
+    pub idmp: Idmp,
 }
 
 impl Default for RedisSinkConfig {
@@ -90,6 +113,7 @@ impl Default for RedisSinkConfig {
             maxlen: None,
             timeout: Duration::from_secs(4),
             max_message_bytes: REDIS_MAX_MESSAGE_SIZE,
+            idmp: Idmp::Auto,
         }
     }
 }
@@ -103,6 +127,7 @@ impl std::fmt::Debug for RedisSinkConfig {
             .field("maxlen", &self.maxlen)
             .field("timeout", &self.timeout)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("idmp", &self.idmp)
             .finish()
     }
 }
@@ -136,6 +161,11 @@ pub struct RedisArgs {
     /// dead-lettered.
     #[arg(long, env = "TIDINGS_REDIS_MAX_MESSAGE_SIZE", default_value_t = REDIS_MAX_MESSAGE_SIZE)]
     pub redis_max_message_size: usize,
+    /// Server-side dedup by message id, `XADD ... IDMP tidings <id>` (Redis 8.6+): auto (when
+    /// the server has it), on (refuse to start without it) or off. Consumers deduplicate
+    /// either way (the inbox): IDMP remembers a bounded number of recent ids per stream.
+    #[arg(long, env = "TIDINGS_REDIS_IDMP", value_enum, default_value_t = Idmp::Auto)]
+    pub redis_idmp: Idmp,
 }
 
 impl RedisArgs {
@@ -149,6 +179,7 @@ impl RedisArgs {
             maxlen: self.redis_maxlen,
             timeout: (publish_timeout * 4 / 5).max(Duration::from_millis(100)),
             max_message_bytes: self.redis_max_message_size,
+            idmp: self.redis_idmp,
         })
         .await
     }
@@ -185,6 +216,8 @@ pub struct RedisSink {
     conn: ConnectionManager,
     /// The server's `redis_version`, as read at start-up.
     version: String,
+    /// Whether every XADD carries `IDMP` (decided at start-up from the version and the flag).
+    idmp: bool,
 }
 
 impl RedisSink {
@@ -239,6 +272,7 @@ impl RedisSink {
             shown,
             conn,
             version: String::new(),
+            idmp: false,
         };
         let info: String = match tokio::time::timeout(
             sink.config.timeout,
@@ -264,13 +298,25 @@ impl RedisSink {
             }
         };
         sink.version = server_version(&info).unwrap_or("unknown").to_owned();
-        let idmp = version_at_least(&sink.version, (8, 6));
+        let supported = version_at_least(&sink.version, (8, 6));
+        sink.idmp = match sink.config.idmp {
+            Idmp::On if !supported => {
+                return Err(config_err(format!(
+                "--redis-idmp on needs Redis 8.6 or later (XADD ... IDMP); the server at {} is {}",
+                sink.shown, sink.version
+            )))
+            }
+            Idmp::Off => false,
+            Idmp::On | Idmp::Auto => supported,
+        };
         tracing::info!(server = %sink.shown, version = %sink.version,
             stream_template = %sink.config.stream_template, maxlen = ?sink.config.maxlen,
-            "using Redis Streams");
-        if idmp {
+            idmp = sink.idmp, "using Redis Streams");
+        if sink.idmp {
             tracing::info!(
-                "this Redis has XADD IDMP (8.6+); the sink does not use it yet: consumers deduplicate"
+                producer = IDMP_PRODUCER,
+                "XADD IDMP on: Redis drops a re-send of a message id the stream still remembers \
+                 (IDMP-DURATION, IDMP-MAXSIZE: XCFGSET); consumers still deduplicate"
             );
         }
         Ok(sink)
@@ -281,6 +327,11 @@ impl RedisSink {
         &self.version
     }
 
+    /// Whether every XADD carries `IDMP tidings <message id>` (decided at start-up).
+    pub fn uses_idmp(&self) -> bool {
+        self.idmp
+    }
+
     /// The stream key of a Tidings topic.
     pub fn stream_key(&self, topic: &str) -> String {
         self.config.stream_template.replace("{topic}", topic)
@@ -288,30 +339,13 @@ impl RedisSink {
 
     /// The XADD of one message, or why it can never be sent.
     fn xadd(&self, msg: &Envelope) -> Result<redis::Cmd, SinkError> {
-        if msg.payload.len() > self.config.max_message_bytes {
-            return Err(SinkError::Permanent(
-                format!(
-                    "message of {} bytes is larger than the limit of {} bytes (--redis-max-message-size)",
-                    msg.payload.len(),
-                    self.config.max_message_bytes
-                )
-                .into(),
-            ));
-        }
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.stream_key(&msg.topic));
-        if let Some(n) = self.config.maxlen {
-            cmd.arg("MAXLEN").arg("~").arg(n);
-        }
-        cmd.arg("*")
-            .arg(FIELD_ID)
-            .arg(msg.id.to_string())
-            .arg(FIELD_PAYLOAD)
-            .arg(msg.payload.as_ref());
-        for (name, value) in msg.wire_headers() {
-            cmd.arg(format!("{FIELD_HEADER_PREFIX}{name}")).arg(value);
-        }
-        Ok(cmd)
+        xadd(
+            &self.stream_key(&msg.topic),
+            self.config.maxlen,
+            self.idmp,
+            self.config.max_message_bytes,
+            msg,
+        )
     }
 
     /// What a failed call means (a connection error, or an error reply).
@@ -364,6 +398,45 @@ impl RedisSink {
 /// test), only the category, the reply and the cause.
 fn describe(e: &RedisError) -> String {
     e.to_string()
+}
+
+/// `XADD <stream> [IDMP tidings <id>] [MAXLEN ~ n] * id <id> payload <bytes> h:<name> <value>...`
+/// (IDMP goes before the trimming arguments), or why the message can never be sent.
+fn xadd(
+    stream: &str,
+    maxlen: Option<u64>,
+    idmp: bool,
+    max_message_bytes: usize,
+    msg: &Envelope,
+) -> Result<redis::Cmd, SinkError> {
+    if msg.payload.len() > max_message_bytes {
+        return Err(SinkError::Permanent(
+            format!(
+                "message of {} bytes is larger than the limit of {} bytes (--redis-max-message-size)",
+                msg.payload.len(),
+                max_message_bytes
+            )
+            .into(),
+        ));
+    }
+    let id = msg.id.to_string();
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream);
+    if idmp {
+        cmd.arg("IDMP").arg(IDMP_PRODUCER).arg(&id);
+    }
+    if let Some(n) = maxlen {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*")
+        .arg(FIELD_ID)
+        .arg(id)
+        .arg(FIELD_PAYLOAD)
+        .arg(msg.payload.as_ref());
+    for (name, value) in msg.wire_headers() {
+        cmd.arg(format!("{FIELD_HEADER_PREFIX}{name}")).arg(value);
+    }
+    Ok(cmd)
 }
 
 /// `redis_version` from an `INFO server` reply.
@@ -486,7 +559,8 @@ impl Sink for RedisSink {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            // XADD stores a re-send as a new entry (IDMP, Redis 8.6+, is not used).
+            // Before 8.6 XADD stores a re-send as a new entry; IDMP (8.6+) remembers a bounded
+            // number of recent ids per stream, not a time window: none is promised.
             dedup_window: None,
             max_message_bytes: Some(self.config.max_message_bytes),
             // A failed XADD does not fail the ones after it in the pipeline: one message per key
@@ -559,6 +633,58 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
+    }
+
+    #[test]
+    fn idmp_goes_before_trimming_and_carries_the_message_id() {
+        let msg = Envelope {
+            seq: 1,
+            message: tidings_outbox::WireMessage {
+                id: tidings_outbox::MessageId::from_uuid(uuid::Uuid::now_v7()),
+                topic: "t".into(),
+                key: None,
+                biz_id: None,
+                headers: Default::default(),
+                payload: bytes::Bytes::from_static(b"{}"),
+                created_at: None,
+                attempts: 0,
+            },
+        };
+        let id = msg.id.to_string();
+        let args = |idmp: bool, maxlen: Option<u64>| -> Vec<String> {
+            xadd("s", maxlen, idmp, 1024, &msg)
+                .unwrap()
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => "<not a plain argument>".into(),
+                })
+                .take(9)
+                .collect()
+        };
+        assert_eq!(
+            args(true, Some(5)),
+            [
+                "XADD",
+                "s",
+                "IDMP",
+                IDMP_PRODUCER,
+                &id,
+                "MAXLEN",
+                "~",
+                "5",
+                "*"
+            ]
+        );
+        assert_eq!(
+            args(true, None)[..6],
+            ["XADD", "s", "IDMP", IDMP_PRODUCER, &id, "*"]
+        );
+        assert_eq!(args(false, None)[..5], ["XADD", "s", "*", FIELD_ID, &id]);
+        assert!(matches!(
+            xadd("s", None, true, 1, &msg),
+            Err(SinkError::Permanent(_))
+        ));
     }
 
     #[test]
