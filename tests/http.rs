@@ -747,9 +747,21 @@ async fn receiver_refuses_forged_tampered_and_stale_requests() {
 /// tidings.inbox_dead_letters and answers 200 so the sender stops.
 #[tokio::test(flavor = "multi_thread")]
 async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
+    let prometheus = prometheus();
     let db = cards_db().await;
     let s = secret();
-    let rx = receiver(&db, vec![s.clone()], Cards { gate: None });
+    // A consumer name of its own: the failure and park counters below are this test's.
+    let consumer = format!("parks-{}", uuid::Uuid::now_v7().simple());
+    let rx = WebhookReceiver::new(
+        PgStore::new(pool(&db, 4), Arc::new(Cards { gate: None })),
+        WebhookConfig {
+            consumer: consumer.clone(),
+            secrets: vec![s.clone()],
+            max_deliveries: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let keys = vec![Secret::parse(&s).unwrap()];
     let now = chrono::Utc::now().timestamp();
     let retry = envelope("t", "\"retry\"");
@@ -789,6 +801,28 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
         "both parked with their deliveries"
     );
     assert_eq!(cards(&db).await, 0);
+    // Counted through the metrics facade: every failed handler run, and both parkings.
+    let text = prometheus.render();
+    let get = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let label = format!("{{consumer=\"{consumer}\"}}");
+    assert_eq!(
+        get(&format!("tidings_consumer_parked_total{label}")),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        get(&format!("tidings_consumer_failed_total{label}")).is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+    assert_eq!(
+        get(&format!("tidings_consumer_processed_total{label}")),
+        None,
+        "{text}"
+    );
 }
 
 /// A message that makes its endpoint fail (500) whenever it is sent. Alone, it cannot be told
