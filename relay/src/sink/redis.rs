@@ -21,7 +21,8 @@
 //!
 //! Dedup: Redis before 8.6 has no idempotent XADD, so a re-send (a lost reply, a relay crash
 //! between publish and commit) is a second entry, and consumers dedup in the inbox. On Redis
-//! 8.6+ (read from `INFO server` at start-up) the sink adds `IDMP tidings <message id>` to every
+//! 8.6+ (its version from `INFO server` at start-up, and `IDMP` among XADD's arguments in
+//! `COMMAND DOCS XADD`) the sink adds `IDMP tidings <message id>` to every
 //! XADD (`--redis-idmp auto`, the default; `on` refuses to start without it, `off` never sends
 //! it): every relay uses the one producer id `tidings`, so a re-send by any relay of a message
 //! id the stream still remembers is dropped by Redis, which answers with the first entry's id.
@@ -298,7 +299,19 @@ impl RedisSink {
             }
         };
         sink.version = server_version(&info).unwrap_or("unknown").to_owned();
-        let supported = version_at_least(&sink.version, (8, 6));
+        // 8.6+ by its version, and its XADD documents IDMP (COMMAND DOCS, read-only): a proxy
+        // or a look-alike server that reports 8.6 but would refuse the argument would otherwise
+        // make every XADD an error reply, which dead-letters the message.
+        let supported = version_at_least(&sink.version, (8, 6)) && {
+            let docs = redis::cmd("COMMAND")
+                .arg("DOCS")
+                .arg("XADD")
+                .query_async::<Value>(&mut sink.conn.clone());
+            match tokio::time::timeout(sink.config.timeout, docs).await {
+                Ok(Ok(v)) => mentions(&v, "idmp"),
+                _ => false,
+            }
+        };
         sink.idmp = match sink.config.idmp {
             Idmp::On if !supported => {
                 return Err(config_err(format!(
@@ -437,6 +450,20 @@ fn xadd(
         cmd.arg(format!("{FIELD_HEADER_PREFIX}{name}")).arg(value);
     }
     Ok(cmd)
+}
+
+/// Whether a reply holds the word (any case) as one of its strings, at any depth.
+fn mentions(v: &Value, word: &str) -> bool {
+    match v {
+        Value::BulkString(b) => b.eq_ignore_ascii_case(word.as_bytes()),
+        Value::SimpleString(s) => s.eq_ignore_ascii_case(word),
+        Value::VerbatimString { text, .. } => text.eq_ignore_ascii_case(word),
+        Value::Array(items) | Value::Set(items) => items.iter().any(|i| mentions(i, word)),
+        Value::Map(pairs) => pairs
+            .iter()
+            .any(|(k, v)| mentions(k, word) || mentions(v, word)),
+        _ => false,
+    }
 }
 
 /// `redis_version` from an `INFO server` reply.
@@ -685,6 +712,25 @@ mod tests {
             xadd("s", None, true, 1, &msg),
             Err(SinkError::Permanent(_))
         ));
+    }
+
+    #[test]
+    fn idmp_is_found_in_command_docs_at_any_depth() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let docs = Value::Array(vec![
+            bulk("xadd"),
+            Value::Map(vec![(
+                bulk("arguments"),
+                Value::Array(vec![Value::Map(vec![
+                    (bulk("name"), bulk("idmp")),
+                    (bulk("token"), bulk("IDMP")),
+                ])]),
+            )]),
+        ]);
+        assert!(mentions(&docs, "idmp"));
+        let old = Value::Array(vec![bulk("xadd"), Value::Array(vec![bulk("nomkstream")])]);
+        assert!(!mentions(&old, "idmp"));
+        assert!(!mentions(&Value::Nil, "idmp"));
     }
 
     #[test]
