@@ -9,7 +9,8 @@
 //! exactly one card (and the stream exactly one message per payment).
 //!
 //! Needs only the local PostgreSQL and NATS (with JetStream); creates the database
-//! `tidings_demo` (dropped and recreated on each run) and a stream of its own.
+//! `tidings_demo` (`DEMO_DB` to name another; dropped and recreated on each run) and a stream
+//! of its own.
 //! Environment: `DEMO_PG` (server URL, default postgres://postgres@127.0.0.1:5432),
 //! `DEMO_NATS` (default nats://127.0.0.1:4222), `DEMO_PAYMENTS` (default 1000).
 //! `--broker kafka` (feature `kafka`, `DEMO_KAFKA`), `--broker rabbitmq` (feature `rabbitmq`,
@@ -288,15 +289,27 @@ async fn run() -> Result<bool, BoxError> {
 /// 1. A fresh database with the Tidings schema and the payment service's own table.
 async fn prepare(server: &str) -> Result<String, BoxError> {
     let admin = connect(&format!("{server}/postgres")).await?;
+    // A name of letters, digits and underscores only: it goes into DROP/CREATE DATABASE.
+    let name = std::env::var("DEMO_DB").unwrap_or_else(|_| "tidings_demo".into());
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err("DEMO_DB: 1-63 of a-z, 0-9 and _".into());
+    }
     admin
-        .batch_execute("DROP DATABASE IF EXISTS tidings_demo WITH (FORCE)")
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;
-    admin.batch_execute("CREATE DATABASE tidings_demo").await?;
-    let db_url = format!("{server}/tidings_demo");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let db_url = format!("{server}/{name}");
     let mut db = connect(&db_url).await?;
     let applied = tidings_migrations::postgres::up(&mut db).await?;
     db.batch_execute(SCHEMA).await?;
-    println!("migrated tidings_demo ({} migration(s))", applied.len());
+    println!("migrated {name} ({} migration(s))", applied.len());
     Ok(db_url)
 }
 

@@ -101,6 +101,7 @@ pub(crate) async fn run(
         ..Default::default()
     };
     let first_sink = RedisSink::connect(sink_config.clone()).await?;
+    let idmp = first_sink.uses_idmp();
     let doomed_cards = NeverAcks(RedisAdapter::connect(&consumer_config(&url)).await?);
 
     // 3. The relay, first run: it dies after publishing 300 messages, before recording them.
@@ -118,9 +119,12 @@ pub(crate) async fn run(
         "relay crashed after {crashed_after} acknowledged XADDs (more were in flight), before recording any delivery"
     );
     let stored = stream_len(&mut admin).await? as usize;
-    println!(
-        "relay restarted: delivered {delivered}; the stream holds {stored} entries (the re-sends twice: Redis 7 cannot drop them)"
-    );
+    let why = if idmp {
+        "XADD IDMP (Redis 8.6+) dropped the re-sends it still remembered"
+    } else {
+        "the re-sends twice: Redis before 8.6 cannot drop them"
+    };
+    println!("relay restarted: delivered {delivered}; the stream holds {stored} entries ({why})");
 
     // 5. The card service, first run: it commits cards for the first 50 entries, then dies
     //    before XACK; what it was given stays pending under its consumer name.

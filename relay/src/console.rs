@@ -648,6 +648,9 @@ async fn dead_letter_action(
         Ok(a) => a,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("not an action: {e}")),
     };
+    if !matches!(action.as_str(), "replay" | "purge") {
+        return fail(StatusCode::NOT_FOUND, "actions: replay, purge");
+    }
     if a.ids.len() > LIST_MAX as usize {
         tracing::warn!(%from, action, ids = a.ids.len(), "console action refused: too many ids");
         return fail(
@@ -677,9 +680,6 @@ async fn dead_letter_action(
             }
         }
     };
-    if !matches!(action.as_str(), "replay" | "purge") {
-        return fail(StatusCode::NOT_FOUND, "actions: replay, purge");
-    }
     let result: Result<(), crate::Error> = async {
         match &filter {
             None => done = run(a.ids.clone()).await?,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tidings_outbox::Message;
-use tidings_tests::{http, TestDb};
+use tidings_tests::{http, KillOnDrop, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 const TOKEN: &str = "s3cret-admin-token";
@@ -24,19 +24,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A WebDriver session on a chromedriver of the test's own.
 struct Browser {
     port: u16,
     session: String,
-    _driver: Killed,
+    _driver: KillOnDrop,
     _profile: std::path::PathBuf,
 }
 
@@ -49,7 +41,7 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; bash .ci/test installs it)");
-        let driver = Killed(driver);
+        let driver = KillOnDrop(driver);
         let end = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -210,7 +202,7 @@ async fn the_operator_page_shows_the_backlog_and_replays_a_dead_letter_only_with
         .await
         .unwrap();
     let port = free_port();
-    let _relay = Killed(
+    let _relay = KillOnDrop(
         Command::new(BIN)
             .env("DATABASE_URL", &db.url)
             .env("TIDINGS_LOG", "warn")

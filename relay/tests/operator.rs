@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tidings_outbox::Message;
-use tidings_tests::{eventually, NatsServer, TestDb};
+use tidings_tests::{eventually, KillOnDrop, NatsServer, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 const DB_PASSWORD: &str = "Db5ecretPw";
@@ -586,7 +586,7 @@ async fn inbox_dlq_on_an_unmigrated_database_says_to_migrate() {
 
 /// Starts `tidings relay --sink stdout --admin-listen` on `db` (with `token` as the admin token
 /// if any), its log (warn) going to `log`; returns the process and the admin port.
-async fn admin_relay(db: &TestDb, token: Option<&str>, log: &std::path::Path) -> (Child, u16) {
+async fn admin_relay(db: &TestDb, token: Option<&str>, log: &std::path::Path) -> (KillOnDrop, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -603,7 +603,7 @@ async fn admin_relay(db: &TestDb, token: Option<&str>, log: &std::path::Path) ->
     if let Some(t) = token {
         cmd.env("TIDINGS_ADMIN_TOKEN", t);
     }
-    let child = cmd.spawn().unwrap();
+    let child = KillOnDrop(cmd.spawn().unwrap());
     tidings_tests::wait_for_port(port, "the relay's admin listener").await;
     (child, port)
 }
@@ -646,8 +646,7 @@ async fn the_console_api_filters_and_acts_on_dead_letters_and_parked_messages_in
     .await
     .unwrap();
     let dir = tempfile_dir();
-    let (relay, port) = admin_relay(&db, Some(TOKEN), &dir.join("relay.log")).await;
-    let _relay = KillOnDrop(relay);
+    let (mut relay, port) = admin_relay(&db, Some(TOKEN), &dir.join("relay.log")).await;
     let auth = format!("Bearer {TOKEN}");
     let get = |path: String| async move {
         let (code, body) = http(port, "GET", &path, &[], "").await;
@@ -814,8 +813,10 @@ async fn the_console_api_filters_and_acts_on_dead_letters_and_parked_messages_in
     let missing = get("/api/inbox?consumer=card-service&biz_id=pay-8".into()).await;
     assert_eq!(missing["processed"], false);
 
-    // Every action and every refusal is in the log.
-    drop(_relay);
+    // Every action and every refusal is in the log (written once the relay has stopped: its
+    // log writer flushes on a graceful exit).
+    kill(&relay, "-TERM");
+    assert_eq!(exit_within(&mut relay, Duration::from_secs(20)), 0);
     let log = std::fs::read_to_string(dir.join("relay.log")).unwrap();
     assert_eq!(log.matches("console action refused").count(), 2, "{log}");
     assert_eq!(
@@ -830,8 +831,7 @@ async fn the_console_api_filters_and_acts_on_dead_letters_and_parked_messages_in
     );
 
     // Without a token the page is read-only: actions are refused with 403, content is shown.
-    let (relay, port) = admin_relay(&db, None, &dir.join("readonly.log")).await;
-    let _relay = KillOnDrop(relay);
+    let (_relay, port) = admin_relay(&db, None, &dir.join("readonly.log")).await;
     let (code, body) = http(
         port,
         "POST",
@@ -847,14 +847,6 @@ async fn the_console_api_filters_and_acts_on_dead_letters_and_parked_messages_in
         count("SELECT count(*) FROM tidings.dead_letters WHERE topic = 'bulk'").await,
         250
     );
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A fresh directory under the target directory for one test's files.

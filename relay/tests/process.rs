@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use tidings_outbox::Message;
 use tidings_relay::sink::{NatsSink, NatsSinkConfig};
 use tidings_relay::{Relay, RelayConfig};
-use tidings_tests::{drain, eventually, http_get, pool, sample, NatsServer, TestDb};
+use tidings_tests::{drain, eventually, http_get, pool, sample, KillOnDrop, NatsServer, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
@@ -653,16 +653,42 @@ async fn redis_configuration_errors_exit_2_naming_the_flag() {
             "--redis-max-message-size",
         ),
         (vec!["--redis-idmp", "maybe"], "--redis-idmp"),
-        // The local server is 7.0: no XADD IDMP.
-        (
-            vec!["--redis-idmp", "on"],
-            "--redis-idmp on needs Redis 8.6",
-        ),
     ] {
         let (code, text) = output(tidings(&db).args(["relay", "--sink", "redis"]).args(&flags));
         assert_eq!(code, 2, "{flags:?}: {text}");
         assert!(text.contains(want), "{flags:?}: {text}");
         assert!(!text.contains("hunter2"), "{flags:?}: {text}");
+    }
+    // `--redis-idmp on` against the local server: refused (exit 2) unless it has XADD IDMP
+    // (Redis 8.6+; the local one is 7.0).
+    let mut c = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (8, 6) {
+        let (code, text) = output(
+            tidings(&db)
+                .args(["relay", "--sink", "redis"])
+                .args(["--redis-idmp", "on"]),
+        );
+        assert_eq!(code, 2, "{text}");
+        assert!(
+            text.contains("--redis-idmp on needs Redis 8.6") && text.contains(&version),
+            "{text}"
+        );
     }
 }
 
@@ -1323,12 +1349,15 @@ async fn admin_listener_serves_metrics_health_and_readiness_agreeing_with_status
         .local_addr()
         .unwrap()
         .port();
-    let mut child = tidings(&db)
-        .args(["relay", "--sink", "nats", "--nats-url", &nats.url])
-        .args(["--admin-listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed if a step below fails (else stopped with SIGTERM at the end).
+    let mut child = KillOnDrop(
+        tidings(&db)
+            .args(["relay", "--sink", "nats", "--nats-url", &nats.url])
+            .args(["--admin-listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let delivered = r#"tidings_relay_delivered_total{sink="nats",topic="orders.created"}"#;
     eventually(
         "5 delivered and an empty backlog in /metrics",

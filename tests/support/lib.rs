@@ -244,6 +244,30 @@ fn kill_child(child: &mut Option<std::process::Child>) {
     }
 }
 
+/// A child process of a test that is killed (and reaped) when dropped, also when the test
+/// panics first; the process itself through `Deref`.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits (20 s at most) until 127.0.0.1:`port` accepts connections.
 pub async fn wait_for_port(port: u16, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

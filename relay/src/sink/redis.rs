@@ -302,25 +302,47 @@ impl RedisSink {
         // 8.6+ by its version, and its XADD documents IDMP (COMMAND DOCS, read-only): a proxy
         // or a look-alike server that reports 8.6 but would refuse the argument would otherwise
         // make every XADD an error reply, which dead-letters the message.
-        let supported = version_at_least(&sink.version, (8, 6)) && {
-            let docs = redis::cmd("COMMAND")
-                .arg("DOCS")
-                .arg("XADD")
-                .query_async::<Value>(&mut sink.conn.clone());
-            match tokio::time::timeout(sink.config.timeout, docs).await {
-                Ok(Ok(v)) => mentions(&v, "idmp"),
-                _ => false,
+        let new_enough = version_at_least(&sink.version, (8, 6));
+        let documented = if new_enough {
+            let mut cmd = redis::cmd("COMMAND");
+            cmd.arg("DOCS").arg("XADD");
+            let mut conn = sink.conn.clone();
+            match tokio::time::timeout(sink.config.timeout, cmd.query_async::<Value>(&mut conn))
+                .await
+            {
+                Ok(Ok(v)) if mentions(&v, "idmp") => Ok(()),
+                Ok(Ok(_)) => Err("COMMAND DOCS XADD does not list IDMP".to_owned()),
+                Ok(Err(e)) => Err(format!("COMMAND DOCS XADD failed: {}", describe(&e))),
+                Err(_) => Err(format!(
+                    "COMMAND DOCS XADD got no answer within {:?}",
+                    sink.config.timeout
+                )),
             }
+        } else {
+            Err(String::new())
         };
-        sink.idmp = match sink.config.idmp {
-            Idmp::On if !supported => {
+        sink.idmp = match (sink.config.idmp, &documented) {
+            (Idmp::Off, _) => false,
+            (_, Ok(())) => true,
+            (Idmp::On, Err(_)) if !new_enough => {
                 return Err(config_err(format!(
                 "--redis-idmp on needs Redis 8.6 or later (XADD ... IDMP); the server at {} is {}",
                 sink.shown, sink.version
             )))
             }
-            Idmp::Off => false,
-            Idmp::On | Idmp::Auto => supported,
+            (Idmp::On, Err(why)) => {
+                return Err(config_err(format!(
+                    "--redis-idmp on: the server at {} is {} but {why}",
+                    sink.shown, sink.version
+                )))
+            }
+            (Idmp::Auto, Err(why)) => {
+                if new_enough {
+                    tracing::warn!(server = %sink.shown, version = %sink.version, reason = %why,
+                        "Redis 8.6+ without a usable XADD IDMP: sending without it (consumers deduplicate)");
+                }
+                false
+            }
         };
         tracing::info!(server = %sink.shown, version = %sink.version,
             stream_template = %sink.config.stream_template, maxlen = ?sink.config.maxlen,
