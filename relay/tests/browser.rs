@@ -3,7 +3,7 @@
 //! --admin-listen` serves on a real database. Needs `chromium` and `chromium-driver`
 //! (`.ci/test` installs them).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
