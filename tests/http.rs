@@ -803,11 +803,7 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
     assert_eq!(cards(&db).await, 0);
     // Counted through the metrics facade: every failed handler run, and both parkings.
     let text = prometheus.render();
-    let get = |series: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let get = |series: &str| tidings_tests::sample(&text, series);
     let label = format!("{{consumer=\"{consumer}\"}}");
     assert_eq!(
         get(&format!("tidings_consumer_parked_total{label}")),
@@ -969,11 +965,7 @@ async fn receiver_metrics_count_effects_duplicates_and_lag() {
         sink.publish(e).await.unwrap();
     }
     let text = prometheus.render();
-    let get = |series: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let get = |series: &str| tidings_tests::sample(&text, series);
     let label = format!("{{consumer=\"{consumer}\"}}");
     assert_eq!(
         get(&format!("tidings_consumer_processed_total{label}")),
