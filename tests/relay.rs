@@ -1295,3 +1295,147 @@ async fn lanes_are_checked_against_their_bounds_and_the_pool() {
         "{err}"
     );
 }
+
+/// The claim transaction is begun in the claim's own flight (no tokio-postgres `Transaction`):
+/// a tick dropped in the middle of its batch (a caller's timeout, the shutdown deadline) must
+/// not hand its connection back to the pool inside the open transaction. The connection is
+/// closed instead: the rows are released at once, and the next tick on the same one-connection
+/// pool claims and delivers them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tick_dropped_mid_batch_releases_its_rows_and_leaves_the_pool_clean() {
+    /// Never answers the first batch; accepts everything after.
+    struct StuckOnce(std::sync::atomic::AtomicBool);
+    impl Sink for StuckOnce {
+        fn name(&self) -> &'static str {
+            "stuck-once"
+        }
+        fn publish<'a>(&'a self, _: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+            Box::pin(async { Ok(Delivery::default()) })
+        }
+        fn publish_batch<'a>(
+            &'a self,
+            msgs: &'a [&'a Envelope],
+        ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
+            let first = !self.0.swap(true, Ordering::SeqCst);
+            Box::pin(async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                msgs.iter().map(|_| Ok(Delivery::default())).collect()
+            })
+        }
+    }
+    let db = TestDb::migrated().await;
+    db.enqueue(numbered(3, Some(2))).await;
+    // Time for a key's second message in the same batch (see publish_all).
+    let config = RelayConfig {
+        claim_timeout: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let relay = Relay::new(pool(&db, 1), Arc::new(StuckOnce(false.into())), config).unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(300), relay.tick()).await;
+    assert!(
+        dropped.is_err(),
+        "the first batch never finishes: {dropped:?}"
+    );
+    // Nothing holds the rows once the server has seen the connection go.
+    let other = db.client().await;
+    eventually(
+        "the dropped batch's rows to be released",
+        Duration::from_secs(10),
+        || async {
+            let free: i64 = other
+                .query_one(
+                    "SELECT count(*) FROM (SELECT 1 FROM tidings.outbox FOR UPDATE SKIP LOCKED) f",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            free == 3
+        },
+    )
+    .await;
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.claimed, r.delivered, r.held_back), (3, 3, 0), "{r:?}");
+    assert_eq!(db.outbox_count().await, 0);
+    let idle_in_tx: i64 = other
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(idle_in_tx, 0, "no session was left inside a transaction");
+}
+
+/// Per-key order when the claim cannot take a contiguous run of the oldest rows (the rows
+/// between are held by another session): a key's row behind one that is not in the claim is
+/// held back, another key's row is not, and the keyed rows of a contiguous claim all go. The
+/// claim decides between a cheap whole-claim check and one probe per keyed row
+/// (claim_batch.sql, prev_seq); both ways are taken here.
+#[tokio::test(flavor = "multi_thread")]
+async fn keyed_rows_behind_a_row_outside_the_claim_are_held_back() {
+    let db = TestDb::migrated().await;
+    db.enqueue(vec![
+        Message::new("t", "k1").key("k"),
+        Message::new("t", "j2").key("j"),
+        Message::new("t", "k3").key("k"),
+        Message::new("t", "j4").key("j"),
+        Message::new("t", "u5"),
+    ])
+    .await;
+    /// Records what it is given, in order.
+    #[derive(Default)]
+    struct Recording(std::sync::Mutex<Vec<String>>);
+    impl Sink for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn publish<'a>(&'a self, m: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+            let p = String::from_utf8_lossy(&m.payload).into_owned();
+            self.0.lock().unwrap().push(p);
+            Box::pin(async { Ok(Delivery::default()) })
+        }
+    }
+    impl Recording {
+        /// What was published, sorted (a key's rows go in rounds, one at a time).
+        fn sent(&self) -> Vec<String> {
+            let mut v = self.0.lock().unwrap().clone();
+            v.sort();
+            v
+        }
+    }
+    let sink = Arc::new(Recording::default());
+    // Time for a key's second message in the same batch (see publish_all).
+    let config = RelayConfig {
+        claim_timeout: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let relay = Relay::new(pool(&db, 2), sink.clone(), config).unwrap();
+    // Another session holds j2: k1 and k3 may go (k's rows are all claimed), j4 may not, u5
+    // (unkeyed) may.
+    let mut other = db.client().await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM tidings.outbox WHERE payload = convert_to('j2', 'UTF8') FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.claimed, r.delivered, r.held_back), (4, 3, 1), "{r:?}");
+    assert_eq!(sink.sent(), ["k1", "k3", "u5"]);
+    let order = sink.0.lock().unwrap().clone();
+    let pos = |p: &str| order.iter().position(|x| x == p).unwrap();
+    assert!(pos("k1") < pos("k3"), "{order:?}");
+    tx.rollback().await.unwrap();
+    // Now j2 and j4 are the oldest rows and nothing is left out: both go, in order.
+    let r = relay.tick().await.unwrap();
+    assert_eq!((r.claimed, r.delivered, r.held_back), (2, 2, 0), "{r:?}");
+    assert_eq!(sink.sent(), ["j2", "j4", "k1", "k3", "u5"]);
+    let order = sink.0.lock().unwrap().clone();
+    assert_eq!(order[3..], ["j2", "j4"], "{order:?}");
+}

@@ -23,6 +23,14 @@ impl Sink for NullSink {
     fn publish<'a>(&'a self, _: &'a Envelope) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async { Ok(Delivery::default()) })
     }
+    /// One answer for the whole batch, as a broker client that batches does: no future per
+    /// message (the default runs one per message).
+    fn publish_batch<'a>(
+        &'a self,
+        msgs: &'a [&'a Envelope],
+    ) -> BoxFuture<'a, Vec<Result<Delivery, SinkError>>> {
+        Box::pin(async move { msgs.iter().map(|_| Ok(Delivery::default())).collect() })
+    }
 }
 
 /// The raw PostgreSQL rate: what claiming and deleting the same rows costs with plain SQL, in
@@ -790,4 +798,51 @@ async fn http_raw_post(hooks: &Hooks, n: usize, concurrency: usize) -> Result<f6
     let rate = n as f64 / started.elapsed().as_secs_f64();
     hooks.check(before, n, "raw HTTP POST");
     Ok(rate)
+}
+
+/// `--only null`: the PostgreSQL rows alone (raw claim + delete, the relay to the null sink,
+/// unkeyed and with 1,000 keys), 3 interleaved rounds, medians printed: a quick A/B of a relay
+/// change, and a steady load to profile (`perf record -p`).
+pub async fn null_only(args: &Args, url: &str) -> Result<Value, BoxError> {
+    let n = args.backlog.unwrap_or(100_000);
+    let mut config = RelayConfig::default();
+    if let Some(b) = args.batch_size {
+        config.batch_size = b;
+    }
+    let batch = config.batch_size as i64;
+    println!("\n== the PostgreSQL rows alone: {n} messages, batches of {batch}, 3 rounds, msg/s");
+    let (mut raw, mut null, mut keyed) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        backlog(url, n, None).await?;
+        raw.push(drain_raw(url, batch).await?);
+        backlog(url, n, None).await?;
+        null.push(
+            drain_relay(url, Arc::new(NullSink), config.clone())
+                .await?
+                .0,
+        );
+        backlog(url, n, Some(1000)).await?;
+        keyed.push(
+            drain_relay(url, Arc::new(NullSink), config.clone())
+                .await?
+                .0,
+        );
+        println!(
+            "    round: raw {:.0}, null {:.0}, keyed {:.0}",
+            raw.last().unwrap(),
+            null.last().unwrap(),
+            keyed.last().unwrap()
+        );
+    }
+    let (raw, null, keyed) = (
+        crate::median(&mut raw),
+        crate::median(&mut null),
+        crate::median(&mut keyed),
+    );
+    println!(
+        "    medians: raw {raw:.0}, null {null:.0} ({:.1}% of raw), keyed {keyed:.0} ({:.1}% of unkeyed)",
+        null / raw * 100.0,
+        keyed / null * 100.0
+    );
+    Ok(json!({"raw_msgs": raw, "null_msgs": null, "null_keyed_msgs": keyed}))
 }

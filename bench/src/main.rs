@@ -64,7 +64,8 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Which parts to run (comma-separated): overhead, floors, anatomy, drain, latency,
-    /// sustained.
+    /// sustained; or `null` (not in the default): the drain's PostgreSQL rows alone, for A/B
+    /// runs and profiling.
     #[arg(
         long,
         default_value = "overhead,floors,anatomy,drain,latency,sustained",
@@ -168,6 +169,9 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         let (v, floor_ok) = drain::run(&args, &url).await?;
         report.insert("drain".into(), v);
         ok &= floor_ok;
+    }
+    if wants("null") {
+        report.insert("null".into(), drain::null_only(&args, &url).await?);
     }
     if wants("latency") {
         let (v, floor_ok) = latency::run(&args, &url).await?;

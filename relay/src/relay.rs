@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tidings_outbox::MessageId;
 use tokio::sync::Notify;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{FromSql, IsNull, Json, ToSql, Type};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -43,14 +43,21 @@ const TICK_GRACE: Duration = Duration::from_secs(5);
 /// How long the run loop keeps busy-polling after the last batch that found messages.
 const BUSY_LINGER: Duration = Duration::from_secs(1);
 const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
-/// Pipelined before the finish statement, so that a finish the database refuses can be undone
-/// without losing the claim (see `record_outcomes`).
+/// Pipelined before each row's finish when a batch's outcome is recorded row by row (see
+/// `record_outcomes`), so that a row the database refuses is undone alone.
 const SAVEPOINT: &str = "SAVEPOINT tidings_finish";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT tidings_finish";
 const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT tidings_finish";
 
 /// Every statement the relay runs, for a test that prepares them against a migrated database.
-pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER, MAY_VACUUM];
+pub const STATEMENTS: &[&str] = &[
+    CLAIM_BATCH,
+    FINISH_BATCH,
+    HEARTBEAT,
+    DEREGISTER,
+    MAY_VACUUM,
+    RELOCK,
+];
 
 /// Whether a relay can work now ([`Relay::readiness`]), as `/readyz` serves it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -145,8 +152,8 @@ pub struct Relay {
     id: Uuid,
     listener: Option<ListenerFactory>,
     state: Mutex<State>,
-    /// The claim transaction's settings, built once from the config.
-    set_local: String,
+    /// BEGIN and the claim transaction's settings, built once from the config.
+    begin: String,
 }
 
 enum Outcome {
@@ -179,12 +186,12 @@ impl Relay {
         // PostgreSQL then ends the session and another relay takes the rows (failover).
         // JIT off: see claim_batch.sql.
         let timeout_ms = config.claim_timeout.as_millis();
-        let set_local = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; \
+        let begin = format!(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}; \
              SET LOCAL statement_timeout = {timeout_ms}; SET LOCAL jit = off"
         );
         Ok(Relay {
-            set_local,
+            begin,
             pool,
             sink,
             config,
@@ -543,10 +550,21 @@ impl Relay {
         // proxy) must not hang the relay silently: PostgreSQL ends a claim after the claim
         // timeout, so a tick that takes much longer is waiting on a server that is gone.
         let limit = self.config.claim_timeout + self.config.publish_timeout + TICK_GRACE;
-        let report = self
-            .bounded(limit, async |client| self.tick_inner(client).await)
-            .instrument(span.clone())
-            .await?;
+        let report = async {
+            let conn = match tokio::time::timeout(limit, self.pool.get()).await {
+                Ok(c) => c?,
+                Err(_) => return Err(Error::DatabaseTimeout(limit)),
+            };
+            // Dropped with its transaction open (an error, a timeout, or this future dropped at
+            // the shutdown deadline), the guard closes the connection: see ClaimTx.
+            let tx = ClaimTx::new(conn);
+            match tokio::time::timeout(limit, self.tick_inner(&tx)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::DatabaseTimeout(limit)),
+            }
+        }
+        .instrument(span.clone())
+        .await?;
         if report.claimed > 0 {
             metrics::histogram!(m::BATCH_SECONDS, self.labels(&[("sink", self.sink.name())]))
                 .record(started.elapsed().as_secs_f64());
@@ -562,10 +580,7 @@ impl Relay {
         Ok(report)
     }
 
-    async fn tick_inner(
-        &self,
-        client: &mut deadpool_postgres::Object,
-    ) -> Result<TickReport, Error> {
+    async fn tick_inner(&self, tx: &ClaimTx) -> Result<TickReport, Error> {
         // Prepared once per pooled connection: no parse/plan and no extra round trip per batch.
         // Without the cache (PgBouncer in transaction mode, where a named statement does not
         // outlive the transaction's server connection) both run as unnamed statements with
@@ -573,6 +588,7 @@ impl Relay {
         // Each database step is bounded on its own, so that a database that stops answering is
         // noticed (and logged) within seconds, not only after a whole tick's allowance.
         let step = self.db_step_limit();
+        let client = tx.client();
         let (claim, finish) = if self.config.statement_cache {
             let (claim, finish) = bounded_step(step, async {
                 tokio::try_join!(
@@ -585,14 +601,18 @@ impl Relay {
         } else {
             (Stmt::Unnamed(CLAIM_BATCH), Stmt::Unnamed(FINISH_BATCH))
         };
-        let tx = bounded_step(step, client.transaction()).await?;
-        // The settings go in the same pipeline as the claim.
+        // BEGIN and the settings go in the same flight as the claim.
         let limit = self.config.batch_size as i64;
         let params: [(&(dyn ToSql + Sync), Type); 1] = [(&limit, Type::INT8)];
+        tx.set_open(true);
+        let client = tx.client();
         let rows = bounded_step(step, async {
-            let (set, rows) =
-                tokio::join!(tx.batch_execute(&self.set_local), claim.query(&tx, &params));
-            set.and(rows)
+            let (begun, rows) = tokio::join!(
+                biased;
+                client.batch_execute(&self.begin),
+                claim.query(client, &params)
+            );
+            begun.and(rows)
         })
         .await?;
         let claim_deadline = Instant::now() + self.config.claim_timeout;
@@ -601,33 +621,49 @@ impl Relay {
             ..Default::default()
         };
         if rows.is_empty() {
-            bounded_step(step, tx.commit()).await?;
+            bounded_step(step, client.batch_execute("COMMIT")).await?;
+            tx.set_open(false);
             return Ok(report);
         }
+        col::check(&rows[0])?;
         let mut batch = Vec::with_capacity(rows.len());
         // Per message of `batch`: why it can never be published, for rows the schema did not
         // (yet) refuse (written before the hardening migration, or by a table owner who
         // dropped a constraint). Such a row is dead-lettered, never handed to the sink.
         let mut invalid = Vec::with_capacity(rows.len());
-        // Where each published row is, for the finish to delete it by TID.
-        let mut ctids = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            if !row.try_get::<_, bool>("eligible").unwrap_or(false) {
+        // Where each message of `batch` is in the table, for the finish to delete it by TID.
+        let mut tids = Vec::with_capacity(rows.len());
+        // Topics already found valid in this batch (a batch usually has a handful).
+        let mut topics: Vec<String> = Vec::new();
+        // Walked in seq order: the claim returns rows in that order (the order it was
+        // materialised in); sorted if they ever are not. A key's messages are published in
+        // batch order, and eligibility is decided down each key's chain.
+        let mut order: Vec<(i64, usize)> = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            order.push((row.try_get(col::SEQ)?, i));
+        }
+        if !order.is_sorted() {
+            order.sort_unstable();
+        }
+        // Keyed rows of this claim and whether each may go (see prev_seq in claim_batch.sql).
+        let mut keyed: std::collections::HashMap<i64, bool> = std::collections::HashMap::new();
+        for &(seq, i) in &order {
+            let row = &rows[i];
+            let prev: Option<i64> = row.try_get(col::PREV_SEQ)?;
+            let eligible = prev.is_none_or(|p| keyed.get(&p) == Some(&true));
+            if prev.is_some() || row.try_get::<_, Option<&str>>(col::KEY)?.is_some() {
+                keyed.insert(seq, eligible);
+            }
+            if !eligible {
                 report.held_back += 1;
                 continue;
             }
-            let (env, bad) = envelope_from_row(row)?;
-            ctids.insert(env.seq, row.try_get::<_, String>("ctid")?);
+            let (env, bad) = envelope_from_row(row, &mut topics)?;
+            tids.push(row.try_get::<_, Tid>(col::CTID)?);
             batch.push(env);
             invalid.push(bad);
         }
-        // The claim returns rows in seq order (see claim_batch.sql); a key's messages are
-        // published in batch order, so make sure of it.
-        if !batch.is_sorted_by_key(|m| m.seq) {
-            let mut pairs: Vec<_> = batch.into_iter().zip(invalid).collect();
-            pairs.sort_by_key(|(m, _)| m.seq);
-            (batch, invalid) = pairs.into_iter().unzip();
-        }
+        drop(rows);
         let hold: Vec<bool> = match self.state.lock() {
             Ok(mut s) => {
                 s.quarantine.retain(|_, since| since.elapsed() < QUARANTINE);
@@ -681,7 +717,7 @@ impl Relay {
         let mut rec = Outcomes::default();
         // What happened to each message of `batch`, for the metrics once the batch commits.
         let mut kinds = Vec::with_capacity(batch.len());
-        for (msg, outcome) in batch.iter().zip(outcomes) {
+        for ((msg, outcome), tid) in batch.iter().zip(outcomes).zip(tids) {
             kinds.push(match &outcome {
                 Outcome::Delivered { duplicate: true } => Kind::Duplicate,
                 Outcome::Delivered { duplicate: false } => Kind::Delivered,
@@ -698,8 +734,7 @@ impl Relay {
             match outcome {
                 Outcome::Delivered { duplicate } => {
                     rec.delivered.push(msg.seq);
-                    rec.delivered_tids
-                        .push(ctids.get(&msg.seq).cloned().unwrap_or_default());
+                    rec.delivered_tids.push(tid);
                     report.duplicates += usize::from(duplicate);
                 }
                 Outcome::Skipped => report.released += 1,
@@ -716,7 +751,6 @@ impl Relay {
                     report.postponed += 1;
                     tracing::debug!(id = %msg.id, topic = %msg.topic, error = %e, retry_in = ?after, "destination down, message postponed");
                     rec.failed.push(msg.seq);
-                    rec.ids.insert(msg.seq, msg.id);
                     rec.errors.push(SinkError::Postpone(after, e).to_string());
                     rec.backoffs.push(after.as_secs_f64());
                     rec.dead.push(None);
@@ -744,7 +778,6 @@ impl Relay {
                         tracing::debug!(id = %msg.id, topic = %msg.topic, attempt, error = %e, retry_in = ?backoff, "publish failed, will retry");
                     }
                     rec.failed.push(msg.seq);
-                    rec.ids.insert(msg.seq, msg.id);
                     rec.errors.push(e.to_string());
                     rec.backoffs.push(backoff.as_secs_f64());
                     rec.dead.push(dead);
@@ -758,13 +791,17 @@ impl Relay {
                 self.log_unavailable(&*Box::<dyn std::error::Error + Send + Sync>::from(verdict));
             }
         }
-        for msg in &batch {
-            rec.ids.entry(msg.seq).or_insert(msg.id);
-        }
         report.delivered = rec.delivered.len();
-        if !rec.delivered.is_empty() || !rec.failed.is_empty() {
+        // If the commit is lost (crash, network), the rows stay and are published again later
+        // with the same message id, which the broker drops as a duplicate.
+        if rec.delivered.is_empty() && rec.failed.is_empty() {
+            bounded_step(step, tx.client().batch_execute("COMMIT")).await?;
+            tx.set_open(false);
+        } else {
             let recorded =
-                match tokio::time::timeout(step, self.record_outcomes(&tx, &finish, &rec)).await {
+                match tokio::time::timeout(step, self.record_outcomes(tx, &finish, &rec, &batch))
+                    .await
+                {
                     Ok(r) => r?,
                     Err(_) => return Err(Error::DatabaseTimeout(step)),
                 };
@@ -790,7 +827,7 @@ impl Relay {
                     kinds[i] = Kind::Dead;
                 }
             }
-            for seq in &recorded.left {
+            for seq in recorded.left.iter().chain(&recorded.gone) {
                 uncount(&mut report, seq);
                 report.released += 1;
                 if let Some(i) = batch.iter().position(|m| m.seq == *seq) {
@@ -805,9 +842,6 @@ impl Relay {
                 }
             }
         }
-        // If this commit is lost (crash, network), the rows stay and are published again later
-        // with the same message id, which the broker drops as a duplicate.
-        bounded_step(step, tx.commit()).await?;
         self.record_metrics(&report, &batch, &kinds);
         if report.retried > 0 {
             tracing::warn!(
@@ -920,41 +954,86 @@ impl Relay {
         (!delivered && postponed).then_some(verdict)
     }
 
-    /// Records the batch's outcome in one statement. If the database refuses it (a row that
-    /// breaks a rule the relay cannot see, e.g. a trigger, or two rows sharing an id from
-    /// before the unique index), the statement is undone to a savepoint and the rows are
-    /// recorded one by one; a row whose outcome still cannot be recorded is dead-lettered
-    /// alone with the database's error, and its id is logged. The rest of the batch commits,
-    /// so no row can make the relay re-publish a whole batch forever. Returns the seqs of
-    /// the rows dead-lettered that way.
+    /// Records the batch's outcome in one statement, sent with the COMMIT in one flight, and
+    /// ends the claim transaction. If the database refuses the statement (a row that breaks a
+    /// rule the relay cannot see, e.g. a trigger, or two rows sharing an id from before the
+    /// unique index), it rolls the claim back; the rows are then locked again by seq in a new
+    /// transaction and recorded one by one, each behind a savepoint. A row whose outcome still
+    /// cannot be recorded is dead-lettered alone with the database's error, and its id is
+    /// logged. The rest of the batch commits, so no row can make the relay re-publish a whole
+    /// batch forever. A row another relay took in between (or that is gone) is left to it.
+    /// The refusal is rare, so the common case pays no savepoint and no flight of its own for
+    /// the COMMIT.
     async fn record_outcomes(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &ClaimTx,
         finish: &Stmt,
         rec: &Outcomes,
+        batch: &[Envelope],
     ) -> Result<Recorded, Error> {
-        let mut recorded = Recorded::default();
-        let Err(err) = finish_step(tx, finish, rec, false).await? else {
-            return Ok(recorded);
+        let client = tx.client();
+        let params = rec.params();
+        let (done, commit) = tokio::join!(
+            biased;
+            finish.query(client, &params),
+            client.batch_execute("COMMIT")
+        );
+        let err = match done {
+            Ok(_) => {
+                commit?;
+                tx.set_open(false);
+                return Ok(Recorded::default());
+            }
+            // Only a refusal caused by the rows' data is a row's problem (see is_data_error);
+            // anything else fails the tick.
+            Err(e) if e.code().is_some_and(|c| is_data_error(c.code())) => e,
+            Err(e) => return Err(e.into()),
         };
+        // The COMMIT ended the refused transaction (PostgreSQL answers it with ROLLBACK).
+        commit?;
+        tx.set_open(false);
         tracing::warn!(error = %crate::ErrorChain(&err), rows = rec.delivered.len() + rec.failed.len(),
             "the database refused the batch's outcome; recording its rows one by one");
+        let seqs: Vec<i64> = rec.delivered.iter().chain(&rec.failed).copied().collect();
+        tx.set_open(true);
+        let relock: [(&(dyn ToSql + Sync), Type); 1] = [(&seqs, Type::INT8_ARRAY)];
+        let (begun, rows) = tokio::join!(
+            biased;
+            client.batch_execute(&self.begin),
+            client.query_typed(RELOCK, &relock)
+        );
+        begun?;
+        let mut tids = std::collections::HashMap::new();
+        for row in rows? {
+            tids.insert(row.try_get::<_, i64>(0)?, row.try_get::<_, Tid>(1)?);
+        }
+        let mut recorded = Recorded::default();
         let rows = (0..rec.delivered.len())
             .map(|i| rec.one_delivered(i))
             .chain((0..rec.failed.len()).map(|i| rec.one_failed(i)));
-        for one in rows {
+        for mut one in rows {
             let seq = one
                 .delivered
                 .first()
                 .or(one.failed.first())
                 .copied()
                 .unwrap_or(0);
-            // Each step releases its savepoint: a batch recorded row by row must not pile up
-            // hundreds of open subtransactions.
-            let Err(e) = finish_step(tx, finish, &one, true).await? else {
+            let Some(&tid) = tids.get(&seq) else {
+                recorded.gone.push(seq);
                 continue;
             };
-            let id = rec.ids.get(&seq).map(|i| i.to_string());
+            if !one.delivered.is_empty() {
+                one.delivered_tids = vec![tid];
+            }
+            // Each step releases its savepoint: a batch recorded row by row must not pile up
+            // hundreds of open subtransactions.
+            let Err(e) = finish_step(client, finish, &one).await? else {
+                continue;
+            };
+            let id = batch
+                .iter()
+                .find(|m| m.seq == seq)
+                .map(|m| m.id.to_string());
             let reason = format!(
                 "permanent: the database refused to record this message's outcome: {}",
                 crate::ErrorChain(&e)
@@ -967,7 +1046,7 @@ impl Relay {
                 counted: vec![true],
                 ..Default::default()
             };
-            match finish_step(tx, finish, &bury, true).await? {
+            match finish_step(client, finish, &bury).await? {
                 Ok(()) => {
                     tracing::error!(id, seq, error = %crate::ErrorChain(&e),
                         "message isolated: its outcome could not be recorded; dead-lettered alone");
@@ -983,6 +1062,8 @@ impl Relay {
                 }
             }
         }
+        client.batch_execute("COMMIT").await?;
+        tx.set_open(false);
         Ok(recorded)
     }
 
@@ -1303,6 +1384,54 @@ impl Relay {
     }
 }
 
+/// The claim transaction of one tick, on a pooled connection. BEGIN goes out in the claim's
+/// flight and COMMIT in the finish's, so a batch costs two round trips; tokio-postgres'
+/// `Transaction` cannot do that (it awaits BEGIN alone, and its commit awaits COMMIT alone).
+/// `open` is true from BEGIN until the COMMIT (or the rollback) was answered. Dropped while
+/// open (the tick failed, timed out, or was dropped at the shutdown deadline), the guard takes
+/// the connection out of the pool and closes it: PostgreSQL rolls the transaction back and
+/// releases its rows, and no later user of the pool can find itself inside it.
+struct ClaimTx {
+    /// Always `Some` until dropped.
+    conn: Option<deadpool_postgres::Object>,
+    open: std::sync::atomic::AtomicBool,
+}
+
+impl ClaimTx {
+    fn new(conn: deadpool_postgres::Object) -> Self {
+        ClaimTx {
+            conn: Some(conn),
+            open: false.into(),
+        }
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        // Invariant: `conn` is only taken in `drop`.
+        self.conn
+            .as_ref()
+            .expect("the connection is taken only on drop")
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ClaimTx {
+    fn drop(&mut self) {
+        if *self.open.get_mut() {
+            if let Some(conn) = self.conn.take() {
+                drop(deadpool_postgres::Object::take(conn));
+            }
+        }
+    }
+}
+
+/// relock: the rows of a batch whose outcome the database refused, locked again (by seq) in a
+/// new transaction to be recorded one by one; rows another relay holds are skipped.
+const RELOCK: &str =
+    "SELECT seq, ctid FROM tidings.outbox WHERE seq = ANY($1) FOR UPDATE SKIP LOCKED";
+
 /// The claim or finish statement: prepared and cached on the pooled connection, or sent as
 /// the unnamed statement with its parameter types (`RelayConfig::statement_cache`).
 enum Stmt {
@@ -1315,17 +1444,90 @@ impl Stmt {
     /// were checked when it was prepared; the unnamed one is parsed with the given types).
     async fn query(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        client: &tokio_postgres::Client,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
         match self {
             Stmt::Cached(s) => {
                 let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-                tx.query(s, &values).await
+                client.query(s, &values).await
             }
-            Stmt::Unnamed(sql) => tx.query_typed(sql, params).await,
+            Stmt::Unnamed(sql) => client.query_typed(sql, params).await,
         }
     }
+}
+
+/// The columns of claim_batch.sql's output, by position: looking each field up by name cost
+/// a few percent of the relay's CPU. [`col::check`] compares the names once per batch.
+mod col {
+    pub const SEQ: usize = 0;
+    pub const CTID: usize = 1;
+    pub const ID: usize = 2;
+    pub const TOPIC: usize = 3;
+    pub const KEY: usize = 4;
+    pub const BIZ_ID: usize = 5;
+    pub const PAYLOAD: usize = 6;
+    pub const HEADERS: usize = 7;
+    pub const CREATED_AT: usize = 8;
+    pub const ATTEMPTS: usize = 9;
+    pub const PREV_SEQ: usize = 10;
+    const NAMES: [&str; 11] = [
+        "seq",
+        "ctid",
+        "id",
+        "topic",
+        "ordering_key",
+        "biz_id",
+        "payload",
+        "headers",
+        "created_at",
+        "attempts",
+        "prev_seq",
+    ];
+
+    /// Whether the claim's columns are the ones these positions name.
+    pub fn check(row: &tokio_postgres::Row) -> Result<(), crate::Error> {
+        let names: Vec<&str> = row.columns().iter().map(|c| c.name()).collect();
+        if names == NAMES {
+            Ok(())
+        } else {
+            Err(crate::Error::Config(format!(
+                "claim_batch.sql returns the columns {names:?}, the relay reads {NAMES:?}"
+            )))
+        }
+    }
+}
+
+/// A row's physical location (`ctid`), in PostgreSQL's binary form (block number, then line
+/// pointer): read from the claim and sent back to the finish as `tid[]`, with no text form
+/// made or parsed on either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tid([u8; 6]);
+
+impl<'a> FromSql<'a> for Tid {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Tid(raw.try_into().map_err(|_| {
+            format!("a tid is 6 bytes, the server sent {}", raw.len())
+        })?))
+    }
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TID
+    }
+}
+
+impl ToSql for Tid {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TID
+    }
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// Awaits one database step, at most `limit`.
@@ -1346,6 +1548,9 @@ struct Recorded {
     isolated: Vec<i64>,
     /// Neither recorded nor dead-lettered: left untouched in the outbox.
     left: Vec<i64>,
+    /// Not locked again after the batch's outcome was refused: another relay took them, or
+    /// they are gone. Left to whoever has them.
+    gone: Vec<i64>,
 }
 
 /// What happened to one message of a batch, for the metrics.
@@ -1364,21 +1569,32 @@ enum Kind {
 struct Outcomes {
     delivered: Vec<i64>,
     /// The delivered rows' ctids (as claim_batch returned them), in the order of `delivered`.
-    delivered_tids: Vec<String>,
+    delivered_tids: Vec<Tid>,
     failed: Vec<i64>,
     errors: Vec<String>,
     backoffs: Vec<f64>,
     dead: Vec<Option<&'static str>>,
     /// Per failed row: whether it counts as an attempt (false for a postponed one).
     counted: Vec<bool>,
-    ids: std::collections::HashMap<i64, MessageId>,
 }
 
 impl Outcomes {
+    /// The finish statement's parameters.
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 6] {
+        [
+            (&self.delivered_tids, Type::TID_ARRAY),
+            (&self.failed, Type::INT8_ARRAY),
+            (&self.errors, Type::TEXT_ARRAY),
+            (&self.backoffs, Type::FLOAT8_ARRAY),
+            (&self.dead, Type::TEXT_ARRAY),
+            (&self.counted, Type::BOOL_ARRAY),
+        ]
+    }
+
     fn one_delivered(&self, i: usize) -> Outcomes {
         Outcomes {
             delivered: vec![self.delivered[i]],
-            delivered_tids: vec![self.delivered_tids[i].clone()],
+            delivered_tids: vec![self.delivered_tids[i]],
             ..Default::default()
         }
     }
@@ -1395,37 +1611,32 @@ impl Outcomes {
     }
 }
 
-/// Runs the finish statement for `rec` behind a savepoint (pipelined, no extra round trip).
-/// The outer error is the connection's (the tick fails); the inner one is the database
-/// refusing the statement, which has then been rolled back to the savepoint.
+/// Runs the finish statement for one row's outcome behind a savepoint (pipelined, no extra
+/// round trip), in the row-by-row recording of a refused batch. The outer error is the
+/// connection's (the tick fails); the inner one is the database refusing the statement, which
+/// has then been rolled back to the savepoint.
 async fn finish_step(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &tokio_postgres::Client,
     finish: &Stmt,
     rec: &Outcomes,
-    release: bool,
 ) -> Result<Result<(), tokio_postgres::Error>, Error> {
-    let params: [(&(dyn ToSql + Sync), Type); 6] = [
-        (&rec.delivered_tids, Type::TEXT_ARRAY),
-        (&rec.failed, Type::INT8_ARRAY),
-        (&rec.errors, Type::TEXT_ARRAY),
-        (&rec.backoffs, Type::FLOAT8_ARRAY),
-        (&rec.dead, Type::TEXT_ARRAY),
-        (&rec.counted, Type::BOOL_ARRAY),
-    ];
-    let (sp, done) = tokio::join!(tx.batch_execute(SAVEPOINT), finish.query(tx, &params));
+    let params = rec.params();
+    let (sp, done) = tokio::join!(
+        biased;
+        client.batch_execute(SAVEPOINT),
+        finish.query(client, &params)
+    );
     sp?;
     match done {
         Ok(_) => {
-            if release {
-                tx.batch_execute(RELEASE_SAVEPOINT).await?;
-            }
+            client.batch_execute(RELEASE_SAVEPOINT).await?;
             Ok(Ok(()))
         }
         // Only a refusal caused by the rows' data is a row's problem. A timeout, a deadlock, a
         // serialization failure, a full disk or a missing privilege is the database's: the tick
         // fails, the claim rolls back, and the batch is tried again later (nothing is counted).
         Err(e) if e.code().is_some_and(|c| is_data_error(c.code())) => {
-            tx.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
+            client.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
             Ok(Err(e))
         }
         Err(e) => Err(e.into()),
@@ -1444,57 +1655,76 @@ fn is_data_error(code: &str) -> bool {
 /// with a constraint dropped) still becomes an envelope, with the reason it can never be
 /// published; the caller dead-letters it. Only a row without a usable seq or id is an error
 /// (the schema makes both impossible: NOT NULL, typed).
-fn envelope_from_row(row: &tokio_postgres::Row) -> Result<(Envelope, Option<String>), Error> {
-    let seq: i64 = row.try_get("seq")?;
-    let id: Uuid = row.try_get("id")?;
+fn envelope_from_row(
+    row: &tokio_postgres::Row,
+    valid_topics: &mut Vec<String>,
+) -> Result<(Envelope, Option<String>), Error> {
+    let seq: i64 = row.try_get(col::SEQ)?;
+    let id: Uuid = row.try_get(col::ID)?;
     let mut bad: Option<String> = None;
     let mut note = |why: String| {
         bad.get_or_insert(format!(
             "invalid message (refused by the current schema rules): {why}"
         ));
     };
-    let topic: String = row.try_get("topic").unwrap_or_default();
-    if let Err(e) = tidings_outbox::validate_topic(&topic) {
-        note(e.to_string());
+    let topic: String = row.try_get(col::TOPIC).unwrap_or_default();
+    if !valid_topics.contains(&topic) {
+        match tidings_outbox::validate_topic(&topic) {
+            Ok(()) if valid_topics.len() < 16 => valid_topics.push(topic.clone()),
+            Ok(()) => {}
+            Err(e) => note(e.to_string()),
+        }
     }
-    let key: Option<String> = row.try_get("ordering_key").unwrap_or(None);
+    let key: Option<String> = row.try_get(col::KEY).unwrap_or(None);
     if let Some(Err(e)) = key.as_deref().map(tidings_outbox::validate_key) {
         note(e.to_string());
     }
-    let biz_id: Option<String> = row.try_get("biz_id").unwrap_or(None);
+    let biz_id: Option<String> = row.try_get(col::BIZ_ID).unwrap_or(None);
     if let Some(Err(e)) = biz_id.as_deref().map(tidings_outbox::validate_biz_id) {
         note(e.to_string());
     }
+    // Header sets are string to string (the schema's rule): read straight into the map; only
+    // a set that is not (a row from before the rule) goes through serde_json::Value, to say why.
     let mut headers = BTreeMap::new();
-    match row.try_get::<_, serde_json::Value>("headers") {
-        Ok(serde_json::Value::Object(map)) => {
-            for (k, v) in map {
-                match v {
-                    serde_json::Value::String(v) => {
-                        if let Err(e) = tidings_outbox::validate_header_pair(&k, &v) {
-                            note(e.to_string());
-                        }
-                        headers.insert(k, v);
-                    }
-                    _ => note(format!("header {k:?} is not a string")),
+    match row.try_get::<_, Json<BTreeMap<String, String>>>(col::HEADERS) {
+        Ok(Json(map)) => {
+            for (k, v) in &map {
+                if let Err(e) = tidings_outbox::validate_header_pair(k, v) {
+                    note(e.to_string());
                 }
             }
+            headers = map;
         }
-        Ok(_) => note("headers are not a JSON object".into()),
-        Err(e) => note(format!("headers cannot be read: {e}")),
+        Err(_) => match row.try_get::<_, serde_json::Value>(col::HEADERS) {
+            Ok(serde_json::Value::Object(map)) => {
+                for (k, v) in map {
+                    match v {
+                        serde_json::Value::String(v) => {
+                            if let Err(e) = tidings_outbox::validate_header_pair(&k, &v) {
+                                note(e.to_string());
+                            }
+                            headers.insert(k, v);
+                        }
+                        _ => note(format!("header {k:?} is not a string")),
+                    }
+                }
+            }
+            Ok(_) => note("headers are not a JSON object".into()),
+            Err(e) => note(format!("headers cannot be read: {e}")),
+        },
     }
     let payload = row
-        .try_get::<_, Vec<u8>>("payload")
-        .map(Bytes::from)
+        .try_get::<_, &[u8]>(col::PAYLOAD)
+        .map(Bytes::copy_from_slice)
         .unwrap_or_else(|e| {
             note(format!("payload cannot be read: {e}"));
             Bytes::new()
         });
-    let created_at = row.try_get("created_at").unwrap_or_else(|e| {
+    let created_at = row.try_get(col::CREATED_AT).unwrap_or_else(|e| {
         note(format!("created_at cannot be read: {e}"));
         chrono::DateTime::<chrono::Utc>::UNIX_EPOCH
     });
-    let attempts: i32 = row.try_get("attempts").unwrap_or(0).max(0);
+    let attempts: i32 = row.try_get(col::ATTEMPTS).unwrap_or(0).max(0);
     let env = Envelope {
         seq,
         message: tidings_outbox::WireMessage {

@@ -2,7 +2,7 @@
 -- round trip. Rows neither delivered nor failed (released: broker unavailable, or held behind a
 -- failed message of the same key) are not mentioned and keep their state.
 --
--- Parameters: $1 text[] the delivered rows' ctids, as claim_batch returned them (deleted:
+-- Parameters: $1 tid[] the delivered rows' ctids, as claim_batch returned them (deleted:
 --   delivered rows leave the hot table at once; by TID, a Tid Scan with no index descent per
 --   row, which cost a tenth of the relay's database time by seq; a claimed row is locked by this
 --   transaction, so its ctid cannot change before this statement);
@@ -19,7 +19,7 @@
 --   cannot overflow the statement. Dead letters move to tidings.dead_letters with their last
 --   error; a replayed message dying again replaces its old dead-letter row (same id).
 WITH delivered AS (
-    DELETE FROM tidings.outbox WHERE ctid = ANY($1::text[]::tid[])
+    DELETE FROM tidings.outbox WHERE ctid = ANY($1::tid[])
 ),
 failed AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::text[], $6::bool[])

@@ -1,0 +1,1 @@
+DROP INDEX tidings.outbox_key_waiting_idx;
