@@ -1332,12 +1332,15 @@ async fn a_tick_dropped_mid_batch_releases_its_rows_and_leaves_the_pool_clean() 
         claim_timeout: Duration::from_secs(30),
         ..fast_config()
     };
-    let relay = Relay::new(pool(&db, 1), Arc::new(StuckOnce(false.into())), config).unwrap();
-    let dropped = tokio::time::timeout(Duration::from_millis(300), relay.tick()).await;
-    assert!(
-        dropped.is_err(),
-        "the first batch never finishes: {dropped:?}"
-    );
+    let sink = Arc::new(StuckOnce(false.into()));
+    let relay = Relay::new(pool(&db, 1), sink.clone(), config).unwrap();
+    // The tick is dropped once its batch is being published (its transaction open).
+    tokio::select! {
+        r = relay.tick() => panic!("the first batch never finishes: {r:?}"),
+        _ = eventually("the batch to be published", Duration::from_secs(10), || async {
+            sink.0.load(Ordering::SeqCst)
+        }) => {}
+    }
     // Nothing holds the rows once the server has seen the connection go.
     let other = db.client().await;
     eventually(
@@ -1371,22 +1374,13 @@ async fn a_tick_dropped_mid_batch_releases_its_rows_and_leaves_the_pool_clean() 
     assert_eq!(idle_in_tx, 0, "no session was left inside a transaction");
 }
 
-/// Per-key order when the claim cannot take a contiguous run of the oldest rows (the rows
-/// between are held by another session): a key's row behind one that is not in the claim is
-/// held back, another key's row is not, and the keyed rows of a contiguous claim all go. The
-/// claim decides between a cheap whole-claim check and one probe per keyed row
-/// (claim_batch.sql, prev_seq); both ways are taken here.
+/// Per-key order when the claim cannot take a contiguous run of the oldest rows (rows held by
+/// another session): a key's row behind one that is not in the claim is held back, another
+/// key's row is not, and the keyed rows of a contiguous claim all go. Both halves of the
+/// claim's whole-claim check are failed in turn (the table's oldest row left out; a row in the
+/// middle left out), then passed (claim_batch.sql, prev_seq).
 #[tokio::test(flavor = "multi_thread")]
 async fn keyed_rows_behind_a_row_outside_the_claim_are_held_back() {
-    let db = TestDb::migrated().await;
-    db.enqueue(vec![
-        Message::new("t", "k1").key("k"),
-        Message::new("t", "j2").key("j"),
-        Message::new("t", "k3").key("k"),
-        Message::new("t", "j4").key("j"),
-        Message::new("t", "u5"),
-    ])
-    .await;
     /// Records what it is given, in order.
     #[derive(Default)]
     struct Recording(std::sync::Mutex<Vec<String>>);
@@ -1401,13 +1395,23 @@ async fn keyed_rows_behind_a_row_outside_the_claim_are_held_back() {
         }
     }
     impl Recording {
-        /// What was published, sorted (a key's rows go in rounds, one at a time).
-        fn sent(&self) -> Vec<String> {
-            let mut v = self.0.lock().unwrap().clone();
-            v.sort();
-            v
+        /// What was published since the last call, in publishing order.
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
         }
     }
+    /// Sorted (a key's rows go in rounds, one at a time), after checking that each key's rows
+    /// went in order.
+    fn sorted(got: Vec<String>) -> Vec<String> {
+        for key in ['k', 'j'] {
+            let of_key: Vec<&String> = got.iter().filter(|p| p.starts_with(key)).collect();
+            assert!(of_key.is_sorted(), "{key}: {got:?}");
+        }
+        let mut v = got;
+        v.sort();
+        v
+    }
+    let db = TestDb::migrated().await;
     let sink = Arc::new(Recording::default());
     // Time for a key's second message in the same batch (see publish_all).
     let config = RelayConfig {
@@ -1415,27 +1419,44 @@ async fn keyed_rows_behind_a_row_outside_the_claim_are_held_back() {
         ..fast_config()
     };
     let relay = Relay::new(pool(&db, 2), sink.clone(), config).unwrap();
-    // Another session holds j2: k1 and k3 may go (k's rows are all claimed), j4 may not, u5
-    // (unkeyed) may.
     let mut other = db.client().await;
-    let tx = other.transaction().await.unwrap();
-    tx.execute(
-        "SELECT 1 FROM tidings.outbox WHERE payload = convert_to('j2', 'UTF8') FOR UPDATE",
-        &[],
-    )
-    .await
-    .unwrap();
-    let r = relay.tick().await.unwrap();
-    assert_eq!((r.claimed, r.delivered, r.held_back), (4, 3, 1), "{r:?}");
-    assert_eq!(sink.sent(), ["k1", "k3", "u5"]);
-    let order = sink.0.lock().unwrap().clone();
-    let pos = |p: &str| order.iter().position(|x| x == p).unwrap();
-    assert!(pos("k1") < pos("k3"), "{order:?}");
-    tx.rollback().await.unwrap();
-    // Now j2 and j4 are the oldest rows and nothing is left out: both go, in order.
-    let r = relay.tick().await.unwrap();
-    assert_eq!((r.claimed, r.delivered, r.held_back), (2, 2, 0), "{r:?}");
-    assert_eq!(sink.sent(), ["j2", "j4", "k1", "k3", "u5"]);
-    let order = sink.0.lock().unwrap().clone();
-    assert_eq!(order[3..], ["j2", "j4"], "{order:?}");
+    for (held, behind, rest) in [
+        // The table's oldest row held: k3 waits behind it, j2 and j4 go.
+        ("k1", "k3", ["j2", "j4", "u5"]),
+        // A row in the middle held: j4 waits behind it, k1 and k3 go.
+        ("j2", "j4", ["k1", "k3", "u5"]),
+    ] {
+        db.enqueue(vec![
+            Message::new("t", "k1").key("k"),
+            Message::new("t", "j2").key("j"),
+            Message::new("t", "k3").key("k"),
+            Message::new("t", "j4").key("j"),
+            Message::new("t", "u5"),
+        ])
+        .await;
+        let tx = other.transaction().await.unwrap();
+        tx.execute(
+            "SELECT 1 FROM tidings.outbox WHERE payload = convert_to($1, 'UTF8') FOR UPDATE",
+            &[&held],
+        )
+        .await
+        .unwrap();
+        let r = relay.tick().await.unwrap();
+        assert_eq!(
+            (r.claimed, r.delivered, r.held_back),
+            (4, 3, 1),
+            "{held}: {r:?}"
+        );
+        assert_eq!(sorted(sink.take()), rest, "{held} held");
+        tx.rollback().await.unwrap();
+        // Now the held row and the one behind it are the oldest rows and nothing is left out.
+        let r = relay.tick().await.unwrap();
+        assert_eq!(
+            (r.claimed, r.delivered, r.held_back),
+            (2, 2, 0),
+            "{held}: {r:?}"
+        );
+        assert_eq!(sink.take(), [held, behind]);
+        assert_eq!(db.outbox_count().await, 0);
+    }
 }

@@ -811,38 +811,38 @@ pub async fn null_only(args: &Args, url: &str) -> Result<Value, BoxError> {
     }
     let batch = config.batch_size as i64;
     println!("\n== the PostgreSQL rows alone: {n} messages, batches of {batch}, 3 rounds, msg/s");
-    let (mut raw, mut null, mut keyed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rates: [Vec<f64>; 4] = Default::default();
     for _ in 0..3 {
         backlog(url, n, None).await?;
-        raw.push(drain_raw(url, batch).await?);
+        rates[0].push(drain_raw(url, batch).await?);
         backlog(url, n, None).await?;
-        null.push(
+        rates[1].push(
             drain_relay(url, Arc::new(NullSink), config.clone())
                 .await?
                 .0,
         );
         backlog(url, n, Some(1000)).await?;
-        keyed.push(
+        rates[2].push(
             drain_relay(url, Arc::new(NullSink), config.clone())
                 .await?
                 .0,
         );
+        backlog(url, n, None).await?;
+        rates[3].push(drain_run(url, Arc::new(NullSink), config.clone(), 2, n).await?);
+        let last: Vec<f64> = rates.iter().map(|v| v[v.len() - 1]).collect();
         println!(
-            "    round: raw {:.0}, null {:.0}, keyed {:.0}",
-            raw.last().unwrap(),
-            null.last().unwrap(),
-            keyed.last().unwrap()
+            "    round: raw {:.0}, null {:.0}, keyed {:.0}, loop with 2 lanes {:.0}",
+            last[0], last[1], last[2], last[3]
         );
     }
-    let (raw, null, keyed) = (
-        crate::median(&mut raw),
-        crate::median(&mut null),
-        crate::median(&mut keyed),
-    );
+    let [raw, null, keyed, lanes2] = rates.map(|mut v| crate::median(&mut v));
     println!(
-        "    medians: raw {raw:.0}, null {null:.0} ({:.1}% of raw), keyed {keyed:.0} ({:.1}% of unkeyed)",
+        "    medians: raw {raw:.0}, null {null:.0} ({:.1}% of raw), keyed {keyed:.0} ({:.1}% of unkeyed), loop with 2 lanes {lanes2:.0} ({:.1}% of raw)",
         null / raw * 100.0,
-        keyed / null * 100.0
+        keyed / null * 100.0,
+        lanes2 / raw * 100.0
     );
-    Ok(json!({"raw_msgs": raw, "null_msgs": null, "null_keyed_msgs": keyed}))
+    Ok(
+        json!({"raw_msgs": raw, "null_msgs": null, "null_keyed_msgs": keyed, "null_run_2_lanes_msgs": lanes2}),
+    )
 }

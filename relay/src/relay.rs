@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tidings_outbox::MessageId;
 use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, Json, ToSql, Type};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -43,21 +44,17 @@ const TICK_GRACE: Duration = Duration::from_secs(5);
 /// How long the run loop keeps busy-polling after the last batch that found messages.
 const BUSY_LINGER: Duration = Duration::from_secs(1);
 const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
-/// Pipelined before each row's finish when a batch's outcome is recorded row by row (see
-/// `record_outcomes`), so that a row the database refuses is undone alone.
+/// Pipelined before the finish statement, so that a finish the database refuses can be undone
+/// without losing the claim (see `record_outcomes`).
 const SAVEPOINT: &str = "SAVEPOINT tidings_finish";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT tidings_finish";
 const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT tidings_finish";
+/// Pipelined after the finish statement: one simple query, so that when the finish was refused
+/// the RELEASE fails and the COMMIT behind it is not run (the claim stays open).
+const RELEASE_AND_COMMIT: &str = "RELEASE SAVEPOINT tidings_finish; COMMIT";
 
 /// Every statement the relay runs, for a test that prepares them against a migrated database.
-pub const STATEMENTS: &[&str] = &[
-    CLAIM_BATCH,
-    FINISH_BATCH,
-    HEARTBEAT,
-    DEREGISTER,
-    MAY_VACUUM,
-    RELOCK,
-];
+pub const STATEMENTS: &[&str] = &[CLAIM_BATCH, FINISH_BATCH, HEARTBEAT, DEREGISTER, MAY_VACUUM];
 
 /// Whether a relay can work now ([`Relay::readiness`]), as `/readyz` serves it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -604,8 +601,6 @@ impl Relay {
         // BEGIN and the settings go in the same flight as the claim.
         let limit = self.config.batch_size as i64;
         let params: [(&(dyn ToSql + Sync), Type); 1] = [(&limit, Type::INT8)];
-        tx.set_open(true);
-        let client = tx.client();
         let rows = bounded_step(step, async {
             let (begun, rows) = tokio::join!(
                 biased;
@@ -651,7 +646,11 @@ impl Relay {
             let row = &rows[i];
             let prev: Option<i64> = row.try_get(col::PREV_SEQ)?;
             let eligible = prev.is_none_or(|p| keyed.get(&p) == Some(&true));
-            if prev.is_some() || row.try_get::<_, Option<&str>>(col::KEY)?.is_some() {
+            // A key that cannot be read counts as a key (the row is dead-lettered as invalid).
+            let has_key = row
+                .try_get::<_, Option<&str>>(col::KEY)
+                .map_or(true, |k| k.is_some());
+            if prev.is_some() || has_key {
                 keyed.insert(seq, eligible);
             }
             if !eligible {
@@ -827,7 +826,7 @@ impl Relay {
                     kinds[i] = Kind::Dead;
                 }
             }
-            for seq in recorded.left.iter().chain(&recorded.gone) {
+            for seq in &recorded.left {
                 uncount(&mut report, seq);
                 report.released += 1;
                 if let Some(i) = batch.iter().position(|m| m.seq == *seq) {
@@ -954,16 +953,16 @@ impl Relay {
         (!delivered && postponed).then_some(verdict)
     }
 
-    /// Records the batch's outcome in one statement, sent with the COMMIT in one flight, and
-    /// ends the claim transaction. If the database refuses the statement (a row that breaks a
-    /// rule the relay cannot see, e.g. a trigger, or two rows sharing an id from before the
-    /// unique index), it rolls the claim back; the rows are then locked again by seq in a new
-    /// transaction and recorded one by one, each behind a savepoint. A row whose outcome still
-    /// cannot be recorded is dead-lettered alone with the database's error, and its id is
-    /// logged. The rest of the batch commits, so no row can make the relay re-publish a whole
-    /// batch forever. A row another relay took in between (or that is gone) is left to it.
-    /// The refusal is rare, so the common case pays no savepoint and no flight of its own for
-    /// the COMMIT.
+    /// Records the batch's outcome in one statement and ends the claim transaction, in one
+    /// flight: SAVEPOINT, the finish statement, then `RELEASE SAVEPOINT ...; COMMIT` as one
+    /// simple query. If the database refuses the finish (a row that breaks a rule the relay
+    /// cannot see, e.g. a trigger, or two rows sharing an id from before the unique index), the
+    /// RELEASE fails too and the COMMIT behind it in the same query is never run: the
+    /// transaction, and with it the claim's locks, stays open. It is rolled back to the
+    /// savepoint and the rows are recorded one by one; a row whose outcome still cannot be
+    /// recorded is dead-lettered alone with the database's error, and its id is logged. The
+    /// rest of the batch commits, so no row can make the relay re-publish a whole batch
+    /// forever, and no other relay can take the batch in between.
     async fn record_outcomes(
         &self,
         tx: &ClaimTx,
@@ -973,11 +972,13 @@ impl Relay {
     ) -> Result<Recorded, Error> {
         let client = tx.client();
         let params = rec.params();
-        let (done, commit) = tokio::join!(
+        let (sp, done, commit) = tokio::join!(
             biased;
+            client.batch_execute(SAVEPOINT),
             finish.query(client, &params),
-            client.batch_execute("COMMIT")
+            client.batch_execute(RELEASE_AND_COMMIT)
         );
+        sp?;
         let err = match done {
             Ok(_) => {
                 commit?;
@@ -985,46 +986,33 @@ impl Relay {
                 return Ok(Recorded::default());
             }
             // Only a refusal caused by the rows' data is a row's problem (see is_data_error);
-            // anything else fails the tick.
+            // anything else fails the tick (the guard closes the aborted transaction's
+            // connection).
             Err(e) if e.code().is_some_and(|c| is_data_error(c.code())) => e,
             Err(e) => return Err(e.into()),
         };
-        // The COMMIT ended the refused transaction (PostgreSQL answers it with ROLLBACK).
-        commit?;
-        tx.set_open(false);
+        // The RELEASE was refused (the transaction is aborted) and the COMMIT skipped. Any
+        // other answer means the claim is not intact: the tick fails, nothing is recorded
+        // from here (the rows are published again later, the broker drops the copies).
+        match commit {
+            Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {}
+            Err(e) => return Err(e.into()),
+            Ok(()) => return Err(err.into()),
+        }
+        client.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
         tracing::warn!(error = %crate::ErrorChain(&err), rows = rec.delivered.len() + rec.failed.len(),
             "the database refused the batch's outcome; recording its rows one by one");
-        let seqs: Vec<i64> = rec.delivered.iter().chain(&rec.failed).copied().collect();
-        tx.set_open(true);
-        let relock: [(&(dyn ToSql + Sync), Type); 1] = [(&seqs, Type::INT8_ARRAY)];
-        let (begun, rows) = tokio::join!(
-            biased;
-            client.batch_execute(&self.begin),
-            client.query_typed(RELOCK, &relock)
-        );
-        begun?;
-        let mut tids = std::collections::HashMap::new();
-        for row in rows? {
-            tids.insert(row.try_get::<_, i64>(0)?, row.try_get::<_, Tid>(1)?);
-        }
         let mut recorded = Recorded::default();
         let rows = (0..rec.delivered.len())
             .map(|i| rec.one_delivered(i))
             .chain((0..rec.failed.len()).map(|i| rec.one_failed(i)));
-        for mut one in rows {
+        for one in rows {
             let seq = one
                 .delivered
                 .first()
                 .or(one.failed.first())
                 .copied()
                 .unwrap_or(0);
-            let Some(&tid) = tids.get(&seq) else {
-                recorded.gone.push(seq);
-                continue;
-            };
-            if !one.delivered.is_empty() {
-                one.delivered_tids = vec![tid];
-            }
             // Each step releases its savepoint: a batch recorded row by row must not pile up
             // hundreds of open subtransactions.
             let Err(e) = finish_step(client, finish, &one).await? else {
@@ -1387,8 +1375,8 @@ impl Relay {
 /// The claim transaction of one tick, on a pooled connection. BEGIN goes out in the claim's
 /// flight and COMMIT in the finish's, so a batch costs two round trips; tokio-postgres'
 /// `Transaction` cannot do that (it awaits BEGIN alone, and its commit awaits COMMIT alone).
-/// `open` is true from BEGIN until the COMMIT (or the rollback) was answered. Dropped while
-/// open (the tick failed, timed out, or was dropped at the shutdown deadline), the guard takes
+/// `open` is true from the start until a COMMIT was answered. Dropped while open (the tick
+/// failed, timed out, or was dropped at the shutdown deadline), the guard takes
 /// the connection out of the pool and closes it: PostgreSQL rolls the transaction back and
 /// releases its rows, and no later user of the pool can find itself inside it.
 struct ClaimTx {
@@ -1398,10 +1386,12 @@ struct ClaimTx {
 }
 
 impl ClaimTx {
+    /// Unsettled from the start: until a COMMIT was answered, the connection may owe an
+    /// answer (a prepare cut off by a timeout) or be inside the transaction.
     fn new(conn: deadpool_postgres::Object) -> Self {
         ClaimTx {
             conn: Some(conn),
-            open: false.into(),
+            open: true.into(),
         }
     }
 
@@ -1426,11 +1416,6 @@ impl Drop for ClaimTx {
         }
     }
 }
-
-/// relock: the rows of a batch whose outcome the database refused, locked again (by seq) in a
-/// new transaction to be recorded one by one; rows another relay holds are skipped.
-const RELOCK: &str =
-    "SELECT seq, ctid FROM tidings.outbox WHERE seq = ANY($1) FOR UPDATE SKIP LOCKED";
 
 /// The claim or finish statement: prepared and cached on the pooled connection, or sent as
 /// the unnamed statement with its parameter types (`RelayConfig::statement_cache`).
@@ -1548,9 +1533,6 @@ struct Recorded {
     isolated: Vec<i64>,
     /// Neither recorded nor dead-lettered: left untouched in the outbox.
     left: Vec<i64>,
-    /// Not locked again after the batch's outcome was refused: another relay took them, or
-    /// they are gone. Left to whoever has them.
-    gone: Vec<i64>,
 }
 
 /// What happened to one message of a batch, for the metrics.

@@ -18,9 +18,10 @@
 -- Keyed rows with an older row of their key that is not due yet (a retry in backoff, or a
 --   message scheduled ahead) are not claimed at all: they could not be published and would
 --   crowd the window. Such waiting rows have deliver_at > created_at, and the partial index
---   outbox_key_waiting_idx holds only those, so the question is one probe of a (usually empty)
---   index per keyed row (migration 000005: it replaced a probe of the key's oldest row, an index
---   scan plus a heap fetch per row). prev_seq below, not this filter, is what keeps the order.
+--   outbox_key_waiting_idx holds only those, by key and due time, so the question is one range
+--   probe per keyed row that reads only its key's rows not due yet, usually none (migration
+--   000005: it replaced a probe of the key's oldest row, an index scan plus a heap fetch per
+--   row). prev_seq below, not this filter, is what keeps the order.
 -- prev_seq: what the relay needs to tell which keyed rows may go now without breaking their
 --   key's order: a keyed row may go only if every older row of its key is in this same claim
 --   (it is then published after them, in seq order). prev_seq is the key's row just before
@@ -53,9 +54,9 @@ WITH claimed AS (
        AND (o.ordering_key IS NULL OR NOT EXISTS (
                 SELECT 1 FROM tidings.outbox w
                  WHERE w.ordering_key = o.ordering_key
+                   AND w.deliver_at > now()
                    AND w.deliver_at > w.created_at
-                   AND w.seq < o.seq
-                   AND w.deliver_at > now()))
+                   AND w.seq < o.seq))
      ORDER BY o.seq
      LIMIT $1
        FOR UPDATE OF o SKIP LOCKED
