@@ -300,6 +300,12 @@ async fn core_round(
     let (null_keyed, _) = drain_relay(url, Arc::new(NullSink), config.clone()).await?;
     rows.push(("relay -> null sink, 1000 ordering keys", null_keyed));
 
+    // One relay's own loop (Relay::run) with 2 lanes: the next batch claimed while the last
+    // one is finished.
+    backlog(url, n, None).await?;
+    let null_run2 = drain_run(url, Arc::new(NullSink), config.clone(), 2, n).await?;
+    rows.push(("relay loop, 2 lanes -> null sink", null_run2));
+
     // The curve: more relays on the same backlog (each its own pool), until the database (and
     // the machine's two cores, shared with PostgreSQL) is the limit.
     backlog(url, n, None).await?;
@@ -385,6 +391,7 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
     let null = get("relay -> null sink");
     let null_uncached = get("relay -> null sink, statement_cache off");
     let null_keyed = get("relay -> null sink, 1000 ordering keys");
+    let null_run2 = get("relay loop, 2 lanes -> null sink");
     let null2 = get("2 relays -> null sink");
     let null4 = get("4 relays -> null sink");
     let nats_raw = get("raw NATS JetStream publish (no PostgreSQL)");
@@ -564,7 +571,7 @@ pub async fn run(args: &Args, url: &str) -> Result<(Value, bool), BoxError> {
         json!({"backlog": n, "batch_size": batch, "raw_msgs": raw, "null_msgs": (null), "null_uncached_msgs": null_uncached, "null_keyed_msgs": null_keyed,
                "nats_msgs": nats, "nats_keyed_msgs": nats_keyed, "nats_2_relays_msgs": nats2, "nats_4_relays_msgs": nats4,
                "nats_run_1_lane_msgs": nats_run1, "nats_run_2_lanes_msgs": nats_run2, "nats_run_2_lanes_vs_raw_publish": (nats_run2 / nats_raw),
-               "null_2_relays_msgs": null2, "null_4_relays_msgs": null4, "null_keyed_vs_null": (null_keyed / null), "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw),
+               "null_run_2_lanes_msgs": null_run2, "null_run_2_lanes_vs_raw": (null_run2 / raw), "null_2_relays_msgs": null2, "null_4_relays_msgs": null4, "null_keyed_vs_null": (null_keyed / null), "nats_raw_publish_msgs": nats_raw, "nats_vs_raw_publish": (nats / nats_raw), "nats_vs_raw": (nats / raw), "null_vs_raw": (null / raw),
                "kafka_raw_produce_msgs": kafka.0, "kafka_msgs": kafka.1, "kafka_keyed_msgs": kafka.2,
                "rabbitmq_raw_publish_msgs": rabbit.0, "rabbitmq_msgs": rabbit.1, "rabbitmq_keyed_msgs": rabbit.2,
                "redis_raw_xadd_msgs": redis_rates.0, "redis_msgs": redis_rates.1, "redis_keyed_msgs": redis_rates.2,
