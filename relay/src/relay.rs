@@ -47,7 +47,10 @@ const DEREGISTER: &str = "DELETE FROM tidings.relays WHERE id = $1";
 /// Pipelined before the finish statement, so that a finish the database refuses can be undone
 /// without losing the claim (see `record_outcomes`).
 const SAVEPOINT: &str = "SAVEPOINT tidings_finish";
-const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT tidings_finish";
+/// Undoes a refused finish and drops the savepoint, so that refused rows do not leave nested
+/// subtransactions open behind them.
+const ROLLBACK_TO_SAVEPOINT: &str =
+    "ROLLBACK TO SAVEPOINT tidings_finish; RELEASE SAVEPOINT tidings_finish";
 const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT tidings_finish";
 /// Pipelined after the finish statement: one simple query, so that when the finish was refused
 /// the RELEASE fails and the COMMIT behind it is not run (the claim stays open).
@@ -581,7 +584,7 @@ impl Relay {
         // Prepared once per pooled connection: no parse/plan and no extra round trip per batch.
         // Without the cache (PgBouncer in transaction mode, where a named statement does not
         // outlive the transaction's server connection) both run as unnamed statements with
-        // typed parameters: one round trip each, parsed and planned every time.
+        // typed parameters, parsed and planned every time (in the same flights either way).
         // Each database step is bounded on its own, so that a database that stops answering is
         // noticed (and logged) within seconds, not only after a whole tick's allowance.
         let step = self.db_step_limit();
@@ -1376,9 +1379,11 @@ impl Relay {
 /// flight and COMMIT in the finish's, so a batch costs two round trips; tokio-postgres'
 /// `Transaction` cannot do that (it awaits BEGIN alone, and its commit awaits COMMIT alone).
 /// `open` is true from the start until a COMMIT was answered. Dropped while open (the tick
-/// failed, timed out, or was dropped at the shutdown deadline), the guard takes
-/// the connection out of the pool and closes it: PostgreSQL rolls the transaction back and
-/// releases its rows, and no later user of the pool can find itself inside it.
+/// failed, timed out, or was dropped at the shutdown deadline), the guard takes the connection
+/// out of the pool and closes it, so no later user of the pool can find itself inside the
+/// transaction. PostgreSQL then rolls the claim back and releases its rows, unless the COMMIT
+/// had already been sent (tokio-postgres reads the answers still owed before it closes the
+/// socket): then the batch is recorded, and only this tick's report of it is lost.
 struct ClaimTx {
     /// Always `Some` until dropped.
     conn: Option<deadpool_postgres::Object>,
@@ -1425,7 +1430,7 @@ enum Stmt {
 }
 
 impl Stmt {
-    /// Runs the statement in `tx`; one round trip either way (the cached statement's types
+    /// Runs the statement on `client`; one request either way (the cached statement's types
     /// were checked when it was prepared; the unnamed one is parsed with the given types).
     async fn query(
         &self,
@@ -1593,10 +1598,11 @@ impl Outcomes {
     }
 }
 
-/// Runs the finish statement for one row's outcome behind a savepoint (pipelined, no extra
-/// round trip), in the row-by-row recording of a refused batch. The outer error is the
-/// connection's (the tick fails); the inner one is the database refusing the statement, which
-/// has then been rolled back to the savepoint.
+/// Runs the finish statement for one row's outcome behind a savepoint (the SAVEPOINT pipelined
+/// with it; the RELEASE, or the rollback to the savepoint, a round trip of its own), in the
+/// row-by-row recording of a refused batch. The outer error is the connection's (the tick
+/// fails); the inner one is the database refusing the statement, which has then been rolled
+/// back to the savepoint and the savepoint released.
 async fn finish_step(
     client: &tokio_postgres::Client,
     finish: &Stmt,

@@ -15,8 +15,8 @@
 -- rows are not all in the same batch (claim_batch.sql, prev_seq). A row that is not due but
 -- not in this index (written with a created_at after its deliver_at) only lets its key's later
 -- rows be claimed and held back, as before this index.
--- Writes: PostgreSQL only evaluates the predicate for a row it leaves out (an unkeyed or an
--- immediately due row). Because deliver_at is now indexed, an UPDATE of deliver_at (a retry or
--- a postponement, keyed or not) is no longer a HOT update; those are the rare path.
+-- Writes: a row the index leaves out (an unkeyed or an immediately due row) pays only the
+-- predicate check. Because deliver_at is now indexed, an UPDATE of deliver_at (a retry or a
+-- postponement, keyed or not) is no longer a HOT update; those are the rare path.
 CREATE INDEX outbox_key_waiting_idx ON tidings.outbox (ordering_key, deliver_at) INCLUDE (seq)
     WHERE ordering_key IS NOT NULL AND deliver_at > created_at;

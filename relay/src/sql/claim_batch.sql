@@ -35,7 +35,8 @@
 --   is the claim's first, and the rows in the claim's seq range are exactly the claimed
 --   ones), every older row of every claimed key is in the claim, and prev_seq is NULL for all.
 --   That costs two probes of the primary key per claim instead of one probe per keyed row
---   (500 keyed rows: 1.6 ms instead of 3.9 ms here). A row that another relay holds, that is
+--   (about 4 us each here; a claim of 500 keyed rows took 1.6 ms instead of 3.5-3.9 ms with
+--   the probes and the windows of the previous form). A row that another relay holds, that is
 --   not due, or that was deleted by a transaction that committed after this statement began
 --   counts as left out (this statement still sees it): the check errs towards probing.
 --   Rows of still-open producer transactions are invisible here; they commit later and are
