@@ -619,8 +619,7 @@ impl Relay {
             ..Default::default()
         };
         if rows.is_empty() {
-            bounded_step(step, client.batch_execute("COMMIT")).await?;
-            tx.set_open(false);
+            bounded_step(step, tx.commit()).await?;
             return Ok(report);
         }
         col::check(&rows[0])?;
@@ -797,8 +796,7 @@ impl Relay {
         // If the commit is lost (crash, network), the rows stay and are published again later
         // with the same message id, which the broker drops as a duplicate.
         if rec.delivered.is_empty() && rec.failed.is_empty() {
-            bounded_step(step, tx.client().batch_execute("COMMIT")).await?;
-            tx.set_open(false);
+            bounded_step(step, tx.commit()).await?;
         } else {
             let recorded =
                 match tokio::time::timeout(step, self.record_outcomes(tx, &finish, &rec, &batch))
@@ -991,7 +989,7 @@ impl Relay {
             // Only a refusal caused by the rows' data is a row's problem (see is_data_error);
             // anything else fails the tick (the guard closes the aborted transaction's
             // connection).
-            Err(e) if e.code().is_some_and(|c| is_data_error(c.code())) => e,
+            Err(e) if is_data_error(&e) => e,
             Err(e) => return Err(e.into()),
         };
         // The RELEASE was refused (the transaction is aborted) and the COMMIT skipped. Any
@@ -1053,8 +1051,7 @@ impl Relay {
                 }
             }
         }
-        client.batch_execute("COMMIT").await?;
-        tx.set_open(false);
+        tx.commit().await?;
         Ok(recorded)
     }
 
@@ -1410,6 +1407,13 @@ impl ClaimTx {
     fn set_open(&self, open: bool) {
         self.open.store(open, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// Sends COMMIT alone and, once it is answered, marks the connection settled.
+    async fn commit(&self) -> Result<(), tokio_postgres::Error> {
+        self.client().batch_execute("COMMIT").await?;
+        self.set_open(false);
+        Ok(())
+    }
 }
 
 impl Drop for ClaimTx {
@@ -1623,7 +1627,7 @@ async fn finish_step(
         // Only a refusal caused by the rows' data is a row's problem. A timeout, a deadlock, a
         // serialization failure, a full disk or a missing privilege is the database's: the tick
         // fails, the claim rolls back, and the batch is tried again later (nothing is counted).
-        Err(e) if e.code().is_some_and(|c| is_data_error(c.code())) => {
+        Err(e) if is_data_error(&e) => {
             client.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
             Ok(Err(e))
         }
@@ -1635,8 +1639,12 @@ async fn finish_step(
 /// violations (21, e.g. ON CONFLICT touching a row twice), data exceptions (22, e.g. numeric
 /// overflow), integrity constraint violations (23) and errors raised by PL/pgSQL (P0, e.g. a
 /// trigger's RAISE).
-fn is_data_error(code: &str) -> bool {
-    ["21", "22", "23", "P0"].iter().any(|c| code.starts_with(c))
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        ["21", "22", "23", "P0"]
+            .iter()
+            .any(|p| c.code().starts_with(p))
+    })
 }
 
 /// Reads one claimed row. A row the schema's rules would refuse today (written before them, or
