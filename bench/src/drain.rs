@@ -246,12 +246,19 @@ async fn publish_raw(sink: &dyn Sink, n: usize, batch: usize) -> Result<f64, Box
 
 /// A bench stream with a size cap, so long runs do not fill the disk.
 pub async fn bench_stream(args: &Args) -> Result<Arc<NatsSink>, BoxError> {
+    bench_stream_sized(args, 1 << 30).await
+}
+
+/// [`bench_stream`] with its size cap: a stream at its cap discards its oldest messages on
+/// every publish, which is work the broker did not do before; the sustained run sizes the
+/// stream to hold the whole run, so that its minutes compare like with like.
+pub async fn bench_stream_sized(args: &Args, max_bytes: i64) -> Result<Arc<NatsSink>, BoxError> {
     let js = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
     let _ = js.delete_stream("TIDINGS_BENCH").await;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "TIDINGS_BENCH".into(),
         subjects: vec!["bench.>".into()],
-        max_bytes: 1 << 30,
+        max_bytes,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     })
@@ -852,4 +859,67 @@ pub async fn null_only(args: &Args, url: &str) -> Result<Value, BoxError> {
     Ok(
         json!({"raw_msgs": raw, "null_msgs": null, "null_keyed_msgs": keyed, "null_run_2_lanes_msgs": lanes2}),
     )
+}
+
+/// `--only lanes`: one relay's own loop with 1 to 4 lanes, to the null sink beside the raw
+/// claim + delete and to JetStream beside its raw publish, 3 interleaved rounds, medians: the
+/// curve that shows what each lane adds on this machine.
+pub async fn lanes_only(args: &Args, url: &str) -> Result<Value, BoxError> {
+    let n = args.backlog.unwrap_or(100_000);
+    let mut config = RelayConfig::default();
+    if let Some(b) = args.batch_size {
+        config.batch_size = b;
+    }
+    let batch = config.batch_size;
+    let sink = bench_stream(args).await?;
+    println!("\n== lanes: {n} messages, batches of {batch}, 3 rounds, msg/s");
+    const LANES: [usize; 4] = [1, 2, 3, 4];
+    // [raw pg, null x4, raw nats, nats x4, nats keyed x4]
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 2 + 3 * LANES.len()];
+    for _ in 0..3 {
+        backlog(url, n, None).await?;
+        rates[0].push(drain_raw(url, batch as i64).await?);
+        for (i, lanes) in LANES.iter().enumerate() {
+            backlog(url, n, None).await?;
+            rates[1 + i].push(drain_run(url, Arc::new(NullSink), config.clone(), *lanes, n).await?);
+        }
+        rates[1 + LANES.len()].push(publish_raw(&*sink, n, batch).await?);
+        for (i, lanes) in LANES.iter().enumerate() {
+            backlog(url, n, None).await?;
+            rates[2 + LANES.len() + i]
+                .push(drain_run(url, sink.clone(), config.clone(), *lanes, n).await?);
+        }
+        for (i, lanes) in LANES.iter().enumerate() {
+            backlog(url, n, Some(1000)).await?;
+            rates[2 + 2 * LANES.len() + i]
+                .push(drain_run(url, sink.clone(), config.clone(), *lanes, n).await?);
+        }
+        let last: Vec<String> = rates
+            .iter()
+            .map(|v| format!("{:.0}", v[v.len() - 1]))
+            .collect();
+        println!("    round: {}", last.join(", "));
+    }
+    let m: Vec<f64> = rates
+        .into_iter()
+        .map(|mut v| crate::median(&mut v))
+        .collect();
+    let (raw, nats_raw) = (m[0], m[1 + LANES.len()]);
+    println!("    raw PostgreSQL claim + delete {raw:.0}; raw JetStream publish {nats_raw:.0}");
+    let mut out = serde_json::Map::new();
+    out.insert("raw_msgs".into(), json!(raw));
+    out.insert("nats_raw_publish_msgs".into(), json!(nats_raw));
+    for (i, lanes) in LANES.iter().enumerate() {
+        let (null, nats, keyed) = (m[1 + i], m[2 + LANES.len() + i], m[2 + 2 * LANES.len() + i]);
+        println!(
+            "    {lanes} lane(s): null sink {null:.0} ({:.1}% of raw), JetStream {nats:.0} ({:.1}% of its raw publish), JetStream with 1,000 keys {keyed:.0} ({:.1}%)",
+            null / raw * 100.0,
+            nats / nats_raw * 100.0,
+            keyed / nats_raw * 100.0
+        );
+        out.insert(format!("nats_keyed_run_{lanes}_lanes_msgs"), json!(keyed));
+        out.insert(format!("null_run_{lanes}_lanes_msgs"), json!(null));
+        out.insert(format!("nats_run_{lanes}_lanes_msgs"), json!(nats));
+    }
+    Ok(Value::Object(out))
 }

@@ -63,12 +63,13 @@ pub struct Args {
     /// Short run for CI: small sizes, one round, loose regression floors checked.
     #[arg(long)]
     pub quick: bool,
-    /// Which parts to run (comma-separated): overhead, floors, anatomy, drain, latency,
+    /// Which parts to run (comma-separated): overhead, floors, anatomy, drain, lanes (one
+    /// relay's loop with 1 to 4 lanes: null sink, JetStream, JetStream keyed), latency,
     /// sustained; or `null` (not in the default): the drain's PostgreSQL rows alone, for A/B
     /// runs and profiling.
     #[arg(
         long,
-        default_value = "overhead,floors,anatomy,drain,latency,sustained",
+        default_value = "overhead,floors,anatomy,drain,lanes,latency,sustained",
         value_delimiter = ','
     )]
     pub only: Vec<String>,
@@ -172,6 +173,9 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     if wants("null") {
         report.insert("null".into(), drain::null_only(&args, &url).await?);
+    }
+    if wants("lanes") && !args.quick {
+        report.insert("lanes".into(), drain::lanes_only(&args, &url).await?);
     }
     if wants("latency") {
         let (v, floor_ok) = latency::run(&args, &url).await?;

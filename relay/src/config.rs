@@ -90,10 +90,11 @@ pub struct RelayArgs {
     /// Rows claimed and published per batch.
     #[arg(long, env = "TIDINGS_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
-    /// Batches the relay works on at once (1-16): with 2, the next batch is claimed and
-    /// published while the previous one waits for the broker (needs --pool-size > lanes).
-    #[arg(long, env = "TIDINGS_LANES", default_value_t = 1)]
-    pub lanes: usize,
+    /// Batches the relay works on at once (1-16): while one waits for the broker, the next is
+    /// claimed and published (needs --pool-size > lanes) [default: 2, or 1 with --pool-size 1
+    /// or 2].
+    #[arg(long, env = "TIDINGS_LANES")]
+    pub lanes: Option<usize>,
     /// Polling interval when no notification arrives (e.g. 500ms, 2s).
     #[arg(long, env = "TIDINGS_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
     pub poll_interval: Duration,
@@ -130,9 +131,10 @@ pub struct RelayArgs {
     /// VACUUM tidings.outbox after this many rows left it (0 = never; needs table ownership).
     #[arg(long, env = "TIDINGS_VACUUM_EVERY", default_value_t = 20_000)]
     pub vacuum_every: u64,
-    /// Database connections in the relay's pool (the LISTEN connection is extra).
-    #[arg(long, env = "TIDINGS_PG_POOL_SIZE", default_value_t = 4)]
-    pub pool_size: usize,
+    /// Database connections in the relay's pool (the LISTEN connection is extra) [default:
+    /// lanes + 1].
+    #[arg(long, env = "TIDINGS_PG_POOL_SIZE")]
+    pub pool_size: Option<usize>,
     /// With --databases-file: how often the file is re-read (SIGHUP re-reads it at once).
     #[arg(long, env = "TIDINGS_DATABASES_RELOAD", value_parser = crate::parse_duration, default_value = "10s")]
     pub databases_reload: Duration,
@@ -163,12 +165,32 @@ pub struct RelayArgs {
     pub shutdown_timeout: Duration,
 }
 
+/// The daemon's lanes when neither `--lanes` nor a smaller `--pool-size` says otherwise: enough
+/// overlap for a broker whose acknowledgements take longer than the database's side of a batch
+/// (see "Performance" in the README). Extra lanes work only while there is a backlog.
+pub const DEFAULT_LANES: usize = 2;
+
 impl RelayArgs {
+    /// `--lanes`, or [`DEFAULT_LANES`], fewer when `--pool-size` leaves no room for them (a lane
+    /// per connection, and one connection for heartbeats).
+    pub fn lanes(&self) -> usize {
+        match (self.lanes, self.pool_size) {
+            (Some(lanes), _) => lanes,
+            (None, Some(pool)) => pool.saturating_sub(1).clamp(1, DEFAULT_LANES),
+            (None, None) => DEFAULT_LANES,
+        }
+    }
+
+    /// `--pool-size`, or one connection per lane and one for heartbeats.
+    pub fn pool_size(&self) -> usize {
+        self.pool_size.unwrap_or(self.lanes().saturating_add(1))
+    }
+
     /// The relay settings these flags ask for (checked by `Relay::new`).
     pub fn config(&self) -> RelayConfig {
         let mut config = RelayConfig {
             batch_size: self.batch_size,
-            lanes: self.lanes,
+            lanes: self.lanes(),
             poll_interval: self.poll_interval,
             busy_poll_interval: self.busy_poll_interval,
             // LISTEN through a transaction pooler registers on whichever server connection the
@@ -327,6 +349,38 @@ pub(crate) fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+
+    /// The daemon runs 2 lanes with a pool of 3 unless told otherwise; a small pool alone
+    /// lowers the lanes (never an error), an explicit --lanes sizes the pool.
+    #[test]
+    fn lanes_and_pool_default_together() {
+        use clap::Parser;
+        for (flags, lanes, pool) in [
+            (&[][..], 2, 3),
+            (&["--pool-size", "1"][..], 1, 1),
+            (&["--pool-size", "2"][..], 1, 2),
+            (&["--pool-size", "3"][..], 2, 3),
+            (&["--pool-size", "10"][..], 2, 10),
+            (&["--lanes", "1"][..], 1, 2),
+            (&["--lanes", "6"][..], 6, 7),
+            (&["--lanes", "3", "--pool-size", "8"][..], 3, 8),
+        ] {
+            let cli = Cli::try_parse_from(std::iter::once("tidings").chain(flags.iter().copied()))
+                .unwrap();
+            assert_eq!(
+                (cli.relay.lanes(), cli.relay.pool_size()),
+                (lanes, pool),
+                "{flags:?}"
+            );
+            assert_eq!(cli.relay.config().lanes, lanes, "{flags:?}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {

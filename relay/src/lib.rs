@@ -15,7 +15,7 @@ pub use admin::{
     dlq_list, dlq_purge, dlq_replay, inbox_dlq_list, inbox_dlq_purge, inbox_dlq_replay, shown,
     status, DeadLetter, ParkedMessage, RelayInfo, Status, ADMIN_STATEMENTS,
 };
-pub use config::{parse_duration, RelayArgs, RelayConfig};
+pub use config::{parse_duration, RelayArgs, RelayConfig, DEFAULT_LANES};
 pub use listener::CHANNEL;
 pub use relay::{Readiness, Relay, TickReport, STATEMENTS};
 pub use sink::{Capabilities, Delivery, Envelope, Sink, SinkError};

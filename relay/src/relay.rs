@@ -388,6 +388,17 @@ impl Relay {
             if tick.is_ok() {
                 self.maybe_vacuum().await;
             }
+            // An extra lane whose batch was mostly held back (keyed rows whose older rows
+            // another lane or relay holds) waits a poll interval before claiming again:
+            // re-claiming them at once only takes the database from the lane that can deliver
+            // them (with 1,000 keys, 4 lanes that did so delivered half of what one lane did).
+            if lane > 0 && matches!(&tick, Ok(r) if mostly_held_back(r)) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+                continue;
+            }
             // An extra lane stops at anything but a full batch that moved something (an empty
             // or partial batch, a broker outage, a database error): lane 0 alone polls, backs
             // off and logs, and wakes the others when a backlog shows up again.
@@ -1639,6 +1650,13 @@ async fn finish_step(
 /// violations (21, e.g. ON CONFLICT touching a row twice), data exceptions (22, e.g. numeric
 /// overflow), integrity constraint violations (23) and errors raised by PL/pgSQL (P0, e.g. a
 /// trigger's RAISE).
+/// A batch that was mostly keyed rows held back behind rows another lane or relay holds: an
+/// extra lane then waits a poll interval instead of claiming them again at once. Exactly half
+/// held back is not "mostly" (the batch delivered as much as it held).
+fn mostly_held_back(r: &TickReport) -> bool {
+    r.held_back * 2 > r.claimed
+}
+
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         ["21", "22", "23", "P0"]
@@ -1756,6 +1774,35 @@ fn check_dedup_window(config: &RelayConfig, sink: &dyn Sink) -> Result<(), Error
         None => {
             tracing::info!(sink = sink.name(), "this broker does not drop re-sends by message id: consumers must deduplicate (the inbox)");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extra_lane_pauses_only_when_most_of_its_batch_was_held_back() {
+        let report = |claimed, held_back| TickReport {
+            claimed,
+            held_back,
+            delivered: claimed - held_back,
+            ..Default::default()
+        };
+        for (claimed, held, pause) in [
+            (0, 0, false),
+            (500, 0, false),
+            (500, 250, false),
+            (500, 251, true),
+            (500, 500, true),
+            (1, 1, true),
+        ] {
+            assert_eq!(
+                mostly_held_back(&report(claimed, held)),
+                pause,
+                "{held} of {claimed} held back"
+            );
         }
     }
 }

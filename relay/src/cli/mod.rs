@@ -405,15 +405,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 /// `--pool-size` against `--lanes`: each lane holds a connection while it works on a batch,
 /// and heartbeats need one more (checked from 2 lanes; one lane works with one connection).
 fn check_pool_size(args: &crate::RelayArgs) -> Result<(), Failure> {
-    if args.pool_size == 0 {
+    let (pool, lanes) = (args.pool_size(), args.lanes());
+    if pool == 0 {
         return Err(usage("--pool-size must be at least 1"));
     }
-    if args.lanes > 1 && args.lanes <= 16 && args.pool_size <= args.lanes {
+    if lanes > 1 && lanes <= 16 && pool <= lanes {
         return Err(usage(format!(
-            "--pool-size {} is too small for --lanes {}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
-            args.pool_size,
-            args.lanes,
-            args.lanes + 1
+            "--pool-size {pool} is too small for --lanes {lanes}: each lane holds a connection while it works on a batch, and heartbeats need one more (use --pool-size {} or more)",
+            lanes + 1
         )));
     }
     Ok(())
@@ -427,7 +426,7 @@ async fn relay(
 ) -> Result<(), Failure> {
     let config = args.config();
     check_pool_size(&args)?;
-    let pool = pg.pool(args.pool_size)?;
+    let pool = pg.pool(args.pool_size())?;
     pg.first_connection(&pool).await?;
 
     let dedup_hint = args.sink.dedup_window_hint();
@@ -592,6 +591,7 @@ async fn relay_fleet(
         fleet::db_of(e, ca_file, db_timeout)?;
     }
     let config = args.config();
+    let pool_size = args.pool_size();
     let dedup_hint = args.sink.dedup_window_hint();
     let sink = args
         .sink
@@ -609,7 +609,7 @@ async fn relay_fleet(
     let mut fleet = fleet::Fleet::new(
         sink,
         config,
-        args.pool_size,
+        pool_size,
         ca_file.map(|p| p.to_owned()),
         db_timeout,
         admin,
