@@ -2,7 +2,7 @@
 //! cancels in the ratio. Prints tables and writes JSON.
 //!
 //! ```text
-//! cargo run --release -p tidings-bench                      # full run (about 4 minutes + sustained)
+//! cargo run --release -p tidings-bench                      # full run (about 20 minutes + 12 sustained)
 //! cargo run --release -p tidings-bench -- --quick           # under a minute; what CI runs
 //! cargo run --release -p tidings-bench -- --sustained 10m   # the sustained run (default 0 = skipped in --quick)
 //! ```
@@ -73,7 +73,8 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub only: Vec<String>,
-    /// Length of the sustained run (e.g. 10m); 0 skips it. Defaults to 10m, or 0 with --quick.
+    /// Length of the sustained run (e.g. 10m), after its 2-minute warm-up when 3 minutes or
+    /// longer; 0 skips it. Defaults to 10m, or 0 with --quick.
     #[arg(long, value_parser = parse_minutes)]
     pub sustained: Option<Duration>,
     /// Backlog size for the drain benchmark. Defaults to 100000 (10000 with --quick).

@@ -362,7 +362,8 @@ impl Relay {
     /// One lane of [`Relay::run`]: ticks until `shutdown`; returns whether its batch in flight
     /// was abandoned at the shutdown deadline. Lane 0 polls, listens (`wake`) and heartbeats
     /// while idle; the other lanes only help with a backlog: after a batch that was not full
-    /// they sleep until a lane finds a full one (`more`).
+    /// they sleep until a lane finds a full one (`more`), and after a batch that was mostly
+    /// held back they wait a poll interval.
     async fn lane(
         &self,
         lane: usize,
@@ -392,10 +393,12 @@ impl Relay {
             // another lane or relay holds) waits a poll interval before claiming again:
             // re-claiming them at once only takes the database from the lane that can deliver
             // them (with 1,000 keys, 4 lanes that did so delivered half of what one lane did).
-            if lane > 0 && matches!(&tick, Ok(r) if mostly_held_back(r)) {
+            // (Not during a broker outage: that is lane 0's to back off from, below.)
+            if lane > 0 && matches!(&tick, Ok(r) if !r.sink_unavailable && mostly_held_back(r)) {
+                db_errors = 0;
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = tokio::time::sleep(jitter(self.config.poll_interval)) => {}
                 }
                 continue;
             }
