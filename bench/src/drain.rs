@@ -928,3 +928,39 @@ pub async fn lanes_only(args: &Args, url: &str) -> Result<Value, BoxError> {
     }
     Ok(Value::Object(out))
 }
+
+/// `--only nats`: JetStream alone: its raw publish and one relay's loop with the daemon's 2
+/// lanes, 3 interleaved rounds, medians; for A/B runs of the JetStream path and a steady load
+/// to profile (`perf record -p`).
+pub async fn nats_only(args: &Args, url: &str) -> Result<Value, BoxError> {
+    let n = args.backlog.unwrap_or(100_000);
+    let mut config = RelayConfig::default();
+    if let Some(b) = args.batch_size {
+        config.batch_size = b;
+    }
+    let batch = config.batch_size;
+    let sink = bench_stream_sized(args, 8 << 30).await?;
+    let lanes = tidings_relay::DEFAULT_LANES;
+    println!(
+        "\n== JetStream alone: {n} messages, batches of {batch}, {lanes} lanes, 3 rounds, msg/s"
+    );
+    let (mut raw, mut relay) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        raw.push(publish_raw(&*sink, n, batch).await?);
+        backlog(url, n, None).await?;
+        relay.push(drain_run(url, sink.clone(), config.clone(), lanes, n).await?);
+        println!(
+            "    round: raw publish {:.0}, relay {:.0}",
+            raw[raw.len() - 1],
+            relay[relay.len() - 1]
+        );
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
+    let _ = js.delete_stream("TIDINGS_BENCH").await;
+    let (raw, relay) = (crate::median(&mut raw), crate::median(&mut relay));
+    println!(
+        "    medians: raw publish {raw:.0}, relay {relay:.0} ({:.1}% of raw)",
+        relay / raw * 100.0
+    );
+    Ok(json!({"nats_raw_publish_msgs": raw, "nats_run_2_lanes_msgs": relay}))
+}

@@ -65,8 +65,8 @@ pub struct Args {
     pub quick: bool,
     /// Which parts to run (comma-separated): overhead, floors, anatomy, drain, lanes (one
     /// relay's loop with 1 to 4 lanes: null sink, JetStream, JetStream keyed), latency,
-    /// sustained; or `null` (not in the default): the drain's PostgreSQL rows alone, for A/B
-    /// runs and profiling.
+    /// sustained; or, not in the default, `null` (the drain's PostgreSQL rows alone) and `nats`
+    /// (JetStream's raw publish beside the relay's 2 lanes): for A/B runs and profiling.
     #[arg(
         long,
         default_value = "overhead,floors,anatomy,drain,lanes,latency,sustained",
@@ -174,6 +174,9 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     if wants("null") {
         report.insert("null".into(), drain::null_only(&args, &url).await?);
+    }
+    if wants("nats") {
+        report.insert("nats".into(), drain::nats_only(&args, &url).await?);
     }
     if wants("lanes") && !args.quick {
         report.insert("lanes".into(), drain::lanes_only(&args, &url).await?);
