@@ -77,6 +77,10 @@ pub struct Args {
     /// longer; 0 skips it. Defaults to 10m, or 0 with --quick.
     #[arg(long, value_parser = parse_minutes)]
     pub sustained: Option<Duration>,
+    /// The sustained run's sink: `nats` (JetStream, the default) or `null` (no broker: whether
+    /// a change over the minutes is the relay's and PostgreSQL's, or the broker's).
+    #[arg(long, default_value = "nats", value_parser = ["nats", "null"])]
+    pub sustained_sink: String,
     /// Backlog size for the drain benchmark. Defaults to 100000 (10000 with --quick).
     #[arg(long)]
     pub backlog: Option<usize>,

@@ -39,10 +39,14 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
         length / 4
     };
     println!(
-        "\n== sustained run: {:?}, reported every {:?}",
-        length, minute
+        "\n== sustained run: {:?}, reported every {:?}, sink {}",
+        length, minute, args.sustained_sink
     );
-    let sink = bench_stream_sized(args, STREAM_BYTES).await?;
+    let sink: Arc<dyn tidings_relay::Sink> = if args.sustained_sink == "null" {
+        Arc::new(crate::drain::NullSink)
+    } else {
+        bench_stream_sized(args, STREAM_BYTES).await?
+    };
     let js = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
     let c = connect(url).await?;
     c.batch_execute("TRUNCATE tidings.outbox").await?;
@@ -136,13 +140,10 @@ pub async fn run(args: &Args, url: &str, length: Duration) -> Result<(Value, boo
             )
             .await?;
         let (backlog, bytes, dead): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
-        let stream = js
-            .get_stream("TIDINGS_BENCH")
-            .await?
-            .info()
-            .await?
-            .state
-            .bytes;
+        let stream = match js.get_stream("TIDINGS_BENCH").await {
+            Ok(mut s) if args.sustained_sink != "null" => s.info().await?.state.bytes,
+            _ => 0,
+        };
         let secs = minute.as_secs_f64();
         let rate = (d - last_delivered) as f64 / secs;
         let prate = (p - last_produced) as f64 / secs;
