@@ -1649,10 +1649,6 @@ async fn finish_step(
     }
 }
 
-/// SQLSTATEs that blame the data of a statement, not the database's state: cardinality
-/// violations (21, e.g. ON CONFLICT touching a row twice), data exceptions (22, e.g. numeric
-/// overflow), integrity constraint violations (23) and errors raised by PL/pgSQL (P0, e.g. a
-/// trigger's RAISE).
 /// A batch that was mostly keyed rows held back behind rows another lane or relay holds: an
 /// extra lane then waits a poll interval instead of claiming them again at once. Exactly half
 /// held back is not "mostly" (the batch delivered as much as it held).
@@ -1660,6 +1656,10 @@ fn mostly_held_back(r: &TickReport) -> bool {
     r.held_back * 2 > r.claimed
 }
 
+/// SQLSTATEs that blame the data of a statement, not the database's state: cardinality
+/// violations (21, e.g. ON CONFLICT touching a row twice), data exceptions (22, e.g. numeric
+/// overflow), integrity constraint violations (23) and errors raised by PL/pgSQL (P0, e.g. a
+/// trigger's RAISE).
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         ["21", "22", "23", "P0"]
