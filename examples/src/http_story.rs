@@ -109,9 +109,13 @@ pub(crate) async fn run(
         stats.duplicates.load(Ordering::SeqCst),
     );
     let v = Verdict::read(db).await?;
+    // The database is the judge. The receiver's counter can fall short of the cards: when the
+    // relay gives up on an answer (its 1 s timeout on a busy machine), the server drops that
+    // request's handler, sometimes after its transaction committed and before it counted; the
+    // re-send then counts as a duplicate. It can never count more effects than payments.
     let ok = v.exactly_once()
         && v.payments as usize == payments
-        && processed as usize == payments
+        && processed as usize <= payments
         && v.orphan_cards == 0;
     println!("payments charged:                        {}", v.payments);
     println!("requests answered: {processed} effects committed, {duplicates} duplicates (200, nothing run)");
