@@ -814,15 +814,28 @@ async fn http_raw_post(hooks: &Hooks, n: usize, concurrency: usize) -> Result<f6
     Ok(rate)
 }
 
-/// `--only null`: the PostgreSQL rows alone (raw claim + delete, the relay to the null sink,
-/// unkeyed and with 1,000 keys), 3 interleaved rounds, medians printed: a quick A/B of a relay
-/// change, and a steady load to profile (`perf record -p`).
-pub async fn null_only(args: &Args, url: &str) -> Result<Value, BoxError> {
-    let n = args.backlog.unwrap_or(100_000);
+/// The `--only` modes' backlog size (`--backlog`, default 100,000) and relay configuration
+/// (`--batch-size`).
+fn only_setup(args: &Args) -> (usize, RelayConfig) {
     let mut config = RelayConfig::default();
     if let Some(b) = args.batch_size {
         config.batch_size = b;
     }
+    (args.backlog.unwrap_or(100_000), config)
+}
+
+/// Deletes the bench's stream: after the `--only` modes it can hold gigabytes.
+async fn delete_bench_stream(args: &Args) -> Result<(), BoxError> {
+    let js = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
+    let _ = js.delete_stream("TIDINGS_BENCH").await;
+    Ok(())
+}
+
+/// `--only null`: the PostgreSQL rows alone (raw claim + delete, the relay to the null sink,
+/// unkeyed and with 1,000 keys), 3 interleaved rounds, medians printed: a quick A/B of a relay
+/// change, and a steady load to profile (`perf record -p`).
+pub async fn null_only(args: &Args, url: &str) -> Result<Value, BoxError> {
+    let (n, config) = only_setup(args);
     let batch = config.batch_size as i64;
     println!("\n== the PostgreSQL rows alone: {n} messages, batches of {batch}, 3 rounds, msg/s");
     let mut rates: [Vec<f64>; 4] = Default::default();
@@ -865,11 +878,7 @@ pub async fn null_only(args: &Args, url: &str) -> Result<Value, BoxError> {
 /// claim + delete and to JetStream beside its raw publish, 3 interleaved rounds, medians: the
 /// curve that shows what each lane adds on this machine.
 pub async fn lanes_only(args: &Args, url: &str) -> Result<Value, BoxError> {
-    let n = args.backlog.unwrap_or(100_000);
-    let mut config = RelayConfig::default();
-    if let Some(b) = args.batch_size {
-        config.batch_size = b;
-    }
+    let (n, config) = only_setup(args);
     let batch = config.batch_size;
     // About 3.4 million messages in all: more than the usual 1 GiB cap holds.
     let sink = bench_stream_sized(args, 8 << 30).await?;
@@ -902,8 +911,7 @@ pub async fn lanes_only(args: &Args, url: &str) -> Result<Value, BoxError> {
         println!("    round: {}", last.join(", "));
     }
     // The stream holds about a gigabyte by now.
-    let js = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
-    let _ = js.delete_stream("TIDINGS_BENCH").await;
+    delete_bench_stream(args).await?;
     let m: Vec<f64> = rates
         .into_iter()
         .map(|mut v| crate::median(&mut v))
@@ -933,11 +941,7 @@ pub async fn lanes_only(args: &Args, url: &str) -> Result<Value, BoxError> {
 /// lanes, 3 interleaved rounds, medians; for A/B runs of the JetStream path and a steady load
 /// to profile (`perf record -p`).
 pub async fn nats_only(args: &Args, url: &str) -> Result<Value, BoxError> {
-    let n = args.backlog.unwrap_or(100_000);
-    let mut config = RelayConfig::default();
-    if let Some(b) = args.batch_size {
-        config.batch_size = b;
-    }
+    let (n, config) = only_setup(args);
     let batch = config.batch_size;
     let sink = bench_stream_sized(args, 8 << 30).await?;
     let lanes = tidings_relay::DEFAULT_LANES;
@@ -955,8 +959,7 @@ pub async fn nats_only(args: &Args, url: &str) -> Result<Value, BoxError> {
             relay[relay.len() - 1]
         );
     }
-    let js = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
-    let _ = js.delete_stream("TIDINGS_BENCH").await;
+    delete_bench_stream(args).await?;
     let (raw, relay) = (crate::median(&mut raw), crate::median(&mut relay));
     println!(
         "    medians: raw publish {raw:.0}, relay {relay:.0} ({:.1}% of raw)",
