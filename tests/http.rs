@@ -479,6 +479,7 @@ impl Handler for Cards {
             match msg.payload.as_ref() {
                 b"\"retry\"" => return Err(HandlerError::retry("asked to fail")),
                 b"\"park\"" => return Err(HandlerError::park("asked to park")),
+                b"\"panic\"" => panic!("asked to panic"),
                 _ => {}
             }
             tx.execute(
@@ -637,6 +638,54 @@ fn signed(secrets: &[Secret], env: &Envelope, ts: i64) -> HeaderMap {
     h
 }
 
+/// A sender that gives up (its request timed out) hangs up, and the server drops that request's
+/// future. The work goes on in a task of its own: the transaction commits, and the re-send is
+/// a duplicate. Before, the dropped future rolled the transaction back halfway and the re-send
+/// ran the effect again (a second "first delivery", and counters that did not add up).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_sender_hung_up_still_commits() {
+    let db = cards_db().await;
+    let s = secret();
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let rx = receiver(
+        &db,
+        vec![s.clone()],
+        Cards {
+            gate: Some((entered.clone(), release.clone())),
+        },
+    );
+    let keys = vec![Secret::parse(&s).unwrap()];
+    let mut env = envelope("payment.succeeded", "{}");
+    env.message.biz_id = Some("pay-1".into());
+    let headers = signed(&keys, &env, chrono::Utc::now().timestamp());
+    {
+        let request = rx.receive("/", &headers, env.payload.clone());
+        tokio::pin!(request);
+        tokio::select! {
+            _ = &mut request => panic!("answered while the handler was held"),
+            r = tokio::time::timeout(Duration::from_secs(10), entered.notified()) => {
+                r.expect("the handler runs")
+            }
+        }
+        // Dropped here, with the effect written and the transaction open.
+    }
+    release.notify_one();
+    let (got, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.receive("/", &headers, env.payload.clone()),
+    )
+    .await
+    .expect("the re-send is answered");
+    assert_eq!(
+        got,
+        Got::Duplicate,
+        "the first request's transaction committed"
+    );
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(cards(&db).await, 1);
+    assert_eq!(rx.stats().duplicates.load(Ordering::SeqCst), 1);
+}
+
 /// What the receiver refuses, and that nothing runs then: another secret, a changed body, a
 /// changed biz-id (the metadata signature), a missing metadata signature, a timestamp outside
 /// the tolerance, an id that is not a message id. Rotation: a receiver holding the old and the
@@ -767,6 +816,15 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
     let retry = envelope("t", "\"retry\"");
     let (got, resp) = rx
         .receive("/", &signed(&keys, &retry, now), retry.payload.clone())
+        .await;
+    assert_eq!(
+        (got, resp.status()),
+        (Got::Failed, StatusCode::INTERNAL_SERVER_ERROR)
+    );
+    // A handler that panics: 500 as well (its transaction rolled back), not a lost request.
+    let panics = envelope("t", "\"panic\"");
+    let (got, resp) = rx
+        .receive("/", &signed(&keys, &panics, now), panics.payload.clone())
         .await;
     assert_eq!(
         (got, resp.status()),

@@ -109,10 +109,11 @@ pub(crate) async fn run(
         stats.duplicates.load(Ordering::SeqCst),
     );
     let v = Verdict::read(db).await?;
-    // The database is the judge. The receiver's counter can fall short of the cards: when the
+    // The database is the judge. The receiver's counter is checked only as a bound: when the
     // relay gives up on an answer (its 1 s timeout on a busy machine), the server drops that
-    // request's handler, sometimes after its transaction committed and before it counted; the
-    // re-send then counts as a duplicate. It can never count more effects than payments.
+    // request; its work finishes in a task of its own and counts a moment after its commit,
+    // which may be after this line reads the counter. It can never count more effects than
+    // payments.
     let ok = v.exactly_once()
         && v.payments as usize == payments
         && processed as usize <= payments

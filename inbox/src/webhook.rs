@@ -190,7 +190,48 @@ impl<S: Store> WebhookReceiver<S> {
 
     /// Handles one request (for servers other than axum): what it came to, and the answer to
     /// send. `source` names where it arrived (the path) in the handler's [`Delivered::source`].
+    ///
+    /// The work runs in a task of its own, so it finishes even if this future is dropped: a
+    /// server drops a request's future when its sender hangs up (a relay whose request timed
+    /// out), and the handler's transaction may already have committed. Finishing keeps the
+    /// counters exact and spares the re-send a wait on a transaction that was abandoned halfway.
+    /// The task is bounded by `db_timeout` (the transaction, then parking). A handler that panics
+    /// is answered 500 (the sender retries; its transaction was rolled back).
     pub async fn receive(
+        &self,
+        source: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> (Received, Response) {
+        let me = self.clone();
+        let (source, headers) = (source.to_owned(), headers.clone());
+        let work = async move { me.receive_here(&source, &headers, body).await };
+        match tokio::spawn(work.in_current_span()).await {
+            Ok(done) => done,
+            Err(e) => {
+                note(
+                    &self.inner.stats.failed,
+                    metric::FAILED,
+                    &self.inner.config.consumer,
+                );
+                // Not the panic's message: it may quote the message's content.
+                tracing::error!(
+                    panicked = e.is_panic(),
+                    "webhook handler did not finish; answered 500 for a retry"
+                );
+                (
+                    Received::Failed,
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the handler failed; retry later",
+                    )
+                        .into_response(),
+                )
+            }
+        }
+    }
+
+    async fn receive_here(
         &self,
         source: &str,
         headers: &HeaderMap,
