@@ -479,7 +479,6 @@ impl Handler for Cards {
             match msg.payload.as_ref() {
                 b"\"retry\"" => return Err(HandlerError::retry("asked to fail")),
                 b"\"park\"" => return Err(HandlerError::park("asked to park")),
-                b"\"panic\"" => panic!("asked to panic"),
                 _ => {}
             }
             tx.execute(
@@ -487,6 +486,9 @@ impl Handler for Cards {
                 &[&msg.biz_id.as_deref().unwrap_or("")],
             )
             .await?;
+            if msg.payload.as_ref() == b"\"panic\"" {
+                panic!("asked to panic, with the card written");
+            }
             if let Some((entered, release)) = &self.gate {
                 entered.notify_one();
                 release.notified().await;
@@ -821,8 +823,9 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
         (got, resp.status()),
         (Got::Failed, StatusCode::INTERNAL_SERVER_ERROR)
     );
-    // A handler that panics: 500 as well (its transaction rolled back), not a lost request.
-    let panics = envelope("t", "\"panic\"");
+    // A handler that panics (after writing its card) fails like one that returns an error:
+    // 500 and its transaction rolled back, then parked at max_deliveries.
+    let mut panics = envelope("t", "\"panic\"");
     let (got, resp) = rx
         .receive("/", &signed(&keys, &panics, now), panics.payload.clone())
         .await;
@@ -830,6 +833,11 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
         (got, resp.status()),
         (Got::Failed, StatusCode::INTERNAL_SERVER_ERROR)
     );
+    panics.message.attempts = 4;
+    let (got, resp) = rx
+        .receive("/", &signed(&keys, &panics, now), panics.payload.clone())
+        .await;
+    assert_eq!((got, resp.status()), (Got::Parked, StatusCode::OK));
     let mut last = retry.clone();
     last.message.attempts = 4; // the sender's fifth attempt = max_deliveries
     let (got, resp) = rx
@@ -845,7 +853,7 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
         .client()
         .await
         .query(
-            "SELECT message_id, deliveries FROM tidings.inbox_dead_letters ORDER BY deliveries",
+            "SELECT message_id, deliveries FROM tidings.inbox_dead_letters ORDER BY message_id",
             &[],
         )
         .await
@@ -855,21 +863,29 @@ async fn receiver_answers_500_for_a_retry_and_parks_what_cannot_succeed() {
         .collect();
     assert_eq!(
         parked,
-        vec![(park.id.as_uuid(), 1), (retry.id.as_uuid(), 5)],
-        "both parked with their deliveries"
+        {
+            let mut want = vec![
+                (park.id.as_uuid(), 1),
+                (retry.id.as_uuid(), 5),
+                (panics.id.as_uuid(), 5),
+            ];
+            want.sort();
+            want
+        },
+        "all three parked with their deliveries"
     );
     assert_eq!(cards(&db).await, 0);
-    // Counted through the metrics facade: every failed handler run, and both parkings.
+    // Counted through the metrics facade: every failed handler run, and the three parkings.
     let text = prometheus.render();
     let get = |series: &str| tidings_tests::sample(&text, series);
     let label = format!("{{consumer=\"{consumer}\"}}");
     assert_eq!(
         get(&format!("tidings_consumer_parked_total{label}")),
-        Some(2.0),
+        Some(3.0),
         "{text}"
     );
     assert!(
-        get(&format!("tidings_consumer_failed_total{label}")).is_some_and(|n| n >= 2.0),
+        get(&format!("tidings_consumer_failed_total{label}")).is_some_and(|n| n >= 4.0),
         "{text}"
     );
     assert_eq!(

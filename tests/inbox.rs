@@ -327,6 +327,9 @@ impl Handler for IssueCard {
             }
             tx.execute("INSERT INTO cards (payment_id) VALUES ($1)", &[&payment])
                 .await?;
+            if payment.starts_with("panic") {
+                panic!("a handler bug, with the card written");
+            }
             Ok(())
         })
     }
@@ -401,6 +404,8 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
         .unwrap();
     }
     sink.publish(&envelope("poison_1")).await.unwrap();
+    // A handler that panics on this message: a failure of this message, not of the runner.
+    sink.publish(&envelope("panic_1")).await.unwrap();
 
     let client = async_nats::connect(&nats.url).await.unwrap();
     let config = ConsumerConfig {
@@ -418,10 +423,10 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
     );
     run_until(
         &consumer,
-        "all payments handled and the poison parked",
+        "all payments handled and the poison and the panicking message parked",
         |s| {
             s.processed.load(Ordering::SeqCst) + s.duplicates.load(Ordering::SeqCst) == 100
-                && s.parked.load(Ordering::SeqCst) == 1
+                && s.parked.load(Ordering::SeqCst) == 2
         },
     )
     .await;
@@ -431,8 +436,8 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
     assert_eq!(s.duplicates.load(Ordering::SeqCst), 50);
     assert_eq!(
         s.failed.load(Ordering::SeqCst),
-        3,
-        "the poison message was tried max_deliveries times"
+        6,
+        "the poison and the panicking message were each tried max_deliveries times"
     );
     let per_payment: Vec<i64> = c
         .query("SELECT count(*) FROM cards GROUP BY payment_id", &[])
@@ -447,15 +452,23 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
         "exactly one card per payment"
     );
     let parked = c
-        .query_one(
-            "SELECT biz_id, deliveries, last_error FROM tidings.inbox_dead_letters",
+        .query(
+            "SELECT biz_id, deliveries, last_error FROM tidings.inbox_dead_letters ORDER BY biz_id",
             &[],
         )
         .await
         .unwrap();
-    assert_eq!(parked.get::<_, String>(0), "poison_1");
-    assert_eq!(parked.get::<_, i32>(1), 3);
-    assert!(parked.get::<_, String>(2).contains("cannot issue a card"));
+    assert_eq!(parked.len(), 2);
+    assert_eq!(parked[0].get::<_, String>(0), "panic_1");
+    assert_eq!(parked[0].get::<_, i32>(1), 3);
+    assert!(parked[0]
+        .get::<_, String>(2)
+        .contains("the handler panicked"));
+    assert_eq!(parked[1].get::<_, String>(0), "poison_1");
+    assert_eq!(parked[1].get::<_, i32>(1), 3);
+    assert!(parked[1]
+        .get::<_, String>(2)
+        .contains("cannot issue a card"));
 
     // Everything was acked: a new runner on the same durable consumer gets nothing.
     let info = consumer

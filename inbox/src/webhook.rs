@@ -37,8 +37,8 @@ use tidings_outbox::{MessageId, WireMessage};
 use tracing::Instrument;
 
 use crate::runner::{
-    chain, consume_span, metric, note, park, record_lag, ConsumerStats, Delivered, ErrorClass,
-    Step, Store, TimedOut,
+    chain, consume_span, metric, note, park, record_lag, transact_caught, ConsumerStats, Delivered,
+    ErrorClass, Step, Store, TimedOut,
 };
 use crate::{Error, Inbox};
 
@@ -192,11 +192,14 @@ impl<S: Store> WebhookReceiver<S> {
     /// send. `source` names where it arrived (the path) in the handler's [`Delivered::source`].
     ///
     /// The work runs in a task of its own, so it finishes even if this future is dropped: a
-    /// server drops a request's future when its sender hangs up (a relay whose request timed
-    /// out), and the handler's transaction may already have committed. Finishing keeps the
-    /// counters exact and spares the re-send a wait on a transaction that was abandoned halfway.
-    /// The task is bounded by `db_timeout` (the transaction, then parking). A handler that panics
-    /// is answered 500 (the sender retries; its transaction was rolled back).
+    /// server drops a request's future when its sender hangs up (a sender whose timeout is
+    /// shorter than `db_timeout`), and the handler's transaction may be about to commit.
+    /// Finishing it means the re-send finds it committed (a duplicate) instead of running the
+    /// effect again after a rollback halfway, and the counters add up once the task is done.
+    /// The task takes at most twice `db_timeout` (the transaction, then parking); one still
+    /// running when the runtime shuts down is dropped, and its transaction rolls back. A
+    /// handler that panics fails like one that returns an error (500, parked at
+    /// `max_deliveries`).
     pub async fn receive(
         &self,
         source: &str,
@@ -208,25 +211,12 @@ impl<S: Store> WebhookReceiver<S> {
         let work = async move { me.receive_here(&source, &headers, body).await };
         match tokio::spawn(work.in_current_span()).await {
             Ok(done) => done,
+            // The task did not finish: the runtime is shutting down (or a panic outside the
+            // handler, which runs under transact_caught). The sender retries.
             Err(e) => {
-                note(
-                    &self.inner.stats.failed,
-                    metric::FAILED,
-                    &self.inner.config.consumer,
-                );
-                // Not the panic's message: it may quote the message's content.
-                tracing::error!(
-                    panicked = e.is_panic(),
-                    "webhook handler did not finish; answered 500 for a retry"
-                );
-                (
-                    Received::Failed,
-                    (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "the handler failed; retry later",
-                    )
-                        .into_response(),
-                )
+                tracing::warn!(consumer = %self.inner.config.consumer, panicked = e.is_panic(),
+                    "the request's task did not finish; answered 503");
+                (Received::Unavailable, unavailable())
             }
         }
     }
@@ -274,18 +264,7 @@ impl<S: Store> WebhookReceiver<S> {
                 "the handler failed; retry later",
             )
                 .into_response(),
-            Received::Unavailable | Received::Refused => {
-                let mut r = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the database is unavailable; retry later",
-                )
-                    .into_response();
-                r.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    HeaderValue::from_static("5"),
-                );
-                r
-            }
+            Received::Unavailable | Received::Refused => unavailable(),
         };
         (got, answer)
     }
@@ -392,7 +371,9 @@ impl<S: Store> WebhookReceiver<S> {
     async fn handle(&self, d: &Delivered) -> Received {
         let inner = &*self.inner;
         let limit = inner.config.db_timeout;
-        let step = match tokio::time::timeout(limit, inner.store.transact(&inner.inbox, d)).await {
+        let step = match tokio::time::timeout(limit, transact_caught(&inner.store, &inner.inbox, d))
+            .await
+        {
             Ok(Ok(step)) => step,
             Ok(Err(e)) => {
                 note(
@@ -467,6 +448,20 @@ impl<S: Store> WebhookReceiver<S> {
         let inner = &*self.inner;
         park(&inner.store, &inner.config.consumer, &inner.stats, d, error).await
     }
+}
+
+/// 503 with `Retry-After: 5`.
+fn unavailable() -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database is unavailable; retry later",
+    )
+        .into_response();
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from_static("5"),
+    );
+    r
 }
 
 /// Headers of the request itself or of the proxies on its way (credentials among them), not

@@ -222,6 +222,29 @@ pub enum Step {
     NotParked,
 }
 
+/// The store's transaction, with a panic inside it (the handler's code, on this message's
+/// content) turned into a failed handler run like any other: its transaction was dropped and
+/// rolls back, the message is retried and parked at `max_deliveries`, and the runner, or the
+/// webhook receiver, goes on with the next message. The panic's own text is not kept (it may
+/// quote the message); the process's panic hook still prints it.
+pub(crate) async fn transact_caught<S: Store + ?Sized>(
+    store: &S,
+    inbox: &Inbox,
+    d: &Delivered,
+) -> Result<Step, Error> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(store.transact(inbox, d))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!(message_id = %d.id, "the handler panicked; its transaction rolled back");
+            Ok(Step::Failed(HandlerError::retry("the handler panicked")))
+        }
+    }
+}
+
 /// A parked message as the runner writes it.
 #[derive(Debug)]
 pub struct Parked<'a> {
@@ -944,8 +967,11 @@ impl<A: Adapter, S: Store> Runner<A, S> {
     /// transaction is dropped and rolls back, or had committed and the retry finds the record).
     async fn transact(&self, d: &Delivered) -> Result<Step, Error> {
         let started = std::time::Instant::now();
-        let r =
-            tokio::time::timeout(self.config.db_timeout, self.store.transact(&self.inbox, d)).await;
+        let r = tokio::time::timeout(
+            self.config.db_timeout,
+            transact_caught(&self.store, &self.inbox, d),
+        )
+        .await;
         metrics::histogram!(metric::HANDLER_SECONDS, "consumer" => self.config.name.clone())
             .record(started.elapsed().as_secs_f64());
         // Only what says the database cannot work now: a transient condition or no answer (an
