@@ -447,6 +447,11 @@ async fn jetstream_consumer_issues_one_card_per_payment_and_parks_poison() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(per_payment.len(), 50);
+    assert_eq!(
+        cards(&c, "panic_1").await,
+        0,
+        "the panicking handler's card was rolled back"
+    );
     assert!(
         per_payment.iter().all(|n| *n == 1),
         "exactly one card per payment"
@@ -931,9 +936,17 @@ async fn replay_of_a_purged_row_does_nothing_and_a_failing_duplicate_hook_is_con
         fn duplicate<'a>(
             &'a self,
             tx: &'a tokio_postgres::Transaction<'a>,
-            _: &'a Delivered,
+            msg: &'a Delivered,
         ) -> BoxFuture<'a, Result<(), HandlerError>> {
             Box::pin(async move {
+                if msg.biz_id.as_deref() == Some("pay_panic") {
+                    tx.execute(
+                        "INSERT INTO cards (payment_id) VALUES ('from the hook')",
+                        &[],
+                    )
+                    .await?;
+                    panic!("a bug in the duplicate hook");
+                }
                 // Leaves the savepoint aborted.
                 tx.batch_execute("SELECT * FROM no_such_table").await?;
                 Ok(())
@@ -959,6 +972,22 @@ async fn replay_of_a_purged_row_does_nothing_and_a_failing_duplicate_hook_is_con
         store.transact(&inbox, &d).await.unwrap(),
         Step::Duplicate
     ));
+    // A hook that panics is contained the same way: still a duplicate, its savepoint rolled
+    // back, the message's own effect kept.
+    let panics = Delivered {
+        message: envelope("pay_panic").message,
+        ..d.clone()
+    };
+    assert!(matches!(
+        store.transact(&inbox, &panics).await.unwrap(),
+        Step::Processed
+    ));
+    assert!(matches!(
+        store.transact(&inbox, &panics).await.unwrap(),
+        Step::Duplicate
+    ));
+    assert_eq!(cards(&c, "pay_panic").await, 1);
+    assert_eq!(cards(&c, "from the hook").await, 0);
 
     let parked = envelope("pay_2");
     let p = Delivered {

@@ -211,11 +211,28 @@ impl<S: Store> WebhookReceiver<S> {
         let work = async move { me.receive_here(&source, &headers, body).await };
         match tokio::spawn(work.in_current_span()).await {
             Ok(done) => done,
-            // The task did not finish: the runtime is shutting down (or a panic outside the
-            // handler, which runs under transact_caught). The sender retries.
-            Err(e) => {
-                tracing::warn!(consumer = %self.inner.config.consumer, panicked = e.is_panic(),
-                    "the request's task did not finish; answered 503");
+            // The task did not finish: the runtime is shutting down, or a panic outside the
+            // handler (which runs under transact_caught). The sender retries.
+            Err(e) if e.is_panic() => {
+                note(
+                    &self.inner.stats.failed,
+                    metric::FAILED,
+                    &self.inner.config.consumer,
+                );
+                tracing::error!(consumer = %self.inner.config.consumer,
+                    "the receiver panicked on a request; answered 500");
+                (
+                    Received::Failed,
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the handler failed; retry later",
+                    )
+                        .into_response(),
+                )
+            }
+            Err(_) => {
+                tracing::warn!(consumer = %self.inner.config.consumer,
+                    "the request's task was cancelled (shutting down); answered 503");
                 (Received::Unavailable, unavailable())
             }
         }

@@ -118,7 +118,9 @@ impl Store for DieselStore {
                             // the message (its effect is already there).
                             let hook = conn
                                 .transaction(async |conn| -> Result<(), Abort> {
-                                    handler.duplicate(conn, d).await.map_err(Abort::Handler)
+                                    super::hook_caught(handler.duplicate(conn, d))
+                                        .await
+                                        .map_err(Abort::Handler)
                                 })
                                 .await;
                             if let Err(Abort::Handler(e)) = hook {

@@ -245,6 +245,19 @@ pub(crate) async fn transact_caught<S: Store + ?Sized>(
     }
 }
 
+/// A duplicate hook, with a panic inside it turned into its error. The hook runs in a savepoint
+/// after the message's effect was already committed once: failing, or panicking, it must not
+/// fail the message; its savepoint is rolled back and the delivery is still a duplicate.
+pub(crate) async fn hook_caught(
+    hook: impl std::future::Future<Output = Result<(), HandlerError>>,
+) -> Result<(), HandlerError> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(hook)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(HandlerError::retry("the duplicate hook panicked")))
+}
+
 /// A parked message as the runner writes it.
 #[derive(Debug)]
 pub struct Parked<'a> {

@@ -88,7 +88,7 @@ impl Store for PgStore {
                         .savepoint("tidings_duplicate_hook")
                         .await
                         .map_err(map_err)?;
-                    match self.handler.duplicate(&sp, d).await {
+                    match super::hook_caught(self.handler.duplicate(&sp, d)).await {
                         Ok(()) => sp.commit().await.map_err(map_err)?,
                         Err(e) => {
                             tracing::warn!(error = %e, "duplicate hook failed");

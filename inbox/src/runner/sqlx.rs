@@ -53,7 +53,16 @@ impl Store for SqlxStore {
         d: &'a Delivered,
     ) -> BoxFuture<'a, Result<Step, Error>> {
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(map_err)?;
+            // BEGIN in a task of its own: if this future is dropped while BEGIN is on the wire
+            // (the runner's db_timeout), sqlx 0.8 has not yet armed the rollback of the
+            // transaction it is opening and pools the connection inside it (sqlx issue #4393),
+            // where the next borrower's statements (a parking, say) would never commit. The
+            // task finishes BEGIN and then drops a real transaction, which rolls back.
+            let pool = self.pool.clone();
+            let mut tx = tokio::spawn(async move { pool.begin().await })
+                .await
+                .map_err(|e| Error::Database(format!("opening the transaction: {e}").into()))?
+                .map_err(map_err)?;
             if d.replayed {
                 let gone = sqlx::query(UNPARK)
                     .bind(inbox.consumer())
@@ -77,7 +86,7 @@ impl Store for SqlxStore {
                 Recorded::Duplicate => {
                     // In a savepoint: a failing hook must not fail the message.
                     let mut sp = tx.begin().await.map_err(map_err)?;
-                    match self.handler.duplicate(&mut sp, d).await {
+                    match super::hook_caught(self.handler.duplicate(&mut sp, d)).await {
                         Ok(()) => sp.commit().await.map_err(map_err)?,
                         Err(e) => {
                             tracing::warn!(error = %e, "duplicate hook failed");
