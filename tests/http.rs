@@ -644,6 +644,7 @@ fn signed(secrets: &[Secret], env: &Envelope, ts: i64) -> HeaderMap {
 /// future. The work goes on in a task of its own: the transaction commits, and the re-send is
 /// a duplicate. Before, the dropped future rolled the transaction back halfway and the re-send
 /// ran the effect again (a second "first delivery", and counters that did not add up).
+/// `shutdown` waits for such tasks, then refuses new requests.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_whose_sender_hung_up_still_commits() {
     let db = cards_db().await;
@@ -685,7 +686,18 @@ async fn a_request_whose_sender_hung_up_still_commits() {
     );
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(cards(&db).await, 1);
-    assert_eq!(rx.stats().duplicates.load(Ordering::SeqCst), 1);
+    // Shutdown waits for the abandoned request's task: its effect is counted by then.
+    assert!(rx.shutdown(Duration::from_secs(10)).await);
+    let st = rx.stats();
+    assert_eq!(st.processed.load(Ordering::SeqCst), 1);
+    assert_eq!(st.duplicates.load(Ordering::SeqCst), 1);
+    // After shutdown nothing runs: 503, and the sender retries later.
+    let (got, resp) = rx.receive("/", &headers, env.payload.clone()).await;
+    assert_eq!(
+        (got, resp.status()),
+        (Got::Unavailable, StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert_eq!(st.duplicates.load(Ordering::SeqCst), 1, "nothing ran");
 }
 
 /// What the receiver refuses, and that nothing runs then: another secret, a changed body, a

@@ -112,6 +112,8 @@ struct Inner<S> {
     secrets: Vec<Secret>,
     config: WebhookConfig,
     stats: ConsumerStats,
+    /// The requests' tasks, for [`WebhookReceiver::shutdown`].
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// A webhook endpoint backed by a runner [`Store`]. Cheap to clone.
@@ -160,6 +162,7 @@ impl<S: Store> WebhookReceiver<S> {
                 secrets,
                 config,
                 stats: ConsumerStats::default(),
+                tasks: tokio_util::task::TaskTracker::new(),
             }),
         })
     }
@@ -196,20 +199,23 @@ impl<S: Store> WebhookReceiver<S> {
     /// shorter than `db_timeout`), and the handler's transaction may be about to commit.
     /// Finishing it means the re-send finds it committed (a duplicate) instead of running the
     /// effect again after a rollback halfway, and the counters add up once the task is done.
-    /// The task takes at most twice `db_timeout` (the transaction, then parking); one still
-    /// running when the runtime shuts down is dropped, and its transaction rolls back. A
+    /// The task takes at most twice `db_timeout` (the transaction, then parking); call
+    /// [`WebhookReceiver::shutdown`] after the server stopped to let the last ones finish. A
     /// handler that panics fails like one that returns an error (500, parked at
-    /// `max_deliveries`).
+    /// `max_deliveries`). After `shutdown`, requests are answered 503 without running.
     pub async fn receive(
         &self,
         source: &str,
         headers: &HeaderMap,
         body: Bytes,
     ) -> (Received, Response) {
+        if self.inner.tasks.is_closed() {
+            return (Received::Unavailable, unavailable());
+        }
         let me = self.clone();
         let (source, headers) = (source.to_owned(), headers.clone());
         let work = async move { me.receive_here(&source, &headers, body).await };
-        match tokio::spawn(work.in_current_span()).await {
+        match self.inner.tasks.spawn(work.in_current_span()).await {
             Ok(done) => done,
             // The task did not finish: the runtime is shutting down, or a panic outside the
             // handler (which runs under transact_caught). The sender retries.
@@ -236,6 +242,17 @@ impl<S: Store> WebhookReceiver<S> {
                 (Received::Unavailable, unavailable())
             }
         }
+    }
+
+    /// Stops taking requests (503 from now on) and waits up to `timeout` for the requests in
+    /// flight to finish, those whose sender hung up included; true if all did. Call it after
+    /// the HTTP server's own graceful shutdown and before the runtime ends: a task still running
+    /// then is dropped and its transaction rolls back (the sender re-sends; nothing is lost).
+    pub async fn shutdown(&self, timeout: Duration) -> bool {
+        self.inner.tasks.close();
+        tokio::time::timeout(timeout, self.inner.tasks.wait())
+            .await
+            .is_ok()
     }
 
     async fn receive_here(
