@@ -530,6 +530,23 @@ fn receiver(db: &TestDb, secrets: Vec<String>, handler: Cards) -> WebhookReceive
     .unwrap()
 }
 
+/// A receiver whose handler stops at a gate after writing its card: `entered` is notified
+/// there, and it goes on when `release` is.
+fn gated_receiver(
+    db: &TestDb,
+    secret: &str,
+) -> (WebhookReceiver<PgStore>, Arc<Notify>, Arc<Notify>) {
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let rx = receiver(
+        db,
+        vec![secret.to_owned()],
+        Cards {
+            gate: Some((entered.clone(), release.clone())),
+        },
+    );
+    (rx, entered, release)
+}
+
 /// The payments story over HTTP: the relay's sink posts to the receiver; a payment sent twice
 /// (same biz-id, two messages) and a re-send of the same message give one card each, and every
 /// one is answered 2xx, so nothing stays in the outbox.
@@ -573,14 +590,7 @@ async fn receiver_issues_one_card_per_payment_however_often_it_is_sent() {
 async fn receiver_answers_only_after_the_commit() {
     let db = cards_db().await;
     let s = secret();
-    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let rx = receiver(
-        &db,
-        vec![s.clone()],
-        Cards {
-            gate: Some((entered.clone(), release.clone())),
-        },
-    );
+    let (rx, entered, release) = gated_receiver(&db, &s);
     let server = WebhookServer::start(rx.router("/hooks/{topic}")).await;
     let sink = Arc::new(sink_to(&server.url, vec![s], Duration::from_secs(10)).await);
     let answered = Arc::new(AtomicBool::new(false));
@@ -649,14 +659,7 @@ fn signed(secrets: &[Secret], env: &Envelope, ts: i64) -> HeaderMap {
 async fn a_request_whose_sender_hung_up_still_commits() {
     let db = cards_db().await;
     let s = secret();
-    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let rx = receiver(
-        &db,
-        vec![s.clone()],
-        Cards {
-            gate: Some((entered.clone(), release.clone())),
-        },
-    );
+    let (rx, entered, release) = gated_receiver(&db, &s);
     let keys = vec![Secret::parse(&s).unwrap()];
     let mut env = envelope("payment.succeeded", "{}");
     env.message.biz_id = Some("pay-1".into());
