@@ -645,6 +645,14 @@ impl KafkaServer {
     /// consumers resume from committed offsets make producers send one record per batch
     /// (`batch.num.messages=1`). (Its sqlite storage keeps data across restarts but served a
     /// 3-partition group a few hundred records in two minutes: not usable here.)
+    ///
+    /// Its group coordinator has no rejoin barrier: a rebalance soon after a member was
+    /// killed hands the dead member partitions, which wait for its session to expire (on a
+    /// live member's heartbeat; tansu 0.6.0, `coordinator/group/administrator.rs`). Usually a
+    /// new rebalance then follows; once in CI (the Kafka chaos test, after the broker froze) a
+    /// partition stayed without a live owner for over a minute, as the source allows when the
+    /// expiry keeps the group's generation and stored assignments. Tests that kill group
+    /// members make a fresh member join when a partition stays unheld.
     pub async fn start() -> KafkaServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
