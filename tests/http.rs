@@ -703,6 +703,87 @@ async fn a_request_whose_sender_hung_up_still_commits() {
     assert_eq!(st.duplicates.load(Ordering::SeqCst), 1, "nothing ran");
 }
 
+/// At most `max_in_flight` requests run at once: with one held in its handler, the next is
+/// answered 503 with `Retry-After` at once, without running (counted as transient); once the
+/// first is done, the re-send runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_beyond_max_in_flight_is_answered_503_without_running() {
+    let db = cards_db().await;
+    let s = secret();
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let rx = WebhookReceiver::new(
+        PgStore::new(
+            pool(&db, 4),
+            Arc::new(Cards {
+                gate: Some((entered.clone(), release.clone())),
+            }),
+        ),
+        WebhookConfig {
+            consumer: "card-service".into(),
+            secrets: vec![s.clone()],
+            max_in_flight: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let keys = vec![Secret::parse(&s).unwrap()];
+    let now = chrono::Utc::now().timestamp();
+    let (mut first, mut second) = (
+        envelope("payment.succeeded", "{}"),
+        envelope("payment.succeeded", "{}"),
+    );
+    first.message.biz_id = Some("pay-1".into());
+    second.message.biz_id = Some("pay-2".into());
+    let held = tokio::spawn({
+        let (rx, headers, body) = (
+            rx.clone(),
+            signed(&keys, &first, now),
+            first.payload.clone(),
+        );
+        async move { rx.receive("/", &headers, body).await.0 }
+    });
+    tokio::time::timeout(Duration::from_secs(10), entered.notified())
+        .await
+        .expect("the first request runs");
+    let h2 = signed(&keys, &second, now);
+    let (got, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.receive("/", &h2, second.payload.clone()),
+    )
+    .await
+    .expect("answered at once, not queued");
+    assert_eq!(
+        (got, resp.status()),
+        (Got::Unavailable, StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(rx.stats().transient.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        cards(&db).await,
+        0,
+        "the second did not run; the first is uncommitted"
+    );
+    release.notify_one();
+    assert_eq!(held.await.unwrap(), Got::Processed);
+    // The first request's permit is back: the re-send runs (its gate opened beforehand).
+    release.notify_one();
+    let (got, _) = rx.receive("/", &h2, second.payload.clone()).await;
+    assert_eq!(got, Got::Processed);
+    assert_eq!(cards(&db).await, 2);
+    // Zero is refused at construction.
+    let zero = WebhookReceiver::new(
+        PgStore::new(pool(&db, 1), Arc::new(Cards { gate: None })),
+        WebhookConfig {
+            consumer: "card-service".into(),
+            secrets: vec![s],
+            max_in_flight: 0,
+            ..Default::default()
+        },
+    );
+    let err = zero.err().expect("max_in_flight 0 is refused").to_string();
+    assert!(err.contains("max_in_flight"), "{err}");
+}
+
 /// What the receiver refuses, and that nothing runs then: another secret, a changed body, a
 /// changed biz-id (the metadata signature), a missing metadata signature, a timestamp outside
 /// the tolerance, an id that is not a message id. Rotation: a receiver holding the old and the

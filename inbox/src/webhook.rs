@@ -19,6 +19,9 @@
 //!    transient database condition or a database that does not answer is 503 with
 //!    `Retry-After` (not the message's fault).
 //!
+//! At most `max_in_flight` requests run at once (those whose sender hung up included); one
+//! more is answered 503 with `Retry-After` at once, without running.
+//!
 //! Answers never carry the message's content or the database's error text (the sender may be
 //! another company's relay); the receiver logs the reason.
 
@@ -61,6 +64,12 @@ pub struct WebhookConfig {
     /// Bounds the inbox transaction and parking. Defaults to 3 seconds: below the sender's
     /// default request timeout (4 s), so that a slow database is a 503, not a lost answer.
     pub db_timeout: Duration,
+    /// Requests running at once, at most; one more is answered 503 with `Retry-After: 1`
+    /// without running (counted as transient). A request's work goes on after its sender hung
+    /// up (see [`WebhookReceiver::receive`]): this bounds what such senders can pile up.
+    /// Defaults to 256; size it above the senders' concurrency (the HTTP sink's default is
+    /// 16 per relay lane).
+    pub max_in_flight: usize,
 }
 
 impl Default for WebhookConfig {
@@ -72,6 +81,7 @@ impl Default for WebhookConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_deliveries: 10,
             db_timeout: Duration::from_secs(3),
+            max_in_flight: 256,
         }
     }
 }
@@ -85,6 +95,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_deliveries", &self.max_deliveries)
             .field("db_timeout", &self.db_timeout)
+            .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
 }
@@ -114,6 +125,8 @@ struct Inner<S> {
     stats: ConsumerStats,
     /// The requests' tasks, for [`WebhookReceiver::shutdown`].
     tasks: tokio_util::task::TaskTracker,
+    /// One permit per request running (`max_in_flight`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// A webhook endpoint backed by a runner [`Store`]. Cheap to clone.
@@ -149,12 +162,21 @@ impl<S: Store> WebhookReceiver<S> {
                 what: "webhook secret",
                 reason: "a secret is whsec_ followed by base64 of 24 to 64 bytes",
             })?;
-        if config.max_deliveries < 1 || config.db_timeout.is_zero() || config.max_body_bytes == 0 {
+        if config.max_deliveries < 1
+            || config.db_timeout.is_zero()
+            || config.max_body_bytes == 0
+            || config.max_in_flight == 0
+        {
             return Err(Error::Invalid {
                 what: "webhook receiver settings",
-                reason: "max_deliveries, db_timeout and max_body_bytes must be greater than 0",
+                reason: "max_deliveries, db_timeout, max_body_bytes and max_in_flight must be greater than 0",
             });
         }
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_in_flight
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Ok(WebhookReceiver {
             inner: Arc::new(Inner {
                 store,
@@ -163,6 +185,7 @@ impl<S: Store> WebhookReceiver<S> {
                 config,
                 stats: ConsumerStats::default(),
                 tasks: tokio_util::task::TaskTracker::new(),
+                in_flight,
             }),
         })
     }
@@ -202,7 +225,8 @@ impl<S: Store> WebhookReceiver<S> {
     /// The task takes at most twice `db_timeout` (the transaction, then parking); call
     /// [`WebhookReceiver::shutdown`] after the server stopped to let the last ones finish. A
     /// handler that panics fails like one that returns an error (500, parked at
-    /// `max_deliveries`). After `shutdown`, requests are answered 503 without running.
+    /// `max_deliveries`). After `shutdown`, and while `max_in_flight` requests are running,
+    /// requests are answered 503 without running.
     pub async fn receive(
         &self,
         source: &str,
@@ -212,9 +236,24 @@ impl<S: Store> WebhookReceiver<S> {
         if self.inner.tasks.is_closed() {
             return (Received::Unavailable, unavailable());
         }
+        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
+            note(
+                &self.inner.stats.transient,
+                metric::TRANSIENT,
+                &self.inner.config.consumer,
+            );
+            tracing::warn!(consumer = %self.inner.config.consumer,
+                max_in_flight = self.inner.config.max_in_flight,
+                "too many requests in flight; answered 503");
+            return (Received::Unavailable, busy());
+        };
         let me = self.clone();
         let (source, headers) = (source.to_owned(), headers.clone());
-        let work = async move { me.receive_here(&source, &headers, body).await };
+        let work = async move {
+            // Held until the work is done, also when the sender hung up meanwhile.
+            let _permit = permit;
+            me.receive_here(&source, &headers, body).await
+        };
         match self.inner.tasks.spawn(work.in_current_span()).await {
             Ok(done) => done,
             // The task did not finish: the runtime is shutting down, or a panic outside the
@@ -485,6 +524,20 @@ impl<S: Store> WebhookReceiver<S> {
 }
 
 /// 503 with `Retry-After: 5`.
+/// The answer while `max_in_flight` requests are running: soon again.
+fn busy() -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many requests in flight; retry later",
+    )
+        .into_response();
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from_static("1"),
+    );
+    r
+}
+
 fn unavailable() -> Response {
     let mut r = (
         StatusCode::SERVICE_UNAVAILABLE,
