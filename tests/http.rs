@@ -703,9 +703,10 @@ async fn a_request_whose_sender_hung_up_still_commits() {
     assert_eq!(st.duplicates.load(Ordering::SeqCst), 1, "nothing ran");
 }
 
-/// At most `max_in_flight` requests run at once: with one held in its handler, the next is
-/// answered 503 with `Retry-After` at once, without running (counted as transient); once the
-/// first is done, the re-send runs.
+/// At most `max_in_flight` requests run at once: with one held in its handler, the next waits
+/// a moment for a place and is answered 503 with `Retry-After`, without running (counted as
+/// transient); once the first is done, the re-send runs. An unsigned request is refused (401)
+/// without waiting for a place.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_beyond_max_in_flight_is_answered_503_without_running() {
     let db = cards_db().await;
@@ -722,6 +723,8 @@ async fn a_request_beyond_max_in_flight_is_answered_503_without_running() {
             consumer: "card-service".into(),
             secrets: vec![s.clone()],
             max_in_flight: 1,
+            // The first request waits at its gate inside its transaction meanwhile.
+            db_timeout: Duration::from_secs(30),
             ..Default::default()
         },
     )
@@ -751,13 +754,27 @@ async fn a_request_beyond_max_in_flight_is_answered_503_without_running() {
         rx.receive("/", &h2, second.payload.clone()),
     )
     .await
-    .expect("answered at once, not queued");
+    .expect("answered after a moment, not queued until a place is free");
     assert_eq!(
         (got, resp.status()),
         (Got::Unavailable, StatusCode::SERVICE_UNAVAILABLE)
     );
     assert_eq!(resp.headers()["retry-after"], "1");
     assert_eq!(rx.stats().transient.load(Ordering::SeqCst), 1);
+    let (got, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.receive(
+            "/",
+            &signed(&[Secret::parse(&secret()).unwrap()], &second, now),
+            second.payload.clone(),
+        ),
+    )
+    .await
+    .expect("a forged request is refused without waiting");
+    assert_eq!(
+        (got, resp.status()),
+        (Got::Refused, StatusCode::UNAUTHORIZED)
+    );
     assert_eq!(
         cards(&db).await,
         0,

@@ -13,7 +13,7 @@ use tidings_relay::sink::{KafkaSink, KafkaSinkConfig};
 use tidings_relay::{Envelope, Sink};
 use tidings_tests::conformance::{sink_conformance, BrokerUnderTest, Received, SinkFeatures};
 use tidings_tests::runner_conformance::{runner_conformance, ConsumerBroker};
-use tidings_tests::KafkaServer;
+use tidings_tests::{KafkaServer, KillOnDrop};
 
 async fn sink(brokers: &str) -> KafkaSink {
     KafkaSink::connect(KafkaSinkConfig {
@@ -173,15 +173,15 @@ async fn kafka_adapter_passes_the_runner_conformance_suite() {
 /// freezes once for longer than the group's session timeout. Then: every committed payment has exactly one card, nothing
 /// was dead-lettered, and in the topic each customer's payments first appear in order
 /// (re-sends, which Kafka keeps, come after the original). After the chaos, a partition the
-/// test broker leaves without a live owner for 12 s gets one by a fresh member's join (a tansu
-/// quirk, see KafkaServer::start; counted and printed).
+/// test broker leaves without a live owner for 15 s gets one by a fresh member's join (a tansu
+/// quirk, see KafkaServer::start; [`GroupWatch`]; counted and printed).
 ///
 /// CHAOS_LOG_DIR=DIR writes each card service's adapter log (assignments, cursors, records,
 /// commits) there; on failure the test prints where the records of payments without a card are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_chaos_every_payment_gets_exactly_one_card() {
     use rand::Rng;
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::time::Instant;
     use tidings_examples::{charge, PaymentSucceeded, Verdict, SCHEMA};
     use tidings_outbox::Outbox;
@@ -211,20 +211,22 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
         .unwrap(),
     );
     let brokers = kafka.brokers.clone();
-    let relay = || -> Child {
-        Command::new(&tidings)
-            .args(["relay", "--sink", "kafka", "--batch-size", "200"])
-            .args(["--heartbeat-interval", "200ms"])
-            .args(["--kafka-brokers", &brokers])
-            // One record per produce batch: the test broker's memory storage skips the rest
-            // of a batch when a group resumes from an offset inside it (KafkaServer::start).
-            .args(["--kafka-config", "batch.num.messages=1"])
-            .env("DATABASE_URL", &db.url)
-            .env("TIDINGS_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+    let relay = || -> KillOnDrop {
+        KillOnDrop(
+            Command::new(&tidings)
+                .args(["relay", "--sink", "kafka", "--batch-size", "200"])
+                .args(["--heartbeat-interval", "200ms"])
+                .args(["--kafka-brokers", &brokers])
+                // One record per produce batch: the test broker's memory storage skips the rest
+                // of a batch when a group resumes from an offset inside it (KafkaServer::start).
+                .args(["--kafka-config", "batch.num.messages=1"])
+                .env("DATABASE_URL", &db.url)
+                .env("TIDINGS_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     // Each card service logs its adapter's assignments to a file (what the group watchdog
     // below reads); with CHAOS_LOG_DIR, in that directory and at trace level (cursors, records
@@ -240,7 +242,7 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
     std::fs::create_dir_all(&dir).unwrap();
     let spawned = std::cell::Cell::new(0);
     let card_logs = std::cell::RefCell::new(HashMap::<u32, std::path::PathBuf>::new());
-    let card_service = || -> Child {
+    let card_service = || -> KillOnDrop {
         spawned.set(spawned.get() + 1);
         let log = dir.join(format!("card-{}.log", spawned.get()));
         let child = Command::new(CARD_SERVICE)
@@ -253,10 +255,10 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
             .spawn()
             .unwrap();
         card_logs.borrow_mut().insert(child.id(), log);
-        child
+        KillOnDrop(child)
     };
-    let mut relays: Vec<Child> = (0..2).map(|_| relay()).collect();
-    let mut cards: Vec<Child> = (0..2).map(|_| card_service()).collect();
+    let mut relays: Vec<KillOnDrop> = (0..2).map(|_| relay()).collect();
+    let mut cards: Vec<KillOnDrop> = (0..2).map(|_| card_service()).collect();
 
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -281,14 +283,14 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut kills, mut broker_frozen) = (0, false);
-    let (mut unheld_since, mut rejoins): (Option<Instant>, u32) = (None, 0);
+    let mut watch = GroupWatch::default();
     loop {
         let v = Verdict::read(&c).await.unwrap();
         let produced = tasks.iter().all(|t| t.is_finished());
         if produced && v.payments as usize == payments && v.cards >= v.payments {
             break;
         }
-        if Instant::now() > deadline {
+        if Instant::now() > deadline + UNHELD * watch.joins {
             let state = c
                 .query_one(
                     "SELECT (SELECT count(*) FROM tidings.outbox), (SELECT count(*) FROM tidings.dead_letters),
@@ -338,56 +340,21 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
             let committed =
                 tidings_tests::kafka_committed(&kafka.brokers, "card-service", "payment.succeeded")
                     .await;
-            let held = {
-                let logs = card_logs.borrow();
-                held_partitions(cards.iter().filter_map(|c| logs.get(&c.id())))
-            };
+            let held = watch.tend(&mut cards, &card_logs, &card_service);
             panic!(
-                "no convergence within 120 s: {v:?}; outbox {}, dead letters {}, parked {} ({:?}); records {records}, committed {committed}; partitions held by live card services {held:?}, fresh joins {rejoins}; their logs in {}",
+                "no convergence within 120 s: {v:?}; outbox {}, dead letters {}, parked {} ({:?}); records {records}, committed {committed}; partitions held by live card services {held:?}, fresh joins {}; their logs in {}",
                 state.get::<_, i64>(0),
                 state.get::<_, i64>(1),
                 state.get::<_, i64>(3),
                 state.get::<_, Option<String>>(2),
+                watch.joins,
                 dir.display()
             );
         }
         // Chaos while producing and until half the cards are issued; then the group settles
         // (a killed member's partitions wait for its session to time out, 6 s).
         if produced && v.cards as usize > payments / 2 {
-            // The test broker's group coordinator can leave a partition with no live owner
-            // for good: it keeps a killed member's assignment when it expires the member and
-            // hands the survivors their old assignments again (tansu 0.6.0; see KafkaServer).
-            // Kafka rebalances then. Here, when a partition has had no live owner for twice
-            // the session timeout (judged from the live members' own logs), a fresh member
-            // joins, which makes tansu rebalance; if that was not enough, the members are
-            // replaced. A partition that is held but not consumed is not helped: that fails
-            // at the deadline.
-            let held = {
-                let logs = card_logs.borrow();
-                held_partitions(cards.iter().filter_map(|c| logs.get(&c.id())))
-            };
-            let unheld: Vec<i32> = (0..3).filter(|p| !held.contains(p)).collect();
-            if unheld.is_empty() {
-                unheld_since = None;
-            } else if unheld_since.get_or_insert_with(Instant::now).elapsed()
-                > Duration::from_secs(12)
-                && rejoins < 3
-            {
-                eprintln!(
-                    "kafka chaos: partitions {unheld:?} without a live owner for 12 s (the test broker kept a dead member's assignment); {}",
-                    if rejoins == 0 { "a fresh card service joins the group" } else { "the card services are replaced" }
-                );
-                if rejoins > 0 {
-                    for c in cards.iter_mut() {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        *c = card_service();
-                    }
-                }
-                cards.push(card_service());
-                rejoins += 1;
-                unheld_since = None;
-            }
+            watch.tend(&mut cards, &card_logs, &card_service);
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
@@ -402,11 +369,12 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
             kafka.signal("-CONT");
             continue;
         }
-        let (list, fresh): (&mut Vec<Child>, &dyn Fn() -> Child) = if rand::rng().random_bool(0.5) {
-            (&mut relays, &relay)
-        } else {
-            (&mut cards, &card_service)
-        };
+        let (list, fresh): (&mut Vec<KillOnDrop>, &dyn Fn() -> KillOnDrop) =
+            if rand::rng().random_bool(0.5) {
+                (&mut relays, &relay)
+            } else {
+                (&mut cards, &card_service)
+            };
         let i = rand::rng().random_range(0..list.len());
         let _ = list[i].kill();
         let _ = list[i].wait();
@@ -419,32 +387,33 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
         t.await.unwrap();
     }
     // Chaos over: the card services work off what killed members had not committed.
-    tidings_tests::eventually(
-        "every record committed by the card-service group",
-        Duration::from_secs(90),
-        || async {
-            let records = tidings_tests::kafka_records(&kafka.brokers).await.len() as i64;
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let records = tidings_tests::kafka_records(&kafka.brokers).await.len() as i64;
+        let committed =
             tidings_tests::kafka_committed(&kafka.brokers, "card-service", "payment.succeeded")
-                .await
-                >= records
-        },
-    )
-    .await;
-    for p in relays.iter_mut().chain(cards.iter_mut()) {
-        let _ = p.kill();
-        let _ = p.wait();
+                .await;
+        if committed >= records {
+            break;
+        }
+        let held = watch.tend(&mut cards, &card_logs, &card_service);
+        assert!(
+            Instant::now() < end + UNHELD * watch.joins,
+            "the card-service group committed {committed} of {records} records within 90 s; partitions held by live card services {held:?}; their logs in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    drop((relays, cards));
     let v = Verdict::read(&c).await.unwrap();
     eprintln!(
-        "kafka chaos: {} payments in {:.1?}, {kills} SIGKILLs, {rejoins} fresh joins for unheld partitions; cards {}, duplicates absorbed by the inbox {}",
+        "kafka chaos: {} payments in {:.1?}, {kills} SIGKILLs, {} fresh joins for unheld partitions; cards {}, duplicates absorbed by the inbox {}",
         v.payments,
         started.elapsed(),
+        watch.joins,
         v.cards,
         v.absorbed
     );
-    if log_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     assert_eq!(v.payments as usize, payments);
     assert!(v.exactly_once(), "{v:?}");
     let left: i64 = c
@@ -475,6 +444,65 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
     }
     assert_eq!(seen.len(), payments);
     assert_eq!(next.len(), producers * 25);
+    if log_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// How long a partition may be without a live owner before [`GroupWatch`] acts: twice the
+/// card services' session timeout (6 s), plus time for a slow rebalance.
+const UNHELD: Duration = Duration::from_secs(15);
+
+/// After the chaos, watches which partitions the live card services hold, by their own logs.
+/// The test broker's group coordinator can leave a partition without a live owner for good (see
+/// `KafkaServer::start`; Kafka rebalances then): a partition unheld for [`UNHELD`] gets a fresh
+/// member's join, which makes tansu rebalance, at most 3 times. Members are only ever added,
+/// never replaced: a member that holds partitions but is stuck still fails the test, and so
+/// does a card service that exits by itself.
+#[derive(Default)]
+struct GroupWatch {
+    unheld_since: std::collections::BTreeMap<i32, std::time::Instant>,
+    joins: u32,
+}
+
+impl GroupWatch {
+    /// One look (every half second): the partitions the live card services hold now.
+    fn tend(
+        &mut self,
+        cards: &mut Vec<tidings_tests::KillOnDrop>,
+        logs: &std::cell::RefCell<HashMap<u32, std::path::PathBuf>>,
+        spawn: &dyn Fn() -> tidings_tests::KillOnDrop,
+    ) -> std::collections::BTreeSet<i32> {
+        for c in cards.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("a card service exited by itself ({status})");
+            }
+        }
+        let held = {
+            let logs = logs.borrow();
+            held_partitions(cards.iter().filter_map(|c| logs.get(&c.id())))
+        };
+        let now = std::time::Instant::now();
+        self.unheld_since.retain(|p, _| !held.contains(p));
+        for p in (0..3).filter(|p| !held.contains(p)) {
+            self.unheld_since.entry(p).or_insert(now);
+        }
+        let due: Vec<i32> = self
+            .unheld_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() > UNHELD)
+            .map(|(p, _)| *p)
+            .collect();
+        if !due.is_empty() && self.joins < 3 {
+            eprintln!(
+                "kafka chaos: partitions {due:?} without a live owner for {UNHELD:?} (the test broker left them to a member that is gone); a fresh card service joins the group"
+            );
+            cards.push(spawn());
+            self.joins += 1;
+            self.unheld_since.clear();
+        }
+        held
+    }
 }
 
 /// The partitions the card services whose logs are `logs` hold now, by their Kafka adapters'
@@ -485,7 +513,8 @@ fn held_partitions<'a>(
 ) -> std::collections::BTreeSet<i32> {
     let mut held = std::collections::BTreeSet::new();
     for log in logs {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let bytes = std::fs::read(log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
         let mut mine = std::collections::BTreeSet::new();
         for line in complete.lines() {

@@ -19,8 +19,9 @@
 //!    transient database condition or a database that does not answer is 503 with
 //!    `Retry-After` (not the message's fault).
 //!
-//! At most `max_in_flight` requests run at once (those whose sender hung up included); one
-//! more is answered 503 with `Retry-After` at once, without running.
+//! At most `max_in_flight` signed requests run at once (those whose sender hung up included);
+//! one more waits half a second for a place, then is answered 503 with `Retry-After` without
+//! running.
 //!
 //! Answers never carry the message's content or the database's error text (the sender may be
 //! another company's relay); the receiver logs the reason.
@@ -64,11 +65,14 @@ pub struct WebhookConfig {
     /// Bounds the inbox transaction and parking. Defaults to 3 seconds: below the sender's
     /// default request timeout (4 s), so that a slow database is a 503, not a lost answer.
     pub db_timeout: Duration,
-    /// Requests running at once, at most; one more is answered 503 with `Retry-After: 1`
-    /// without running (counted as transient). A request's work goes on after its sender hung
-    /// up (see [`WebhookReceiver::receive`]): this bounds what such senders can pile up.
-    /// Defaults to 256; size it above the senders' concurrency (the HTTP sink's default is
-    /// 16 per relay lane).
+    /// Signed requests running at once, at most; one more waits up to half a second (at most
+    /// `db_timeout`) for a place, then is answered 503 with `Retry-After: 1` without running
+    /// (counted as transient; the sender may count it as an attempt). A request's work goes
+    /// on after its sender hung up (see [`WebhookReceiver::receive`]): this bounds what such
+    /// senders can pile up, and with `max_body_bytes` the memory their bodies hold. Defaults
+    /// to 256; size it above the senders' concurrency (the HTTP sink's default is 16 requests
+    /// per endpoint per relay process). The database pool bounds throughput, not this: a
+    /// request waits for a pooled connection up to `db_timeout`, then is answered 503.
     pub max_in_flight: usize,
 }
 
@@ -236,23 +240,47 @@ impl<S: Store> WebhookReceiver<S> {
         if self.inner.tasks.is_closed() {
             return (Received::Unavailable, unavailable());
         }
-        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
-            note(
-                &self.inner.stats.transient,
-                metric::TRANSIENT,
-                &self.inner.config.consumer,
-            );
-            tracing::warn!(consumer = %self.inner.config.consumer,
-                max_in_flight = self.inner.config.max_in_flight,
-                "too many requests in flight; answered 503");
-            return (Received::Unavailable, busy());
+        // Checked first: a request that is not signed never takes a place. A panic while
+        // reading hostile input is this request's permanent failure (400), not the server's.
+        let verified =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.verify(headers, body)))
+                .unwrap_or_else(|_| {
+                    Err((StatusCode::BAD_REQUEST, "not a readable message".to_owned()))
+                });
+        let msg = match verified {
+            Ok(m) => m,
+            Err((status, why)) => {
+                tracing::warn!(status = status.as_u16(), reason = %why, "webhook request refused");
+                return (Received::Refused, (status, why).into_response());
+            }
+        };
+        // At the cap, a request waits a moment for a place (a burst queues), then is answered
+        // 503: each such answer may count as one of the sender's attempts.
+        let wait = self.inner.config.db_timeout.min(BUSY_WAIT);
+        let in_flight = &self.inner.in_flight;
+        let permit = match in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(wait, in_flight.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    note(
+                        &self.inner.stats.transient,
+                        metric::TRANSIENT,
+                        &self.inner.config.consumer,
+                    );
+                    tracing::debug!(consumer = %self.inner.config.consumer,
+                        max_in_flight = self.inner.config.max_in_flight,
+                        "too many requests in flight; answered 503");
+                    return (Received::Unavailable, busy());
+                }
+            },
         };
         let me = self.clone();
         let (source, headers) = (source.to_owned(), headers.clone());
         let work = async move {
             // Held until the work is done, also when the sender hung up meanwhile.
             let _permit = permit;
-            me.receive_here(&source, &headers, body).await
+            me.receive_here(&source, &headers, msg).await
         };
         match self.inner.tasks.spawn(work.in_current_span()).await {
             Ok(done) => done,
@@ -298,15 +326,8 @@ impl<S: Store> WebhookReceiver<S> {
         &self,
         source: &str,
         headers: &HeaderMap,
-        body: Bytes,
+        msg: WireMessage,
     ) -> (Received, Response) {
-        let msg = match self.verify(headers, body) {
-            Ok(m) => m,
-            Err((status, why)) => {
-                tracing::warn!(status = status.as_u16(), reason = %why, "webhook request refused");
-                return (Received::Refused, (status, why).into_response());
-            }
-        };
         let delivery = headers
             .get(HEADER_ATTEMPT)
             .and_then(|v| v.to_str().ok())
@@ -523,7 +544,9 @@ impl<S: Store> WebhookReceiver<S> {
     }
 }
 
-/// 503 with `Retry-After: 5`.
+/// How long a request at the `max_in_flight` cap waits for a place (at most `db_timeout`).
+const BUSY_WAIT: Duration = Duration::from_millis(500);
+
 /// The answer while `max_in_flight` requests are running: soon again.
 fn busy() -> Response {
     let mut r = (
@@ -538,6 +561,7 @@ fn busy() -> Response {
     r
 }
 
+/// 503 with `Retry-After: 5`.
 fn unavailable() -> Response {
     let mut r = (
         StatusCode::SERVICE_UNAVAILABLE,
