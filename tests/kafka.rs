@@ -212,21 +212,23 @@ async fn kafka_chaos_every_payment_gets_exactly_one_card() {
     );
     let brokers = kafka.brokers.clone();
     let relay = || -> KillOnDrop {
-        KillOnDrop(
-            Command::new(&tidings)
-                .args(["relay", "--sink", "kafka", "--batch-size", "200"])
-                .args(["--heartbeat-interval", "200ms"])
-                .args(["--kafka-brokers", &brokers])
-                // One record per produce batch: the test broker's memory storage skips the rest
-                // of a batch when a group resumes from an offset inside it (KafkaServer::start).
-                .args(["--kafka-config", "batch.num.messages=1"])
-                .env("DATABASE_URL", &db.url)
-                .env("TIDINGS_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
+        // One record per produce batch: the test broker's memory storage skips the rest of a
+        // batch when a group resumes from an offset inside it (KafkaServer::start).
+        KillOnDrop(tidings_tests::chaos_relay(
+            &tidings,
+            &db.url,
+            &[
+                "--sink",
+                "kafka",
+                "--heartbeat-interval",
+                "200ms",
+                "--kafka-brokers",
+                &brokers,
+                "--kafka-config",
+                "batch.num.messages=1",
+            ],
+            &[],
+        ))
     };
     // Each card service logs its adapter's assignments to a file (what the group watchdog
     // below reads); with CHAOS_LOG_DIR, in that directory and at trace level (cursors, records

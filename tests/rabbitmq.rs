@@ -1086,18 +1086,12 @@ async fn rabbitmq_chaos_every_payment_gets_exactly_one_card() {
     .await;
     let url = server.url.clone();
     let relay = || -> Proc {
-        Proc(
-            Command::new(&tidings)
-                .args(["relay", "--sink", "rabbitmq", "--batch-size", "200"])
-                .args(["--heartbeat-interval", "200ms"])
-                .env("TIDINGS_AMQP_URL", &url)
-                .env("DATABASE_URL", &db.url)
-                .env("TIDINGS_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
+        Proc(tidings_tests::chaos_relay(
+            &tidings,
+            &db.url,
+            &["--sink", "rabbitmq", "--heartbeat-interval", "200ms"],
+            &[("TIDINGS_AMQP_URL", &url)],
+        ))
     };
     let log_dir = std::env::var("CHAOS_LOG_DIR").ok();
     let spawned = std::cell::Cell::new(0);

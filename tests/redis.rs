@@ -942,17 +942,12 @@ async fn redis_chaos_every_payment_gets_exactly_one_card() {
         .unwrap();
     let url = server.url.clone();
     let relay = || -> Proc {
-        Proc(
-            Command::new(&tidings)
-                .args(["relay", "--sink", "redis", "--batch-size", "200"])
-                .env("TIDINGS_REDIS_URL", &url)
-                .env("DATABASE_URL", &db.url)
-                .env("TIDINGS_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
+        Proc(tidings_tests::chaos_relay(
+            &tidings,
+            &db.url,
+            &["--sink", "redis"],
+            &[("TIDINGS_REDIS_URL", &url)],
+        ))
     };
     let log_dir = std::env::var("CHAOS_LOG_DIR").ok();
     let spawned = std::cell::Cell::new(0);

@@ -549,28 +549,20 @@ const BUSY_WAIT: Duration = Duration::from_millis(500);
 
 /// The answer while `max_in_flight` requests are running: soon again.
 fn busy() -> Response {
-    let mut r = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        "too many requests in flight; retry later",
-    )
-        .into_response();
-    r.headers_mut().insert(
-        axum::http::header::RETRY_AFTER,
-        HeaderValue::from_static("1"),
-    );
-    r
+    retry_later("too many requests in flight; retry later", "1")
 }
 
 /// 503 with `Retry-After: 5`.
 fn unavailable() -> Response {
-    let mut r = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the database is unavailable; retry later",
-    )
-        .into_response();
+    retry_later("the database is unavailable; retry later", "5")
+}
+
+/// 503 with `why` and `Retry-After: seconds`.
+fn retry_later(why: &'static str, seconds: &'static str) -> Response {
+    let mut r = (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     r.headers_mut().insert(
         axum::http::header::RETRY_AFTER,
-        HeaderValue::from_static("5"),
+        HeaderValue::from_static(seconds),
     );
     r
 }

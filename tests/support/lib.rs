@@ -244,6 +244,26 @@ fn kill_child(child: &mut Option<std::process::Child>) {
     }
 }
 
+/// A `tidings relay` process for the chaos tests: `--sink SINK --batch-size 200` and `args`,
+/// on `database_url`, with `env` (the sink's URL), logging errors only, output discarded.
+pub fn chaos_relay(
+    tidings: &std::path::Path,
+    database_url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    std::process::Command::new(tidings)
+        .args(["relay", "--batch-size", "200"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("DATABASE_URL", database_url)
+        .env("TIDINGS_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A child process of a test that is killed (and reaped) when dropped, also when the test
 /// panics first; the process itself through `Deref`.
 pub struct KillOnDrop(pub std::process::Child);
